@@ -1,0 +1,81 @@
+"""The `gpt2cloud` command: one Typer app; each command lives in its own module under commands/.
+
+Command modules import torch, skypilot or boto3 only inside their functions, so `--help` and
+`estimate` never pay for them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import typer
+from rich.console import Console
+
+from gpt2cloud.errors import UserError
+
+app = typer.Typer(
+    name="gpt2cloud",
+    help="Train GPT-2 on rented cloud GPUs: estimate the cost, prepare data, launch, watch, fetch, sample.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 2):
+    """Print a one-line error (what is wrong and how to fix it) and exit; no traceback."""
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn):
+    """Turn UserError (and Ctrl-C) into a one-line message with exit code 2 (130 for Ctrl-C)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            fail(str(e).replace("[", r"\["))
+        except KeyboardInterrupt:
+            fail("interrupted; everything written so far is kept (rerun to continue)", code=130)
+
+    return wrapper
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def register(typer_app: typer.Typer, name: str, fn) -> None:
+    typer_app.command(name)(handles_errors(fn))
+
+
+def _version(value: bool):
+    if value:
+        from gpt2cloud import __version__
+
+        typer.echo(f"gpt2cloud {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    pass
+
+
+# ---- commands (one module each) ----
+from gpt2cloud.commands import estimate as _estimate  # noqa: E402
+
+register(app, "estimate", _estimate.estimate_command)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

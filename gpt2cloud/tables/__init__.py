@@ -1,0 +1,1 @@
+"""Bundled hardware tables (YAML): GPUs, prices, MFU calibration."""

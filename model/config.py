@@ -1,0 +1,73 @@
+"""Plain configuration handed from `gpt2cloud/` (which validates recipes with pydantic) to `model/`.
+
+The trainer receives one JSON file with this shape; no pydantic is needed on the node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024  # context length T
+    vocab_size: int = 50257  # real tokens; the embedding is padded to padded_vocab_size
+    padded_vocab_size: int = 50304  # a multiple of 64 runs faster; padded logits are never targets
+
+
+@dataclass
+class TrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    recipe_name: str = "custom"
+    # batch
+    tokens_per_step: int = 524288
+    micro_batch: int = 64
+    steps: int = 19073
+    seed: int = 1337
+    # optimizer and schedule
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 715
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # what the run writes, and how often
+    val_every: int = 250
+    val_steps: int = 20
+    sample_every: int = 250
+    sample_prompt: str = "Hello, I'm a language model,"
+    sample_tokens: int = 32
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    hellaswag_every: int = 0  # 0: never
+    # execution
+    compile: bool = False
+    dtype: str = "auto"  # auto: bf16 on CUDA with bf16 support, fp16 on older CUDA, fp32 on CPU
+    peak_flops_per_gpu: float = 0.0  # for MFU in metrics; 0 means "unknown"
+    max_cost_usd: float = 0.0  # 0: no budget cap
+    price_per_gpu_hour: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        model = GPTConfig(**d.pop("model", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        return cls(model=model, **d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,1 @@
+"""Bundled run recipes (YAML), installed as gpt2cloud.recipe_files."""
