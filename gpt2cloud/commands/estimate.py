@@ -8,16 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpt2cloud.estimate import Estimate, compare, estimate
-from gpt2cloud.hardware import parse_gpus
-from gpt2cloud.recipes import load_recipe
 
 
 def _hours(h: float) -> str:
     return f"{h * 60:.1f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} d"
 
 
-def render(e: Estimate, console: Console) -> None:
+def render(e, console: Console) -> None:
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
@@ -49,7 +46,7 @@ def _si(x: float) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.0f}k"
 
 
-def render_compare(rows: list[Estimate], console: Console) -> None:
+def render_compare(rows: list, console: Console) -> None:
     t = Table(title=f"{rows[0].recipe}: GPU types and counts, cheapest first")
     for col in ("GPUs", "MFU", "tok/s", "wall", "GPU-h", "$/GPU-h", "cost", "mem/GPU", "fits"):
         t.add_column(col, justify="left" if col in ("GPUs", "fits") else "right", no_wrap=True)
@@ -76,7 +73,11 @@ def estimate_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (a list with --compare)."),
 ):
     """Tokens, FLOPs, wall time, GPU-hours, dollars and per-GPU memory for a recipe."""
+    # imported here so `gpt2cloud --help` does not pay for pydantic
     from gpt2cloud.cli import print_json
+    from gpt2cloud.estimate import compare, estimate
+    from gpt2cloud.hardware import parse_gpus
+    from gpt2cloud.recipes import load_recipe
 
     r = load_recipe(recipe)
     gpu_type, count = parse_gpus(gpus)
