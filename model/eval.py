@@ -1,0 +1,197 @@
+"""Evaluation that runs anywhere the model runs (the CLI locally, the trainer on the node).
+
+- HellaSwag, completion style (as GPT-2's and build-nanogpt's evaluation): for each of the 4
+  endings, the log-probability of the ending's tokens given the context. `acc` picks the ending
+  with the highest sum, `acc_norm` the highest mean per token (so long endings are not penalised).
+  OpenAI's GPT-2 124M scores acc_norm 0.2955 on the 10,042 validation examples, 1558M 0.4893.
+- Validation loss on llm.c `.bin` token shards.
+
+Logits are sliced to the real vocabulary (50257) before any softmax: the padded rows of the
+embedding are never trained as targets (or are zero in an imported HF model), and their logits
+must not take probability mass from real tokens.
+
+Both functions can be split over DDP ranks: each rank takes its stride, and the caller all-reduces
+the returned counts (HellaSwag) or averages the returned loss (val loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from model.tokenizer import EOT_TOKEN, encode
+
+HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+# OpenAI's checkpoints, completion-style acc_norm on the validation split (see module docstring).
+HELLASWAG_GPT2_124M = 0.2955
+HELLASWAG_GPT2_1558M = 0.4893
+
+
+class EvalDataError(ValueError):
+    """An evaluation file that cannot be used; the message names the file, line and problem."""
+
+
+def _config(model):
+    """The GPTConfig under DDP (.module) or torch.compile (._orig_mod) wrappers."""
+    while not hasattr(model, "config"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model.config
+
+
+def _device_of(device) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def _autocast(device):
+    """bf16 autocast on CUDA as in training; plain fp32 elsewhere."""
+    device = _device_of(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- HellaSwag
+
+def load_hellaswag(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Examples from the HellaSwag JSONL format (one object a line: `ctx`, `endings`, `label`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: HellaSwag file not found (get hellaswag_val.jsonl from {HELLASWAG_VAL_URL})")
+    examples = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if limit is not None and len(examples) >= limit:
+                break
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+                ctx, endings, label = row["ctx"], row["endings"], int(row["label"])
+            except json.JSONDecodeError as e:
+                raise EvalDataError(f"{where}: not JSON ({e.msg})") from None
+            except (KeyError, TypeError, ValueError):
+                raise EvalDataError(f"{where}: expected an object with ctx, endings and an integer label") from None
+            if (not isinstance(endings, list) or len(endings) < 2 or not 0 <= label < len(endings)
+                    or not all(isinstance(e, str) and e.strip() for e in endings)):
+                raise EvalDataError(f"{where}: endings must be a list of at least 2 non-empty strings "
+                                    "and label an index into it")
+            examples.append({"ctx": ctx, "endings": endings, "label": label})
+    if not examples:
+        raise EvalDataError(f"{path}: no examples")
+    return examples
+
+
+def render_example(example: dict, block_size: int):
+    """Tokens (n_endings, L), ending mask (n_endings, L) and label for one example.
+
+    Each row is context + " " + ending, right-padded; the mask marks the ending's tokens. If a row is
+    longer than the model's context, the oldest context tokens are dropped (never the ending).
+    """
+    # An empty context still needs one token to predict the ending's first token from.
+    ctx = encode(example["ctx"]) or [EOT_TOKEN]
+    rows, masks = [], []
+    for ending in example["endings"]:
+        # The space belongs to the ending, as GPT-2 tokenizes running text.
+        end = encode(" " + ending)[: block_size - 1]
+        c = ctx[-(block_size - len(end)):]
+        rows.append(c + end)
+        masks.append([0] * len(c) + [1] * len(end))
+    width = max(len(r) for r in rows)
+    tokens = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        tokens[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(m)] = torch.tensor(m)
+    return tokens, mask, example["label"]
+
+
+@torch.no_grad()
+def ending_logprobs(model, example: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per ending: (sum of log-probs of its tokens, number of its tokens)."""
+    config = _config(model)
+    tokens, mask, _ = render_example(example, config.block_size)
+    tokens, mask = tokens.to(device), mask.to(device)
+    with _autocast(device):
+        logits, _ = model(tokens)
+    logits = logits[:, :-1, : config.vocab_size].float()
+    targets, target_mask = tokens[:, 1:], mask[:, 1:]
+    logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (n_endings, L-1)
+    return (logp * target_mask).sum(dim=1).cpu(), target_mask.sum(dim=1).cpu()
+
+
+def hellaswag_scores(model, examples: list[dict], device, rank: int = 0, world_size: int = 1) -> dict:
+    """Score this rank's stride of examples (i % world_size == rank).
+
+    Returns acc, acc_norm and n for this rank, plus `correct` and `correct_norm` counts: with DDP,
+    all-reduce (sum) correct, correct_norm and n, then divide.
+    """
+    correct = correct_norm = n = 0
+    for example in examples[rank::world_size]:
+        sums, counts = ending_logprobs(model, example, device)
+        label = example["label"]
+        correct += int(sums.argmax().item() == label)
+        correct_norm += int((sums / counts).argmax().item() == label)
+        n += 1
+    return {
+        "acc": correct / n if n else math.nan,
+        "acc_norm": correct_norm / n if n else math.nan,
+        "n": n,
+        "correct": correct,
+        "correct_norm": correct_norm,
+    }
+
+
+# ---------------------------------------------------------------- validation loss
+
+def val_shard_files(shard_dir_or_files) -> list[Path]:
+    """A directory's validation shards (names containing `val`, llm.c's convention), or the given files."""
+    if isinstance(shard_dir_or_files, (str, Path)) and Path(shard_dir_or_files).is_dir():
+        d = Path(shard_dir_or_files)
+        files = sorted(p for p in d.glob("*.bin") if "val" in p.name)
+        if not files:
+            raise EvalDataError(f"{d}: no validation shard (*val*.bin) in this directory")
+        return files
+    items = [shard_dir_or_files] if isinstance(shard_dir_or_files, (str, Path)) else list(shard_dir_or_files)
+    files = [Path(p) for p in items]
+    for p in files:
+        if not p.is_file():
+            raise EvalDataError(f"{p}: validation shard not found")
+    return files
+
+
+@torch.no_grad()
+def val_loss(model, shard_dir_or_files, steps: int, batch: int, T: int, device,
+             rank: int = 0, world_size: int = 1) -> float:
+    """Mean cross-entropy over `steps` batches of `batch` x `T` tokens read in order from the shards.
+
+    Rank r reads batches r, r + world_size, ... (as the trainer's loader strides); average the
+    result over ranks. Stops early, averaging what it read, if the shards run out.
+    """
+    from model.shards import read_shard
+
+    config = _config(model)
+    span = batch * T
+    total, done = 0.0, 0
+    for path in val_shard_files(shard_dir_or_files):
+        tokens = read_shard(path)
+        pos = rank * span
+        while done < steps and pos + span + 1 <= len(tokens):
+            buf = torch.from_numpy(tokens[pos: pos + span + 1].astype("int64"))
+            x, y = buf[:-1].view(batch, T).to(device), buf[1:].view(batch, T).to(device)
+            with _autocast(device):
+                logits, _ = model(x)
+            logits = logits[..., : config.vocab_size].float()
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+            done += 1
+            pos += span * world_size
+        if done >= steps:
+            break
+    if not done:
+        raise EvalDataError(f"validation shards hold fewer than {span + 1} tokens per rank; lower the batch or T")
+    return total / done

@@ -1,0 +1,182 @@
+"""model/eval.py: HellaSwag completion scoring and validation loss, on files the tests write."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch.nn import functional as F  # noqa: E402
+
+from model.config import GPTConfig  # noqa: E402
+from model.eval import (  # noqa: E402
+    EvalDataError,
+    ending_logprobs,
+    hellaswag_scores,
+    load_hellaswag,
+    render_example,
+    val_loss,
+)
+from model.gpt import GPT  # noqa: E402
+from model.shards import write_shard  # noqa: E402
+from model.tokenizer import encode  # noqa: E402
+
+THE = 262  # " the"
+FAVOURITE_LOGIT = 20.0
+
+
+def tiny_gpt(seed=0, block_size=32):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size)).eval()
+
+
+def the_lover():
+    """A GPT whose every prediction is " the" with logit 20, every other real token logit 0.
+
+    ln_f's weight is zero, so the final hidden state is ln_f's bias (e_0) whatever the input; the
+    logits are then column 0 of the (tied) embedding: 20 for " the", 0 elsewhere. So an ending's
+    log-prob is ~0 per " the" token and ~-20 per other token, exactly predictable.
+    """
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight[:, 0] = 0.0
+        model.transformer.wte.weight[THE, 0] = FAVOURITE_LOGIT
+    return model
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+EXAMPLES = [
+    {"ctx": "A man is sitting on a roof. He", "endings": ["is using wrap to wrap a pair of skis.",
+     "is ripping level tiles off.", "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": 3},
+    {"ctx": "A woman walks into the kitchen and", "endings": ["opens the fridge.", "sings.",
+     "puts the kettle on the stove to boil water for tea.", "leaves."], "label": "2"},
+    {"ctx": "The dog", "endings": ["barks.", "the the", "runs after the ball in the park.", "sleeps."], "label": 0},
+    {"ctx": "", "endings": ["Then it rains.", "The end.", "Nothing happens", "Fin"], "label": 1},
+    {"ctx": "word " * 60, "endings": ["one", "two three", "four five six", "seven"], "label": 2},
+]
+
+
+def brute_force_logprob(model, ctx_tokens, ending_tokens, block_size):
+    """Log-prob of the ending, one forward per ending token, no batching, padding or masks."""
+    total = 0.0
+    seq = list(ctx_tokens)
+    for tok in ending_tokens:
+        window = torch.tensor([seq[-block_size:]])
+        with torch.no_grad():
+            logits, _ = model(window)
+        total += F.log_softmax(logits[0, -1, :50257], dim=-1)[tok].item()
+        seq.append(tok)
+    return total
+
+
+def test_scores_match_brute_force(tmp_path):
+    model = tiny_gpt(seed=1)
+    examples = load_hellaswag(write_jsonl(tmp_path / "hs.jsonl", EXAMPLES))
+    correct = correct_norm = 0
+    for ex in examples:
+        ctx = encode(ex["ctx"]) or [50256]
+        sums, means = [], []
+        for ending in ex["endings"]:
+            end = encode(" " + ending)
+            # The same truncation rule as documented: keep the whole ending, the newest context.
+            lp = brute_force_logprob(model, ctx[-(32 - len(end)):], end, 32)
+            sums.append(lp)
+            means.append(lp / len(end))
+        got_sums, got_counts = ending_logprobs(model, ex, "cpu")
+        assert got_sums.tolist() == pytest.approx(sums, abs=1e-4)
+        assert got_counts.tolist() == [len(encode(" " + e)) for e in ex["endings"]]
+        correct += int(np.argmax(sums) == ex["label"])
+        correct_norm += int(np.argmax(means) == ex["label"])
+    got = hellaswag_scores(model, examples, "cpu")
+    assert got == {"acc": correct / 5, "acc_norm": correct_norm / 5, "n": 5,
+                   "correct": correct, "correct_norm": correct_norm}
+
+
+def test_constructed_model_gives_certain_answers(tmp_path):
+    rows = [
+        # " the the the" costs ~0; every other ending costs ~20 per token: right answer, both metrics.
+        {"ctx": "Pick one:", "endings": [" dog", "the the the", "cat", "bird"], "label": 1},
+        {"ctx": "Again:", "endings": ["the", "dog cat", "house", "tree"], "label": 0},
+        # The label points at a wrong ending: both metrics miss.
+        {"ctx": "Wrong:", "endings": ["the the", "dog", "cat", "tree"], "label": 3},
+        # Sum vs mean disagree: "dog" sums to -20 (mean -20); "the dog the cat" sums to -40 (mean -10).
+        {"ctx": "Split:", "endings": ["dog", "the dog the cat", "dog cat", "dog cat house"], "label": 1},
+    ]
+    assert encode(" the dog the cat") == [THE, 3290, THE, 3797]
+    examples = load_hellaswag(write_jsonl(tmp_path / "hs.jsonl", rows))
+    s = hellaswag_scores(the_lover(), examples, "cpu")
+    assert (s["correct"], s["correct_norm"], s["n"]) == (2, 3, 4)
+    assert s["acc"] == 0.5 and s["acc_norm"] == 0.75
+
+
+def test_ranks_split_the_examples_and_counts_sum(tmp_path):
+    model = tiny_gpt(seed=2)
+    examples = load_hellaswag(write_jsonl(tmp_path / "hs.jsonl", EXAMPLES))
+    whole = hellaswag_scores(model, examples, "cpu")
+    parts = [hellaswag_scores(model, examples, "cpu", rank=r, world_size=2) for r in (0, 1)]
+    assert [p["n"] for p in parts] == [3, 2]
+    for key in ("n", "correct", "correct_norm"):
+        assert sum(p[key] for p in parts) == whole[key]
+
+
+def test_long_rows_keep_the_whole_ending():
+    tokens, mask, label = render_example(EXAMPLES[4], block_size=32)
+    assert tokens.shape[1] == 32 and label == 2
+    for row, m, ending in zip(tokens, mask, EXAMPLES[4]["endings"]):
+        end = encode(" " + ending)
+        assert row[m.bool()].tolist() == end
+        assert m.sum().item() == len(end)
+
+
+def test_loader_limit_and_errors(tmp_path):
+    path = write_jsonl(tmp_path / "hs.jsonl", EXAMPLES)
+    assert len(load_hellaswag(path, limit=2)) == 2
+    assert load_hellaswag(path)[1]["label"] == 2  # the HF dataset stores labels as strings
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(EXAMPLES[0]) + "\n" + json.dumps({"ctx": "x", "endings": ["a"], "label": 0}) + "\n")
+    with pytest.raises(EvalDataError, match=r"bad.jsonl:2: endings"):
+        load_hellaswag(bad)
+    with pytest.raises(EvalDataError, match="hellaswag_val.jsonl"):
+        load_hellaswag(tmp_path / "missing.jsonl")
+
+
+def test_val_loss_certain_and_by_hand(tmp_path):
+    write_shard(tmp_path / "x_val_000000.bin", np.full(200, THE, dtype=np.uint16))
+    write_shard(tmp_path / "x_train_000001.bin", np.full(200, 3290, dtype=np.uint16))
+    # Only " the": the constructed model is right every time, loss = log(1 + 50256 e^-20) ~ 1e-4.
+    loss = val_loss(the_lover(), tmp_path, steps=2, batch=2, T=16, device="cpu")
+    assert loss == pytest.approx(math.log1p(50256 * math.exp(-FAVOURITE_LOGIT)), abs=1e-5)  # fp32 near 20
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50257, size=300).astype(np.uint16)
+    write_shard(tmp_path / "y.bin", tokens)
+    model = tiny_gpt(seed=3)
+    expected = []
+    for step in range(3):  # consecutive, non-overlapping windows of batch x T, targets shifted by one
+        buf = torch.from_numpy(tokens[step * 64: step * 64 + 65].astype(np.int64))
+        with torch.no_grad():
+            logits, _ = model(buf[:-1].view(2, 32))
+        expected.append(F.cross_entropy(logits[..., :50257].reshape(-1, 50257), buf[1:]).item())
+    got = val_loss(model, [tmp_path / "y.bin"], steps=3, batch=2, T=32, device="cpu")
+    assert got == pytest.approx(float(np.mean(expected)), rel=1e-5)
+    # Two ranks read alternate batches; their mean is the single-process mean over 4 batches.
+    one = val_loss(model, [tmp_path / "y.bin"], steps=4, batch=1, T=32, device="cpu")
+    two = [val_loss(model, [tmp_path / "y.bin"], steps=2, batch=1, T=32, device="cpu", rank=r, world_size=2)
+           for r in (0, 1)]
+    assert np.mean(two) == pytest.approx(one, rel=1e-5)
+
+
+def test_val_loss_errors(tmp_path):
+    with pytest.raises(EvalDataError, match="no validation shard"):
+        val_loss(tiny_gpt(), tmp_path, steps=1, batch=1, T=8, device="cpu")
+    write_shard(tmp_path / "small_val_000000.bin", np.arange(5, dtype=np.uint16))
+    with pytest.raises(EvalDataError, match="fewer than"):
+        val_loss(tiny_gpt(), tmp_path, steps=1, batch=1, T=8, device="cpu")
