@@ -1,0 +1,262 @@
+"""Checkpoints: `OUT/checkpoints/step_NNNNNN/`, complete only once `manifest.json` exists.
+
+A checkpoint holds everything an exact resume needs:
+- model.safetensors   the raw (never compiled, never DDP-wrapped) module's weights, without the
+                      duplicate lm_head.weight (tied to transformer.wte.weight)
+- optimizer.pt        AdamW state (+ the fp16 GradScaler's), loaded with weights_only=True
+- trainer_state.json  step, tokens seen, elapsed seconds, data-loader position, last loss
+- rng_rank{r}.pt      python, numpy, torch CPU and CUDA RNG state of every rank r
+- manifest.json       written last, atomically: format, step, world size, recipe, config, and the
+                      size and sha256 of every other file. No manifest: incomplete, ignored.
+
+Public helpers other parts call: latest_checkpoint, verify_checkpoint, load_model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import GPTConfig
+from model.gpt import GPT
+
+FORMAT = "gpt2cloud-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+TIED = "lm_head.weight"  # same tensor as transformer.wte.weight; stored once
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or corrupt checkpoint; the message names the file."""
+
+
+# ---- finding and checking ----
+
+def _read_manifest(path: Path) -> dict:
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{mpath}: missing; {path} is not a complete checkpoint")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mpath}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{mpath}: not a {FORMAT} version {VERSION} manifest")
+    return manifest
+
+
+def _complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    root = out_dir / "checkpoints" if (out_dir / "checkpoints").is_dir() else out_dir
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and d.is_dir() and (d / MANIFEST).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under OUT/checkpoints (or a checkpoints dir itself), or None."""
+    found = _complete_checkpoints(Path(out_dir))
+    return found[-1][1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Check every file against the manifest's size and sha256; return the manifest.
+
+    Raises CheckpointError naming the file that is missing, truncated or corrupt.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    for entry in manifest["files"]:
+        f = path / entry["name"]
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in the manifest)")
+        size = f.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {entry['size']} (truncated?)")
+        if _sha256(f) != entry["sha256"]:
+            raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupt file)")
+    return manifest
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir as given, or the newest complete one of a run's OUT dir."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if (path / MANIFEST).exists() or (path / "config.json").exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(
+            f"{path}: neither a checkpoint (no {MANIFEST}), an HF-format dir (no config.json), "
+            "nor a run directory with a complete checkpoint under checkpoints/"
+        )
+    return latest
+
+
+# ---- saving ----
+
+def rng_state() -> dict:
+    """This process's RNG states in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def weights_state_dict(raw_model: torch.nn.Module) -> dict:
+    """The weights to store: the raw module's, without the tied duplicate, contiguous, on CPU."""
+    return {k: v.detach().contiguous().cpu() for k, v in raw_model.state_dict().items() if k != TIED}
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(out_dir: str | Path, step: int, raw_model: GPT, optimizer_state: dict,
+                     trainer_state: dict, rng_states: list[dict], config: dict, keep: int) -> Path:
+    """Write one checkpoint (rank 0 only), manifest last, then prune to the newest `keep`."""
+    from safetensors.torch import save_file
+
+    root = Path(out_dir) / "checkpoints"
+    path = root / f"step_{step:06d}"
+    if path.exists():
+        shutil.rmtree(path)  # an incomplete attempt at this step (a killed run): start it over
+    path.mkdir(parents=True)
+    save_file(weights_state_dict(raw_model), str(path / WEIGHTS), metadata={"format": "pt"})
+    torch.save(optimizer_state, path / "optimizer.pt")
+    _fsync_write(path / "trainer_state.json", json.dumps(trainer_state, indent=2).encode())
+    for r, s in enumerate(rng_states):
+        torch.save(s, path / f"rng_rank{r}.pt")
+    files = []
+    for f in sorted(path.iterdir()):
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())  # the data must be on disk before the manifest vouches for it
+        files.append({"name": f.name, "size": f.stat().st_size, "sha256": _sha256(f)})
+    manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": len(rng_states),
+                "recipe": config.get("recipe_name"), "config": config, "files": files}
+    tmp = path / (MANIFEST + ".tmp")
+    _fsync_write(tmp, json.dumps(manifest, indent=2).encode())
+    os.replace(tmp, path / MANIFEST)
+    prune_checkpoints(out_dir, keep)
+    return path
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and incomplete leftovers
+    (a killed run's half-written directory) older than the newest complete one."""
+    root = Path(out_dir) / "checkpoints"
+    complete = _complete_checkpoints(Path(out_dir))
+    if not complete:
+        return
+    for _, d in complete[: -max(keep, 1)]:
+        shutil.rmtree(d, ignore_errors=True)
+    newest = complete[-1][0]
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and not (d / MANIFEST).exists() and int(m.group(1)) < newest:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- loading ----
+
+def _load_weights(path: Path, model: GPT, device) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path / WEIGHTS), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{path / WEIGHTS}: cannot be read ({e})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - {TIED} or unexpected:
+        raise CheckpointError(
+            f"{path / WEIGHTS}: does not match the model (missing {sorted(set(missing) - {TIED})}, "
+            f"unexpected {sorted(unexpected)})"
+        )
+
+
+def load_model(path: str | Path, device="cpu", verify: bool = True) -> GPT:
+    """A GPT from one of our checkpoint dirs (or a run's OUT dir: its newest), or an HF-format dir.
+
+    HF-format means config.json + model.safetensors and no manifest; model.hf.load_hf reads it.
+    Our checkpoints are verified against their manifest first (verify=False skips the sha256).
+    """
+    path = resolve_checkpoint(path)
+    if not (path / MANIFEST).exists():
+        if (path / "config.json").exists() and (path / WEIGHTS).exists():
+            from model.hf import load_hf  # imported lazily: only HF-format dirs need it
+
+            return load_hf(path).to(device)
+        raise CheckpointError(f"{path / MANIFEST}: missing; {path} is not a complete checkpoint")
+    manifest = verify_checkpoint(path) if verify else _read_manifest(path)
+    model = GPT(GPTConfig(**manifest["config"]["model"]))
+    _load_weights(path, model, "cpu")
+    return model.to(device)
+
+
+def load_training_state(path: Path, raw_model: GPT, optimizer, scaler, rank: int, device,
+                        verify: bool = True) -> dict:
+    """Restore weights, optimizer, scaler and this rank's RNG from a verified checkpoint.
+
+    Returns the trainer state plus `rng_restored` (False when the checkpoint came from fewer
+    ranks than this run has: this rank then keeps its seeded RNG).
+    """
+    if verify:
+        verify_checkpoint(path)
+    _load_weights(path, raw_model, device)
+    opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    if opt.get("scaler") and scaler is not None:
+        scaler.load_state_dict(opt["scaler"])
+    state = json.loads((path / "trainer_state.json").read_text())
+    rng_file = path / f"rng_rank{rank}.pt"
+    state["rng_restored"] = rng_file.exists()
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def config_dict(config) -> dict:
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)

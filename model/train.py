@@ -1,0 +1,304 @@
+"""The trainer, one loop read top to bottom (after build-nanogpt):
+
+    torchrun --standalone --nproc_per_node N -m model.train --config CONFIG.json --data DIR --out OUT \
+        [--resume auto|never] [--steps N]
+
+Set up DDP, data, model and optimizer; resume from the newest complete checkpoint in OUT; then each
+step: check the budget, forward/backward over the micro-steps, clip, step, log; now and then
+validate, sample and checkpoint. A plain `python -m model.train ...` runs as a single rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import checkpoint as ckpt
+from model.config import TrainConfig
+from model.data import TokenLoader, find_shards
+from model.gpt import GPT
+from model.metrics import MetricsLog, console_line, cost_usd, flops_per_token, mfu, truncate_after
+from model.sample import generate_text
+from model.shards import ShardError
+from model.tokenizer import VOCAB_SIZE
+
+
+class TrainError(RuntimeError):
+    """A problem the user can fix (config, resume); printed as one line, exit code 2."""
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
+    max_lr, min_lr = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if it < cfg.warmup_steps:
+        return max_lr * (it + 1) / cfg.warmup_steps
+    if it >= cfg.steps:
+        return min_lr
+    decay = (it - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay)) * (max_lr - min_lr)
+
+
+def pick_dtype(setting: str, device_type: str) -> torch.dtype:
+    """auto: bf16 on CUDA that has it, fp16 (with a GradScaler) on older CUDA, fp32 on CPU."""
+    if setting == "auto":
+        if device_type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
+
+
+def train_step(model, optimizer, scaler, loader, grad_accum, amp, grad_clip, lr, ddp, device):
+    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, gradient norm)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if ddp:
+            # all-reduce gradients once per step, during the last micro-step's backward
+            model.require_backward_grad_sync = micro == grad_accum - 1
+        with amp():
+            _, loss = model(x, y)
+        loss = loss / grad_accum  # gradients of the step's mean loss, not of a sum of means
+        loss_accum += loss.detach()
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_accum, norm
+
+
+@torch.no_grad()
+def evaluate(model, val_shards, cfg, rank, world, amp, device, ddp) -> float:
+    """Mean loss over val_steps micro-batches per rank, averaged over ranks (each reads its stride)."""
+    loader = TokenLoader(val_shards, cfg.micro_batch, cfg.model.block_size, rank, world, 1, log=lambda *a: None)
+    model.eval()
+    total = torch.zeros((), device=device)
+    for _ in range(cfg.val_steps):
+        x, y = loader.next_batch()
+        with amp():
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.detach() / cfg.val_steps
+    model.train()
+    if ddp:
+        dist.all_reduce(total)  # gloo has no AVG: sum, then divide
+        total /= world
+    return total.item()
+
+
+def run(args, t_start: float) -> None:
+    try:
+        cfg = TrainConfig.load(args.config)
+    except (OSError, ValueError, TypeError) as e:
+        raise TrainError(f"config {args.config}: {e}") from None
+    if args.steps:
+        cfg.steps = args.steps
+
+    # ---- processes: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; nccl on CUDA, gloo on CPU ----
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if ddp:
+        if device_type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    master = rank == 0
+    log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
+
+    # ---- batch: micro_batch x block_size tokens per rank per micro-step, accumulated to tokens_per_step ----
+    B, T = cfg.micro_batch, cfg.model.block_size
+    if cfg.tokens_per_step % (B * T * world):
+        raise TrainError(f"tokens_per_step {cfg.tokens_per_step} is not a multiple of micro_batch x block_size x "
+                         f"ranks = {B} x {T} x {world}; choose another number of processes or micro-batch")
+    grad_accum = cfg.tokens_per_step // (B * T * world)
+
+    # ---- data ----
+    train_shards, val_shards = find_shards(args.data)
+    train_loader = TokenLoader(train_shards, B, T, rank, world, grad_accum, log=log)
+    try:
+        TokenLoader(val_shards, B, T, rank, world, 1, log=log) if val_shards else None
+    except ShardError as e:
+        log(f"note: no validation loss: {e}")
+        val_shards = []
+
+    # ---- model, precision, optimizer (the same seed on every rank: identical initial weights) ----
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32
+        torch.backends.cudnn.allow_tf32 = True
+    raw_model = GPT(cfg.model).to(device)
+    dtype = pick_dtype(cfg.dtype, device_type)
+    amp = functools.partial(torch.autocast, device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    optimizer = raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
+
+    # ---- resume: weights, optimizer, schedule position, data position, RNG ----
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    latest = ckpt.latest_checkpoint(out)
+    start_step, elapsed_before, tokens_seen, loss = 0, 0.0, 0, None
+    if latest is not None and args.resume == "never":
+        raise TrainError(f"{out} already holds checkpoints (newest {latest.name}); use --resume auto to "
+                         "continue that run, or a new --out to start another")
+    if latest is not None:
+        saved = ckpt.verify_checkpoint(latest)
+        if saved["config"]["model"] != dataclasses.asdict(cfg.model):
+            raise TrainError(f"{latest} holds a model of shape {saved['config']['model']}, but the config asks for "
+                             f"{dataclasses.asdict(cfg.model)}; use a new --out for a different model")
+        state = ckpt.load_training_state(latest, raw_model, optimizer, scaler, rank, device, verify=False)
+        train_loader.set_state(state["data"])
+        start_step, elapsed_before = state["step"], state["elapsed_seconds"]
+        tokens_seen, loss = state["tokens_seen"], state["loss"]
+        if state["world_size"] != world:
+            log(f"note: {latest.name} was written by {state['world_size']} ranks, this run has {world}: same data "
+                f"position and tokens per step, gradient accumulation now {grad_accum}")
+        if not state["rng_restored"]:  # a rank the checkpoint did not have: a fresh, distinct stream
+            torch.manual_seed(cfg.seed + 1000 * rank + start_step)
+        log(f"resuming from {latest} (step {start_step})")
+
+    # ---- compile and wrap; the raw module is what we save and sample from ----
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    eval_model = model
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    # ---- metrics ----
+    metrics_path = out / "metrics.jsonl"
+    if master:
+        if latest is not None:
+            truncate_after(metrics_path, start_step)  # steps the killed run logged after its checkpoint
+        elif metrics_path.exists():
+            metrics_path.unlink()  # no checkpoint: a new run, whatever an earlier attempt logged
+    metrics = MetricsLog(metrics_path, enabled=master)
+    metrics.write({"event": "start", "world_size": world, "config": dataclasses.asdict(cfg),
+                   "resumed_from": start_step if latest is not None else None, "device": device_type,
+                   "dtype": str(dtype).removeprefix("torch."), "grad_accum": grad_accum,
+                   "params": raw_model.num_params()})
+    flops_tok = flops_per_token(cfg.model, raw_model.num_params())
+    budget = cfg.max_cost_usd > 0 and cfg.price_per_gpu_hour > 0
+
+    def elapsed() -> float:  # seconds of this run so far, over all its restarts
+        return elapsed_before + time.time() - t_start
+
+    def save_checkpoint(step: int) -> None:
+        rngs = [ckpt.rng_state()]
+        if ddp:  # every rank's RNG, gathered to rank 0 (no shared filesystem needed)
+            gathered = [None] * world if master else None
+            dist.gather_object(rngs[0], gathered, dst=0)
+            rngs = gathered
+        if master:
+            state = {"step": step, "tokens_seen": tokens_seen, "elapsed_seconds": elapsed(), "loss": loss,
+                     "data": train_loader.state(), "world_size": world, "grad_accum": grad_accum}
+            opt_state = {"optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+            path = ckpt.write_checkpoint(out, step, raw_model, opt_state, state, rngs,
+                                         dataclasses.asdict(cfg), cfg.keep_checkpoints)
+            metrics.write({"event": "checkpoint", "step": step, "path": str(path)})
+            log(f"checkpoint {path}")
+        if ddp:
+            dist.barrier()
+
+    # ---- the loop ----
+    if start_step >= cfg.steps:
+        log(f"nothing to do: {latest.name} is at step {start_step} of {cfg.steps}")
+    step, last_dt, saved_step = start_step, 0.0, (start_step if latest is not None else None)
+    while step < cfg.steps:
+        if budget:  # stop before a step that would take the cost past the cap; rank 0 decides for all
+            stop = torch.tensor(int(cost_usd(elapsed() + last_dt, world, cfg.price_per_gpu_hour) > cfg.max_cost_usd),
+                                device=device)
+            if ddp:
+                dist.broadcast(stop, 0)
+            if stop.item():
+                if saved_step != step:
+                    save_checkpoint(step)
+                spent = cost_usd(elapsed(), world, cfg.price_per_gpu_hour)
+                metrics.write({"event": "budget_stop", "step": step, "cost_usd": spent})
+                log(f"budget: stopping at step {step}, ${spent:.2f} spent of ${cfg.max_cost_usd:.2f}; "
+                    "raise max_cost_usd and resume to continue")
+                break
+
+        t0 = time.perf_counter()
+        lr = get_lr(step, cfg)
+        loss_t, norm = train_step(model, optimizer, scaler, train_loader, grad_accum, amp, cfg.grad_clip, lr,
+                                  ddp, device)
+        if ddp:
+            dist.all_reduce(loss_t)  # the logged loss: mean over ranks and micro-steps
+            loss_t /= world
+        loss = loss_t.item()  # waits for the device, so dt below is the real step time
+        dt = time.perf_counter() - t0
+        last_dt = dt
+        step += 1
+        tokens_seen += cfg.tokens_per_step
+        tok_s = cfg.tokens_per_step / dt
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(), "step_seconds": dt,
+                  "tokens_per_second": tok_s, "mfu": mfu(tok_s, flops_tok, cfg.peak_flops_per_gpu, world),
+                  "tokens_seen": tokens_seen, "elapsed_seconds": elapsed()}
+        if cfg.price_per_gpu_hour > 0:
+            record["cost_usd"] = cost_usd(record["elapsed_seconds"], world, cfg.price_per_gpu_hour)
+        metrics.write(record)
+        log(console_line(step, cfg.steps, loss, lr, record["grad_norm"], tok_s, dt))
+
+        if val_shards and cfg.val_every > 0 and (step % cfg.val_every == 0 or step == cfg.steps):
+            val_loss = evaluate(eval_model, val_shards, cfg, rank, world, amp, device, ddp)
+            metrics.write({"step": step, "val_loss": val_loss})
+            log(f"step {step}/{cfg.steps} | val loss {val_loss:.4f}")
+        # sampling needs the GPT-2 vocabulary (tests use tiny ones); the raw module also works when compiled
+        if master and cfg.sample_every > 0 and step % cfg.sample_every == 0 and cfg.model.vocab_size >= VOCAB_SIZE:
+            text = generate_text(raw_model, cfg.sample_prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed + step,
+                                 autocast_dtype=dtype if dtype != torch.float32 else None)[0]
+            metrics.write({"step": step, "sample": text})
+            log(f"step {step}/{cfg.steps} | sample: {text!r}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(step)
+            saved_step = step
+    else:
+        metrics.write({"event": "end", "step": step, "final_loss": loss})
+        log(f"done: step {step}, final loss {loss if loss is None else round(loss, 4)}")
+    metrics.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m model.train", description="Train GPT-2 (run under torchrun for DDP).")
+    p.add_argument("--config", required=True, help="TrainConfig JSON (gpt2cloud train writes OUT/config.json)")
+    p.add_argument("--data", required=True, help="directory of llm.c .bin token shards")
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl and checkpoints/")
+    p.add_argument("--resume", choices=["auto", "never"], default="auto",
+                   help="auto: continue from the newest complete checkpoint in --out (default)")
+    p.add_argument("--steps", type=int, default=None, help="override the config's total steps")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    t_start = time.time()
+    args = parse_args(argv)
+    try:
+        run(args, t_start)
+    except (TrainError, ShardError, ckpt.CheckpointError, FileNotFoundError) as e:
+        # every rank hits the same setup problem; one line from rank 0 is enough
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
