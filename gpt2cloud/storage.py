@@ -1,0 +1,489 @@
+"""One object-store interface over `s3://bucket/prefix` (AWS S3, Cloudflare R2, MinIO, ...) and `file:///path`.
+
+The GPU node imports this module before training (to fetch shards, to publish checkpoints), so the
+module top imports only the standard library: boto3 is imported when an `s3://` URL is opened, and
+typer, pydantic and rich are never imported here.
+
+Keys are relative to the store's prefix and always use "/". Every write is whole-or-nothing for a
+reader: S3 makes an object visible only once its (multipart) upload completes, and the file store
+writes to a temporary name and renames. Sets of objects are published by uploading their manifest
+last (see gpt2cloud/transfer.py).
+
+    store = open_store("s3://my-bucket/gpt2/data")   # or "file:///mnt/data"
+    store.put_file("shards/x_train_000001.bin", "x_train_000001.bin")
+    store.get_file("x_train_000001.bin", "/tmp/x.bin", sha256="...")   # verified before it appears
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+from urllib.parse import urlparse
+
+from gpt2cloud.errors import UserError
+
+Progress = Optional[Callable[[int], None]]  # called with the number of bytes moved since the last call
+
+# Short connect timeout and few retries: an unreachable endpoint must fail in seconds, not hang.
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 60
+MAX_ATTEMPTS = 3
+# Part size and parallel requests of the transfer manager (awscli's defaults are 8 MiB and 10).
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+MAX_CONCURRENCY = 10
+SHA256_METADATA = "sha256"  # user metadata (x-amz-meta-sha256) that put_file records on every object
+_TMP_MARK = ".gpt2cloud-tmp-"  # temporary files of the file store and of get_file; never listed
+_COPY_CHUNK = 8 * 1024 * 1024
+
+
+class StorageError(UserError):
+    """A storage problem the user can fix; the message is one line naming the object and the fix."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store's prefix
+    size: int
+
+
+def sha256_file(path: str | os.PathLike, progress: Progress = None) -> str:
+    """Hex sha256 of a local file, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            h.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+def _tmp_path(path: Path) -> Path:
+    """A unique temporary sibling of path: same directory (so rename is atomic), never a final name."""
+    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _clean_key(key: str) -> str:
+    key = str(key).replace("\\", "/").strip("/")
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"invalid object key {key!r}: use a relative name like 'dir/file.bin' without '..'")
+    return key
+
+
+def _join(prefix: str, key: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/{key}" if prefix else key
+
+
+class Store:
+    """The interface; open_store() returns an S3Store or a FileStore."""
+
+    url: str
+
+    def put_file(self, local_path, key: str, progress: Progress = None, sha256: str | None = None) -> str:
+        """Upload a local file (multipart and concurrent on S3); record its sha256 (computed when not
+        given) with the object; return the sha256."""
+        raise NotImplementedError
+
+    def get_file(self, key: str, local_path, progress: Progress = None, sha256: str | None = None) -> None:
+        """Download to local_path atomically (temporary file, then rename). With sha256 the content is
+        verified before it gets its final name; a mismatch raises StorageError and leaves nothing."""
+        raise NotImplementedError
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def get_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Objects whose key starts with prefix, sorted by key."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Delete an object; deleting a missing one is not an error."""
+        raise NotImplementedError
+
+    def sha256(self, key: str) -> str | None:
+        """The stored object's sha256 when it is known without downloading it (S3: the metadata that
+        put_file recorded; file store: hashed in place), else None (e.g. written by another tool)."""
+        raise NotImplementedError
+
+    def url_for(self, key: str = "") -> str:
+        key = key.strip("/")
+        return f"{self.url.rstrip('/')}/{key}" if key else self.url
+
+    def abort(self) -> None:
+        """Cancel transfers in flight (after Ctrl-C); their partial data never gets a final name."""
+
+    def close(self) -> None:
+        pass
+
+
+def open_store(url: str, endpoint_url: str | None = None, *, region: str | None = None) -> Store:
+    """Open `s3://bucket[/prefix]` or `file:///path`.
+
+    S3 uses boto3's standard credential chain (env vars, AWS_PROFILE, ~/.aws, instance roles);
+    endpoint_url (or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) selects an S3-compatible store such as
+    Cloudflare R2 or MinIO; region defaults to AWS_REGION / AWS_DEFAULT_REGION / the profile's.
+    """
+    url = str(url).strip()
+    parsed = urlparse(url)
+    scheme = parsed.scheme.lower()
+    if scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"{url}: no bucket name; use s3://BUCKET/PREFIX")
+        return S3Store(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url, region=region)
+    if scheme == "file":
+        if endpoint_url:
+            raise StorageError(f"--endpoint-url applies to s3:// URLs only, not {url}")
+        # file:///abs/path is the normal form; accept file://relative/path (netloc + path) too.
+        host = parsed.netloc if parsed.netloc not in ("", "localhost") else ""
+        path = host + parsed.path
+        if not path:
+            raise StorageError(f"{url}: no path; use file:///absolute/path")
+        return FileStore(Path(path).expanduser().resolve())
+    if not scheme or (len(scheme) == 1 and os.name == "nt"):
+        raise StorageError(
+            f"{url!r} is not a storage URL; use s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH"
+        )
+    raise StorageError(f"unsupported URL scheme '{scheme}://' in {url}; use s3://BUCKET/PREFIX or file:///PATH")
+
+
+# ---------------------------------------------------------------- file:// store
+
+
+class FileStore(Store):
+    """A directory used as an object store: the embedded default, no server needed."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.url = "file://" + root.as_posix()
+        self._aborted = threading.Event()
+
+    def _path(self, key: str) -> Path:
+        return self.root / _clean_key(key)
+
+    def _copy(self, src: Path, dst: Path, progress: Progress, sha256: str | None, what: str) -> str:
+        """Copy src to dst through a temporary sibling, hashing on the way; verify before the rename."""
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_path(dst)
+        h = hashlib.sha256()
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                while chunk := fin.read(_COPY_CHUNK):
+                    if self._aborted.is_set():
+                        raise KeyboardInterrupt
+                    fout.write(chunk)
+                    h.update(chunk)
+                    if progress:
+                        progress(len(chunk))
+                fout.flush()
+                os.fsync(fout.fileno())
+            digest = h.hexdigest()
+            if sha256 and digest != sha256:
+                raise StorageError(
+                    f"{what}: sha256 mismatch (expected {sha256[:12]}..., got {digest[:12]}...); "
+                    "the file changed or is corrupt: re-create or re-upload it"
+                )
+            os.replace(tmp, dst)
+            return digest
+        except FileNotFoundError as e:
+            if Path(e.filename or "") == src:
+                raise StorageError(f"{what}: no such file") from None
+            raise StorageError(f"{what}: {e.strerror}: {e.filename}") from None
+        except PermissionError as e:
+            raise StorageError(f"{what}: permission denied: {e.filename}; check the path's permissions") from None
+        except IsADirectoryError as e:
+            raise StorageError(f"{what}: is a directory: {e.filename}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_file(self, local_path, key, progress=None, sha256=None):
+        return self._copy(Path(local_path), self._path(key), progress, sha256, f"{local_path}")
+
+    def get_file(self, key, local_path, progress=None, sha256=None):
+        src = self._path(key)
+        if not src.is_file():
+            raise StorageError(f"{self.url_for(key)}: no such object")
+        self._copy(src, Path(local_path), progress, sha256, self.url_for(key))
+
+    def put_bytes(self, key, data):
+        dst = self._path(key)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _tmp_path(dst)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(f"{self.url_for(key)}: cannot write: {e.strerror}") from None
+
+    def get_bytes(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise StorageError(f"{self.url_for(key)}: no such object") from None
+        except OSError as e:
+            raise StorageError(f"{self.url_for(key)}: cannot read: {e.strerror}") from None
+
+    def list(self, prefix=""):
+        out = []
+        if not self.root.is_dir():
+            return out
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if _TMP_MARK in name:
+                    continue  # a write in progress (or killed): not an object
+                p = Path(dirpath) / name
+                key = p.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    out.append(ObjectInfo(key, p.stat().st_size))
+        return sorted(out, key=lambda o: o.key)
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def delete(self, key):
+        self._path(key).unlink(missing_ok=True)
+
+    def sha256(self, key):
+        p = self._path(key)
+        return sha256_file(p) if p.is_file() else None
+
+    def abort(self):
+        self._aborted.set()
+
+
+# ---------------------------------------------------------------- s3:// store
+
+
+class S3Store(Store):
+    """An S3 bucket and prefix through boto3; any S3-compatible endpoint (R2, MinIO, moto)."""
+
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None, region: str | None = None):
+        try:
+            import boto3
+            from boto3.s3.transfer import TransferConfig, create_transfer_manager
+            from botocore.config import Config
+        except ImportError:
+            raise StorageError("s3:// URLs need boto3: pip install boto3") from None
+        self.bucket, self.prefix = bucket, prefix
+        self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        config = Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+            max_pool_connections=MAX_CONCURRENCY + 4,
+            # Custom endpoints (MinIO, moto, most self-hosted stores) expect path-style URLs.
+            s3={"addressing_style": "path"} if self.endpoint_url else None,
+        )
+        session = boto3.session.Session()
+        self.client = session.client(
+            "s3", endpoint_url=self.endpoint_url, region_name=region or session.region_name, config=config
+        )
+        self._manager = create_transfer_manager(
+            self.client,
+            TransferConfig(
+                multipart_threshold=MULTIPART_THRESHOLD,
+                multipart_chunksize=MULTIPART_CHUNKSIZE,
+                max_concurrency=MAX_CONCURRENCY,
+                preferred_transfer_client="classic",
+            ),
+        )
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, _clean_key(key))
+
+    def _error(self, exc: BaseException, key: str | None = None) -> StorageError:
+        from botocore.exceptions import ClientError
+
+        if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NotFound"):
+            # HEAD (and so every download) answers a bare 404 for a missing bucket too: tell them apart.
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                    e.response["Error"]["Code"] = "NoSuchBucket"
+                    exc = e
+            except Exception:
+                pass
+        return s3_error(exc, self.url_for(key) if key else self.url, self.bucket, self.endpoint_url)
+
+    def _wait(self, future, key: str):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+        except (BotoCoreError, ClientError) as e:
+            raise self._error(e, key) from None
+
+    def put_file(self, local_path, key, progress=None, sha256=None):
+        local_path = Path(local_path)
+        if not local_path.is_file():
+            raise StorageError(f"{local_path}: no such file")
+        sha256 = sha256 or sha256_file(local_path)
+        future = self._manager.upload(
+            str(local_path), self.bucket, self._key(key),
+            extra_args={"Metadata": {SHA256_METADATA: sha256}},
+            subscribers=_subscribers(progress),
+        )
+        self._wait(future, key)
+        return sha256
+
+    def get_file(self, key, local_path, progress=None, sha256=None):
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_path(local_path)
+        try:
+            future = self._manager.download(self.bucket, self._key(key), str(tmp), subscribers=_subscribers(progress))
+            self._wait(future, key)
+            if sha256:
+                digest = sha256_file(tmp)
+                if digest != sha256:
+                    raise StorageError(
+                        f"{self.url_for(key)}: sha256 mismatch (expected {sha256[:12]}..., got {digest[:12]}...); "
+                        "the stored object is corrupt or was replaced: re-upload it (gpt2cloud data upload)"
+                    )
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_bytes(self, key, data):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data,
+                Metadata={SHA256_METADATA: hashlib.sha256(data).hexdigest()},
+            )
+        except (BotoCoreError, ClientError) as e:
+            raise self._error(e, key) from None
+
+    def get_bytes(self, key):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except (BotoCoreError, ClientError) as e:
+            raise self._error(e, key) from None
+
+    def list(self, prefix=""):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        base = self.prefix + "/" if self.prefix else ""
+        out = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix):
+                for obj in page.get("Contents", []):
+                    out.append(ObjectInfo(obj["Key"][len(base):], int(obj["Size"])))
+        except (BotoCoreError, ClientError) as e:
+            raise self._error(e) from None
+        return sorted(out, key=lambda o: o.key)
+
+    def _head(self, key) -> dict | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._error(e, key) from None
+        except BotoCoreError as e:
+            raise self._error(e, key) from None
+
+    def exists(self, key):
+        return self._head(key) is not None
+
+    def delete(self, key):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as e:
+            raise self._error(e, key) from None
+
+    def sha256(self, key):
+        head = self._head(key)
+        return (head or {}).get("Metadata", {}).get(SHA256_METADATA)
+
+    def abort(self):
+        self._manager.shutdown(cancel=True, cancel_msg="interrupted")
+
+    def close(self):
+        self._manager.shutdown()
+
+
+def _subscribers(progress: Progress):
+    if not progress:
+        return None
+    from s3transfer.subscribers import BaseSubscriber
+
+    class _Progress(BaseSubscriber):
+        def on_progress(self, bytes_transferred, **kwargs):
+            progress(bytes_transferred)
+
+    return [_Progress()]
+
+
+def s3_error(exc: BaseException, url: str, bucket: str, endpoint_url: str | None) -> StorageError:
+    """Translate a botocore exception into one line that says what is wrong and how to fix it."""
+    from botocore import exceptions as bx
+
+    where = f" at {endpoint_url}" if endpoint_url else ""
+    if isinstance(exc, bx.NoCredentialsError):
+        return StorageError(
+            f"{url}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE, or run `aws configure`)"
+        )
+    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
+        return StorageError(
+            f"{url}: cannot reach the S3 endpoint{where or ' (AWS)'}; check --endpoint-url / AWS_ENDPOINT_URL "
+            "and the network"
+        )
+    if isinstance(exc, (bx.ReadTimeoutError, bx.ConnectionClosedError)):
+        return StorageError(f"{url}: the S3 endpoint{where} stopped answering ({type(exc).__name__}); retry")
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            return StorageError(
+                f"{url}: bucket '{bucket}' does not exist{where}; create it (aws s3 mb s3://{bucket}) or fix the URL"
+            )
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            return StorageError(
+                f"{url}: the S3 credentials were rejected ({code}){where}; check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY / AWS_PROFILE"
+            )
+        if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
+            return StorageError(
+                f"{url}: access denied{where}; the credentials lack permission for this bucket/prefix "
+                "(s3:GetObject, s3:PutObject, s3:ListBucket)"
+            )
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return StorageError(f"{url}: no such object")
+        if code in ("PermanentRedirect", "301", "AuthorizationHeaderMalformed") or status == 301:
+            return StorageError(f"{url}: the bucket is in another region; set AWS_REGION to the bucket's region")
+        msg = err.get("Message") or str(exc)
+        return StorageError(f"{url}: S3 error {code or status}: {msg}".replace("\n", " "))
+    return StorageError(f"{url}: {type(exc).__name__}: {exc}".replace("\n", " "))

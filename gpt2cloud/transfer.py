@@ -1,0 +1,263 @@
+"""Move a whole directory (token shards, a checkpoint) to and from a Store as one verified set.
+
+A set is described by its manifest, JSON with a `files` list of {"name", "size", "sha256"} (names
+relative to the directory, "/"-separated). `gpt2cloud data prepare` and the trainer's checkpoints
+write such manifests; a directory without one gets one built on upload.
+
+Publication is atomic for readers: the manifest is uploaded LAST, after every object it names, and
+an outdated remote manifest is deleted before any of its objects is replaced. A reader that finds a
+manifest therefore finds the whole set, and download_dir verifies every sha256 anyway. Both helpers
+are idempotent: a rerun after a crash (even kill -9) skips what is already in place and verified,
+and finishes the rest.
+
+Like storage.py this module imports only the standard library at its top (rich is imported only to
+draw a progress bar), so the GPU node can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from pathlib import Path
+
+from gpt2cloud.storage import _TMP_MARK, StorageError, Store, _clean_key, _join, _tmp_path, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+FILE_WORKERS = 4  # files moved at once; each large file is also split into parallel parts on S3
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def build_manifest(local_dir, manifest_name: str = MANIFEST_NAME) -> dict:
+    """A manifest for every regular file under local_dir (except the manifest and temporary files)."""
+    local_dir = Path(local_dir)
+    names = sorted(
+        p.relative_to(local_dir).as_posix()
+        for p in local_dir.rglob("*")
+        if p.is_file() and p.name != manifest_name and _TMP_MARK not in p.name and not p.name.endswith(".tmp")
+    )
+    return {"format": "gpt2cloud-files", "version": 1, "files": [file_entry(local_dir, n) for n in names]}
+
+
+def file_entry(local_dir, name: str) -> dict:
+    """The manifest entry {"name", "size", "sha256"} of local_dir/name."""
+    path = Path(local_dir) / name
+    return {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """Parse and check a manifest; its `files` entries must be safe relative names with size and sha256."""
+    try:
+        manifest = json.loads(data)
+        files = manifest["files"]
+        for f in files:
+            _clean_key(f["name"])
+            if not isinstance(f["size"], int) or not isinstance(f["sha256"], str) or len(f["sha256"]) != 64:
+                raise ValueError(f"bad entry {f}")
+    except StorageError as e:
+        raise StorageError(f"{where}: invalid manifest: {e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise StorageError(
+            f"{where}: not a valid manifest (JSON with a 'files' list of name/size/sha256): {e}"
+        ) from None
+    return manifest
+
+
+def write_local_manifest(path: Path, data: bytes) -> None:
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- progress
+
+
+@contextmanager
+def _bar(enabled: bool, total: int, description: str):
+    """Yield advance(n_bytes): a rich bar with bytes, MB/s and ETA on stderr, or a no-op when off."""
+    if not (enabled and sys.stderr.isatty()) or total <= 0:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)  # Progress is thread-safe: parts report from many threads
+
+
+def _run_all(store: Store, jobs, fn) -> None:
+    """Run fn(job) for every job on FILE_WORKERS threads; stop at the first error and re-raise it.
+
+    Ctrl-C cancels the transfers in flight (store.abort), so no half object gets a final name.
+    """
+    with ThreadPoolExecutor(max_workers=FILE_WORKERS) as pool:
+        futures = [pool.submit(fn, j) for j in jobs]
+        try:
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            store.abort()
+            for f in futures:
+                f.cancel()
+            raise
+        for f in pending:
+            f.cancel()
+        for f in futures:
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                raise f.exception()
+
+
+# ---------------------------------------------------------------- upload
+
+
+def upload_dir(local_dir, store: Store, prefix: str = "", manifest_name: str = MANIFEST_NAME,
+               progress: bool = True) -> dict:
+    """Upload local_dir to store under prefix; return {"uploaded", "skipped", "bytes", ...}.
+
+    Objects already stored with the same size and sha256 are skipped; the manifest goes last.
+    """
+    t0 = time.monotonic()
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise StorageError(f"{local_dir}: no such directory")
+    manifest_path = local_dir / manifest_name
+    if manifest_path.is_file():
+        manifest_bytes = manifest_path.read_bytes()
+        files = parse_manifest(manifest_bytes, str(manifest_path))["files"]
+        _verify_local(local_dir, files, progress)  # never publish a set whose files changed after its manifest
+    else:
+        manifest = build_manifest(local_dir, manifest_name)
+        manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
+        files = manifest["files"]
+    if not files:
+        raise StorageError(f"{local_dir}: nothing to upload (no files)")
+
+    # What is there already: one listing, then the sha256 of each same-size object.
+    manifest_key = _join(prefix, manifest_name)
+    remote = {o.key: o.size for o in store.list(_join(prefix, "") + "/" if prefix.strip("/") else "")}
+    remote_manifest = store.get_bytes(manifest_key) if manifest_key in remote else None
+    remote_sha = {}
+    if remote_manifest is not None:
+        try:
+            remote_sha = {f["name"]: f["sha256"] for f in parse_manifest(remote_manifest, manifest_key)["files"]}
+        except StorageError:
+            pass  # a broken remote manifest is simply replaced
+    todo, skipped = [], 0
+    for f in files:
+        key = _join(prefix, f["name"])
+        if remote.get(key) == f["size"]:
+            # Objects we uploaded carry their sha256; others are trusted only if the remote manifest names them.
+            sha = store.sha256(key) or remote_sha.get(f["name"])
+            if sha == f["sha256"]:
+                skipped += 1
+                continue
+        todo.append(f)
+
+    publish = remote_manifest != manifest_bytes
+    if publish and remote_manifest is not None:
+        store.delete(manifest_key)  # unpublish the old set before any of its objects changes
+
+    total = sum(f["size"] for f in todo)
+    with _bar(progress, total, f"upload {len(todo)} files") as advance:
+        _run_all(store, todo, lambda f: store.put_file(
+            local_dir / f["name"], _join(prefix, f["name"]), progress=advance, sha256=f["sha256"]))
+    if publish:
+        store.put_bytes(manifest_key, manifest_bytes)  # last: now the set is visible, and complete
+    seconds = time.monotonic() - t0
+    return {
+        "url": store.url_for(prefix), "files": len(files), "uploaded": len(todo), "skipped": skipped,
+        "bytes": total, "manifest_uploaded": publish, "seconds": round(seconds, 3),
+        "mb_per_s": round(total / 1e6 / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def _verify_local(local_dir: Path, files: list[dict], progress: bool) -> None:
+    total = sum(f["size"] for f in files)
+    with _bar(progress, total, "check local files") as advance:
+        for f in files:
+            path = local_dir / f["name"]
+            if not path.is_file():
+                raise StorageError(f"{path}: listed in the manifest but missing; re-create the directory")
+            if path.stat().st_size != f["size"] or sha256_file(path, advance) != f["sha256"]:
+                raise StorageError(
+                    f"{path}: does not match its manifest entry (size/sha256); the file changed after the "
+                    "manifest was written: re-create the directory"
+                )
+
+
+# ---------------------------------------------------------------- download
+
+
+def download_dir(store: Store, prefix: str, local_dir, manifest_name: str = MANIFEST_NAME,
+                 progress: bool = True) -> dict:
+    """Download the set under prefix into local_dir, verifying every file's sha256 against the manifest.
+
+    Files already present and verified are kept (a rerun resumes); the local manifest is written
+    last, so a directory with a manifest is a complete, verified set.
+    """
+    t0 = time.monotonic()
+    manifest_key = _join(prefix, manifest_name)
+    try:
+        manifest_bytes = store.get_bytes(manifest_key)
+    except StorageError as e:
+        if not str(e).endswith("no such object"):
+            raise
+        raise StorageError(
+            f"{store.url_for(manifest_key)}: no manifest there; the set was never uploaded or its upload did "
+            "not finish: run `gpt2cloud data upload` (again), or check the URL"
+        ) from None
+    files = parse_manifest(manifest_bytes, store.url_for(manifest_key))["files"]
+
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    local_manifest = local_dir / manifest_name
+    if local_manifest.is_file() and local_manifest.read_bytes() != manifest_bytes:
+        local_manifest.unlink()  # an older set: the directory is not complete until we finish
+
+    # Files left by an earlier, interrupted download count only once their sha256 checks out.
+    present = [f for f in files if (local_dir / f["name"]).is_file()
+               and (local_dir / f["name"]).stat().st_size == f["size"]]
+    verified = set()
+    with _bar(progress, sum(f["size"] for f in present), "check local files") as advance:
+        for f in present:
+            if sha256_file(local_dir / f["name"], advance) == f["sha256"]:
+                verified.add(f["name"])
+    todo = [f for f in files if f["name"] not in verified]
+    skipped = len(verified)
+
+    total = sum(f["size"] for f in todo)
+    with _bar(progress, total, f"download {len(todo)} files") as advance:
+        # get_file verifies the sha256 before the file gets its final name.
+        _run_all(store, todo, lambda f: store.get_file(
+            _join(prefix, f["name"]), local_dir / f["name"], progress=advance, sha256=f["sha256"]))
+    write_local_manifest(local_manifest, manifest_bytes)
+    seconds = time.monotonic() - t0
+    return {
+        "url": store.url_for(prefix), "dir": str(local_dir), "files": len(files), "downloaded": len(todo),
+        "skipped": skipped, "bytes": total, "verified": len(files), "seconds": round(seconds, 3),
+        "mb_per_s": round(total / 1e6 / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def verify_dir(local_dir, manifest_name: str = MANIFEST_NAME) -> dict:
+    """Check every file of a local set against its manifest; raise StorageError naming the first bad one."""
+    local_dir = Path(local_dir)
+    path = local_dir / manifest_name
+    if not path.is_file():
+        raise StorageError(f"{path}: no manifest; the directory is not a complete set")
+    files = parse_manifest(path.read_bytes(), str(path))["files"]
+    _verify_local(local_dir, files, progress=False)
+    return {"dir": str(local_dir), "files": len(files), "bytes": sum(f["size"] for f in files)}
+
