@@ -71,6 +71,11 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 from gpt2cloud.commands import estimate as _estimate  # noqa: E402
 
 register(app, "estimate", _estimate.estimate_command)
+from gpt2cloud.commands import train as _train  # noqa: E402
+from gpt2cloud.commands import sample as _sample  # noqa: E402
+
+register(app, "train", _train.train_command)
+register(app, "sample", _sample.sample_command)
 
 
 def main():

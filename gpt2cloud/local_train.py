@@ -1,0 +1,172 @@
+"""`gpt2cloud train` without the CLI: check the inputs, write OUT/config.json, run the trainer under
+torchrun on this machine, stream its output, and summarise what it wrote.
+
+torchrun starts each worker in a session of its own, so killing torchrun's process group leaves the
+workers running (and writing checkpoints). On Ctrl-C or SIGTERM we collect the whole process tree
+by PID first and then end every process in it; see kill_process_tree.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import psutil
+
+from gpt2cloud.errors import UserError
+from gpt2cloud.recipes import load_recipe
+
+
+def kill_process_tree(pid: int, timeout: float = 5.0, hard: bool = False) -> None:
+    """End `pid` and all its descendants: SIGTERM, then SIGKILL whatever is left after `timeout`.
+
+    Descendants are collected before any signal is sent: once a parent dies its children are
+    re-parented to init and can no longer be found from it. hard=True sends SIGKILL at once.
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill() if hard else p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=0 if hard else timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def check_inputs(cfg, data: Path, out: Path, nproc: int, resume: str) -> None:
+    """Everything we can check before paying for torchrun's start; UserError with the fix."""
+    from model.checkpoint import latest_checkpoint
+    from model.data import find_shards
+    from model.shards import ShardError, read_header
+
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: the number of processes must be at least 1")
+    if resume not in ("auto", "never"):
+        raise UserError(f"--resume {resume}: expected auto or never")
+    per_micro_step = cfg.micro_batch * cfg.model.block_size * nproc
+    if cfg.tokens_per_step % per_micro_step:
+        raise UserError(
+            f"tokens_per_step {cfg.tokens_per_step} is not a multiple of micro_batch x block_size x nproc "
+            f"({cfg.micro_batch} x {cfg.model.block_size} x {nproc}); pick another --nproc"
+        )
+    try:
+        train, _ = find_shards(data)
+    except (FileNotFoundError, ShardError) as e:
+        raise UserError(str(e)) from None
+    if not any(read_header(p) > cfg.tokens_per_step for p in train):
+        raise UserError(
+            f"no training shard in {data} holds one step of tokens ({cfg.tokens_per_step + 1}); "
+            "prepare more data or use a recipe with a smaller tokens_per_step"
+        )
+    latest = latest_checkpoint(out)
+    if latest is not None and resume == "never":
+        raise UserError(f"{out} already holds checkpoints (newest {latest.name}); use --resume auto to continue "
+                        "that run, or a new --out to start another")
+
+
+def torchrun_command(config: Path, data: Path, out: Path, nproc: int, resume: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "model.train", "--config", str(config), "--data", str(data), "--out", str(out),
+            "--resume", resume]
+
+
+def _die_with_parent():
+    """In the child: get SIGTERM if the CLI dies (even by SIGKILL); torchrun then ends its workers."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: Ctrl-C and SIGTERM are still handled by stream_process
+
+
+def stream_process(cmd: list[str], stream: TextIO) -> tuple[int, str | None]:
+    """Run cmd, copying its output line by line to `stream`; kill its whole tree on Ctrl-C/SIGTERM.
+
+    Returns (exit code, the last `error: ...` line the trainer printed, if any).
+    """
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True, preexec_fn=preexec)
+    error = None
+    try:
+        for line in proc.stdout:
+            stream.write(line)
+            stream.flush()
+            if line.startswith("error: "):
+                error = line[len("error: "):].strip()
+        return proc.wait(), error
+    except BaseException:
+        kill_process_tree(proc.pid)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        proc.stdout.close()
+
+
+def summarize(out: Path) -> dict:
+    """What the run left in OUT: steps done, final loss, last val loss, last complete checkpoint."""
+    from model.checkpoint import latest_checkpoint
+
+    records = []
+    path = out / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    steps = [r for r in records if "loss" in r]
+    vals = [r for r in records if "val_loss" in r]
+    end = next((r for r in reversed(records) if r.get("event") in ("end", "budget_stop")), None)
+    latest = latest_checkpoint(out)
+    summary = {
+        "steps": steps[-1]["step"] if steps else (end or {}).get("step", 0),
+        "final_loss": (end or {}).get("final_loss", steps[-1]["loss"] if steps else None),
+        "val_loss": vals[-1]["val_loss"] if vals else None,
+        "checkpoint": str(latest) if latest else None,
+        "out": str(out),
+        "metrics": str(path),
+        "tokens_seen": steps[-1]["tokens_seen"] if steps else 0,
+        "elapsed_seconds": steps[-1]["elapsed_seconds"] if steps else None,
+        "tokens_per_second": (sorted(r["tokens_per_second"] for r in steps)[len(steps) // 2] if steps else None),
+        "cost_usd": steps[-1].get("cost_usd") if steps else None,
+        "budget_stop": bool(end and end.get("event") == "budget_stop"),
+    }
+    return summary
+
+
+def train(recipe: str, data: str | Path, out: str | Path, nproc: int = 1, steps: int | None = None,
+          resume: str = "auto", compile: bool | None = None, price: float | None = None,
+          max_cost: float | None = None, stream: TextIO | None = None) -> dict:
+    """Train a recipe on local data with `nproc` processes; return summarize(out)."""
+    data, out = Path(data), Path(out)
+    cfg = load_recipe(recipe).to_train_config(steps=steps, compile=compile, price_per_gpu_hour=price,
+                                               max_cost_usd=max_cost)
+    check_inputs(cfg, data, out, nproc, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    config_path.write_text(cfg.to_json() + "\n")
+    code, error = stream_process(torchrun_command(config_path, data, out, nproc, resume), stream or sys.stdout)
+    if code != 0:
+        latest = summarize(out)["checkpoint"]
+        again = f"; rerun the same command to resume from {latest}" if latest else ""
+        raise UserError(f"training failed (exit code {code}): {error or 'see the output above'}{again}")
+    return summarize(out)
