@@ -76,6 +76,13 @@ from gpt2cloud.commands import sample as _sample  # noqa: E402
 
 register(app, "train", _train.train_command)
 register(app, "sample", _sample.sample_command)
+from gpt2cloud.commands import data as _data  # noqa: E402
+
+data_app = typer.Typer(help="Prepare token shards and move them to and from object storage.", no_args_is_help=True)
+register(data_app, "prepare", _data.prepare_command)
+register(data_app, "upload", _data.upload_command)
+register(data_app, "download", _data.download_command)
+app.add_typer(data_app, name="data")
 
 
 def main():

@@ -146,7 +146,7 @@ def upload_dir(local_dir, store: Store, prefix: str = "", manifest_name: str = M
 
     # What is there already: one listing, then the sha256 of each same-size object.
     manifest_key = _join(prefix, manifest_name)
-    remote = {o.key: o.size for o in store.list(_join(prefix, "") + "/" if prefix.strip("/") else "")}
+    remote = {o.key: o.size for o in store.list(prefix.strip("/") + "/" if prefix.strip("/") else "")}
     remote_manifest = store.get_bytes(manifest_key) if manifest_key in remote else None
     remote_sha = {}
     if remote_manifest is not None:

@@ -1,0 +1,406 @@
+"""`gpt2cloud data prepare`: documents -> GPT-2 tokens -> llm.c `.bin` shards + manifest.json.
+
+The stream: every document is prefixed with <|endoftext|> (50256) and the token stream is cut into
+fixed-size shards: the first `val_tokens` tokens form `{name}_val_000000.bin`, then
+`{name}_train_000001.bin`, ... of `shard_tokens` each (the last one shorter). Documents straddle
+shard boundaries, as in llm.c's fineweb.py.
+
+Speed: chunks of ~1 MB of documents go to a multiprocessing Pool whose workers run tiktoken's
+`encode_ordinary_batch` and send back uint16 arrays; the parent keeps only a few chunks in flight,
+so memory stays bounded by one shard buffer whatever the input size.
+
+Resume: the shards are a pure function of (source, name, shard_tokens, val_tokens, limit_tokens).
+After each finished shard, `.prepare-state.json` records where the stream stands (document index,
+token offset inside it). A rerun checks the finished shards' sha256, skips the documents before that
+point without tokenizing them, and continues: the result is byte-identical to an uninterrupted run.
+Shards are written atomically (model.shards.write_shard) and manifest.json, written last, marks the
+directory complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from gpt2cloud.errors import UserError
+
+FORMAT = "gpt2cloud-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+STATE = ".prepare-state.json"
+CHUNK_BYTES = 1 << 20  # text per task sent to a worker: big enough to amortize IPC, small enough to stream
+DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c
+DEFAULT_VAL_TOKENS = 10_000_000
+
+
+# ---------------------------------------------------------------- tokenization (runs in the workers)
+
+
+def _worker_init():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; no worker tracebacks
+
+
+def tokenize_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, per-document token counts, per-document utf-8 bytes) for a list of documents.
+
+    Each non-empty document becomes [EOT, *tokens]; an empty one contributes nothing.
+    """
+    from model.tokenizer import EOT_TOKEN, get_encoding
+
+    encoded = get_encoding().encode_ordinary_batch(texts, num_threads=1)  # one process per core instead
+    flat: list[int] = []
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    for i, toks in enumerate(encoded):
+        if toks:
+            flat.append(EOT_TOKEN)
+            flat.extend(toks)
+            lengths[i] = len(toks) + 1
+    nbytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
+    return np.array(flat, dtype=np.uint16), lengths, nbytes
+
+
+def _chunks(documents, skip_docs: int, chunk_bytes: int, on_skip):
+    """Group documents into chunks of about chunk_bytes; yield (first document index, texts, source bytes).
+
+    The first skip_docs documents (already in finished shards) are read but not tokenized.
+    """
+    texts, size, src_bytes, first = [], 0, 0, skip_docs
+    for i, (text, nbytes) in enumerate(documents):
+        if i < skip_docs:
+            on_skip(nbytes)
+            continue
+        texts.append(text)
+        size += len(text)
+        src_bytes += nbytes
+        if size >= chunk_bytes:
+            yield first, texts, src_bytes
+            first, texts, size, src_bytes = i + 1, [], 0, 0
+    if texts:
+        yield first, texts, src_bytes
+
+
+# ---------------------------------------------------------------- the shard writer
+
+
+class _ShardWriter:
+    """Fills shards from tokenized chunks; knows the stream position at every shard boundary.
+
+    A position is (doc, offset): the next token to write is token `offset` of document `doc`.
+    `docs` and `text_bytes` count the documents before the position (and their utf-8 bytes), so
+    they come out the same whether or not a run was interrupted and resumed.
+    """
+
+    def __init__(self, out: Path, name: str, val_tokens: int, shard_tokens: int, limit_tokens: int | None,
+                 done: list[dict], on_shard):
+        self.out, self.name = out, name
+        self.val_tokens, self.shard_tokens, self.limit = val_tokens, shard_tokens, limit_tokens
+        self.shards = list(done)  # finished shards (resumed ones first)
+        self.on_shard = on_shard
+        self.index = done[-1]["index"] + 1 if done else (0 if val_tokens > 0 else 1)
+        self.total = sum(s["tokens"] for s in done)
+        self.docs = done[-1]["end"][0] if done else 0
+        self.text_bytes = done[-1]["text_bytes"] if done else 0
+        cap = max(val_tokens, shard_tokens)
+        if limit_tokens is not None:
+            cap = min(cap, max(limit_tokens - self.total, 1))
+        self.buf = np.empty(cap, dtype=np.uint16)  # the one shard-sized buffer: the memory bound
+        self.fill = 0
+
+    @property
+    def capacity(self) -> int:
+        cap = self.val_tokens if self.index == 0 else self.shard_tokens
+        if self.limit is not None:
+            cap = min(cap, self.limit - (self.total - self.fill))
+        return cap
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.total >= self.limit
+
+    def add(self, first_doc: int, tokens: np.ndarray, lengths: np.ndarray, doc_bytes: np.ndarray,
+            skip: int = 0) -> None:
+        """Append a chunk (documents first_doc...) after dropping `skip` already-written tokens,
+        closing shards as they fill."""
+        if self.full:
+            return
+        ends = np.cumsum(lengths)
+        bytes_before = self.text_bytes  # of the documents before first_doc
+        cum_bytes = np.concatenate([[0], np.cumsum(doc_bytes)])
+
+        def position(pos: int) -> tuple[int, int]:
+            j = int(np.searchsorted(ends, pos, side="right"))  # first document not wholly before pos
+            return (first_doc + j, pos - int(ends[j] - lengths[j])) if j < len(lengths) else (first_doc + j, 0)
+
+        pos = skip
+        while pos < len(tokens) and not self.full:
+            take = min(self.capacity - self.fill, len(tokens) - pos)
+            self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            self.fill += take
+            self.total += take
+            pos += take
+            if self.fill == self.capacity:
+                doc, offset = position(pos)
+                self._close(end=(doc, offset), text_bytes=bytes_before + int(cum_bytes[doc - first_doc]))
+        if pos < len(tokens):  # stopped by --limit-tokens inside this chunk
+            doc, offset = position(pos)
+            self.docs = doc + (offset > 0)
+        else:
+            self.docs = first_doc + len(lengths)
+        self.text_bytes = bytes_before + int(cum_bytes[self.docs - first_doc])
+
+    def finish(self) -> None:
+        if self.fill:
+            self._close(end=(self.docs, 0), text_bytes=self.text_bytes)
+
+    def _close(self, end: tuple[int, int], text_bytes: int) -> None:
+        from model.shards import write_shard
+        from gpt2cloud.storage import sha256_file
+
+        split = "val" if self.index == 0 else "train"
+        path = self.out / f"{self.name}_{split}_{self.index:06d}.bin"
+        write_shard(path, self.buf[:self.fill])
+        self.shards.append({
+            "name": path.name, "split": split, "index": self.index, "tokens": self.fill,
+            "size": path.stat().st_size, "sha256": sha256_file(path),
+            "end": list(end), "text_bytes": text_bytes,
+        })
+        self.index += 1
+        self.fill = 0
+        self.on_shard(self.shards)
+
+
+# ---------------------------------------------------------------- the command's logic
+
+
+def default_name(spec: str) -> str:
+    base = spec.rstrip("/").split(":")[0].split("/")[-1]
+    base = re.sub(r"\.(jsonl|txt|parquet)$", "", base)
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", base).strip("-_").lower() or "data"
+    # The trainer tells validation from training shards by "val"/"train" in the file name.
+    return "data" if re.search("val|train", name) else name
+
+
+def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+            val_tokens: int = DEFAULT_VAL_TOKENS, workers: int | None = None, limit_tokens: int | None = None,
+            progress: bool = True, chunk_bytes: int = CHUNK_BYTES, on_shard=None) -> dict:
+    """Tokenize `source` into shards in out_dir; return a summary (see the module docstring)."""
+    from gpt2cloud.sources import open_source
+    from model.tokenizer import RANKS_SHA256, VOCAB_SIZE, EOT_TOKEN, get_encoding
+
+    t0 = time.monotonic()
+    if shard_tokens < 1 or val_tokens < 0 or (limit_tokens is not None and limit_tokens < 1):
+        raise UserError("--shard-tokens and --limit-tokens must be >= 1 and --val-tokens >= 0")
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers < 1:
+        raise UserError("--workers must be >= 1")
+    name = name or default_name(source)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or re.search("val|train", name):
+        raise UserError(f"--name {name!r}: use letters, digits, '-', '_' and neither 'val' nor 'train' "
+                        "(the trainer tells shards apart by those words)")
+    src = open_source(source)
+    params = {"name": name, "shard_tokens": shard_tokens, "val_tokens": val_tokens, "limit_tokens": limit_tokens}
+    fingerprint = {"source": src.fingerprint(), "parameters": params, "tokenizer_ranks_sha256": RANKS_SHA256}
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the directory: {e.strerror}") from None
+    for stale in out.glob("*.bin.tmp"):
+        stale.unlink()  # a shard whose write was interrupted: never under a final name, rewritten below
+
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("fingerprint") == fingerprint:
+            return _summary(manifest, out, t0, resumed=len(manifest["shards"]), complete_before=True)
+        raise UserError(f"{out} already holds shards prepared from another source or with other parameters; "
+                        "choose another --out or delete that directory")
+    done = _resumable_shards(out, fingerprint)
+
+    get_encoding()  # build the tokenizer once, before forking, so every worker inherits it
+    state_path = out / STATE
+
+    def record(shards):
+        _write_json(state_path, {"fingerprint": fingerprint, "shards": shards})
+        if on_shard:
+            on_shard(shards)
+
+    writer = _ShardWriter(out, name, val_tokens, shard_tokens, limit_tokens, done, record)
+    skip_docs, skip_tokens = done[-1]["end"] if done else (0, 0)
+    stats = {"src_bytes": 0, "text_bytes": 0, "tokens": 0}
+
+    with _Progress(progress, src.total_bytes, limit_tokens) as bar:
+        def on_skip(nbytes):
+            stats["src_bytes"] += nbytes
+        chunks = _chunks(src.documents(), skip_docs, chunk_bytes, on_skip)
+
+        def consume(first, result, src_bytes):
+            nonlocal skip_tokens
+            tokens, lengths, doc_bytes = result
+            writer.add(first, tokens, lengths, doc_bytes, skip=skip_tokens)
+            skip_tokens = 0  # only the first chunk of a resumed run starts mid-document
+            stats["src_bytes"] += src_bytes
+            stats["text_bytes"] += int(doc_bytes.sum())
+            bar.update(writer.docs, writer.total, stats["src_bytes"], stats["text_bytes"])
+
+        if workers == 1:
+            for first, texts, src_bytes in chunks:
+                consume(first, tokenize_chunk(texts), src_bytes)
+                if writer.full:
+                    break
+        else:
+            _run_pool(workers, chunks, consume, lambda: writer.full)
+    if writer.total == 0:
+        raise UserError(f"{source}: no text to tokenize (empty source)")
+    if val_tokens and writer.total <= val_tokens:
+        raise UserError(
+            f"{source}: only {writer.total:,} tokens, all of them taken by --val-tokens {val_tokens:,}: "
+            f"nothing left to train on; rerun with a smaller --val-tokens (e.g. {max(writer.total // 10, 1)})"
+        )
+    writer.finish()
+
+    shards = [{k: s[k] for k in ("name", "split", "index", "tokens", "size", "sha256")} for s in writer.shards]
+    manifest = {
+        "format": FORMAT, "version": VERSION, "name": name,
+        "shard_format": {"magic": 20240520, "version": 1, "header_bytes": 1024, "dtype": "uint16"},
+        "tokenizer": {"name": "gpt2", "ranks_sha256": RANKS_SHA256, "vocab_size": VOCAB_SIZE,
+                      "eot_token": EOT_TOKEN, "document_prefix": "<|endoftext|>"},
+        "source": {"spec": source, "kind": src.kind, "files": len(src.files), "bytes": src.total_bytes},
+        "parameters": {**params, "workers": workers},
+        "fingerprint": fingerprint,
+        "documents": writer.docs,
+        "text_bytes": writer.text_bytes,
+        "tokens": {"total": writer.total, "val": sum(s["tokens"] for s in shards if s["split"] == "val"),
+                   "train": sum(s["tokens"] for s in shards if s["split"] == "train")},
+        "shards": shards,
+        "files": [{"name": s["name"], "size": s["size"], "sha256": s["sha256"]} for s in shards],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write_json(manifest_path, manifest)  # last: the directory is complete from here on
+    state_path.unlink(missing_ok=True)
+    summary = _summary(manifest, out, t0, resumed=len(done))
+    summary.update(text_mb_per_s=round(stats["text_bytes"] / 1e6 / summary["seconds"], 2),
+                   tokens_per_s=round((writer.total - sum(s["tokens"] for s in done)) / summary["seconds"]))
+    return summary
+
+
+def _run_pool(workers: int, chunks, consume, full) -> None:
+    """Tokenize chunks on a process pool, consuming results in order with a few chunks in flight."""
+    import multiprocessing as mp
+
+    # fork: workers inherit the built tokenizer (no re-import, no re-parse); nothing is threaded yet.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ctx.Pool(workers, initializer=_worker_init)
+    try:
+        pending = deque()
+        for first, texts, src_bytes in chunks:
+            pending.append((first, pool.apply_async(tokenize_chunk, (texts,)), src_bytes))
+            # Pool.imap would read the whole source ahead of the workers: bound what is in flight.
+            if len(pending) >= 2 * workers + 1:
+                first_, res, sb = pending.popleft()
+                consume(first_, res.get(), sb)
+                if full():
+                    return
+        while pending:
+            first_, res, sb = pending.popleft()
+            consume(first_, res.get(), sb)
+            if full():
+                return
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _resumable_shards(out: Path, fingerprint: dict) -> list[dict]:
+    """Finished shards of an interrupted run with the same inputs, checked by sha256; [] to start over."""
+    from gpt2cloud.storage import sha256_file
+
+    state_path = out / STATE
+    if not state_path.is_file():
+        return []
+    try:
+        state = json.loads(state_path.read_text())
+    except ValueError:
+        state = {}
+    if state.get("fingerprint") != fingerprint:
+        # An unfinished run of other inputs: its shards are ours to replace.
+        for s in state.get("shards", []):
+            (out / s["name"]).unlink(missing_ok=True)
+        state_path.unlink()
+        return []
+    good = []
+    for s in state["shards"]:
+        p = out / s["name"]
+        if not (p.is_file() and p.stat().st_size == s["size"] and sha256_file(p) == s["sha256"]):
+            break  # this and later shards are rewritten
+        good.append(s)
+    return good
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _summary(manifest: dict, out: Path, t0: float, resumed: int, complete_before: bool = False) -> dict:
+    seconds = max(time.monotonic() - t0, 1e-9)
+    return {
+        "out": str(out), "name": manifest["name"], "shards": len(manifest["shards"]),
+        "resumed_shards": resumed, "already_complete": complete_before,
+        "documents": manifest["documents"], "text_bytes": manifest["text_bytes"],
+        "tokens": manifest["tokens"]["total"], "val_tokens": manifest["tokens"]["val"],
+        "train_tokens": manifest["tokens"]["train"], "workers": manifest["parameters"]["workers"],
+        "seconds": round(seconds, 3), "manifest": str(out / MANIFEST),
+    }
+
+
+class _Progress:
+    """A rich bar on stderr (documents, tokens, MB/s, ETA), or nothing when off or not a terminal."""
+
+    def __init__(self, enabled: bool, total_bytes: int, limit_tokens: int | None):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total_bytes, self.limit = total_bytes, limit_tokens
+        self.t0 = time.monotonic()
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("tokenize"), BarColumn(), TaskProgressColumn(),
+                TextColumn("{task.fields[docs]} docs  {task.fields[tokens]} tokens  {task.fields[speed]}"),
+                TimeRemainingColumn(), console=Console(stderr=True),
+            )
+            self.bar.start()
+            known = self.total_bytes or self.limit
+            self.task = self.bar.add_task("tokenize", total=1000 if known else None,
+                                          docs="0", tokens="0", speed="")
+        return self
+
+    def update(self, docs: int, tokens: int, src_bytes: int, text_bytes: int) -> None:
+        if not self.enabled:
+            return
+        frac = 0.0
+        if self.total_bytes:
+            frac = src_bytes / self.total_bytes
+        if self.limit:
+            frac = max(frac, tokens / self.limit)
+        mbs = text_bytes / 1e6 / max(time.monotonic() - self.t0, 1e-9)
+        self.bar.update(self.task, completed=min(frac, 1.0) * 1000, docs=f"{docs:,}", tokens=f"{tokens:,}",
+                        speed=f"{mbs:.1f} MB/s")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()

@@ -1,0 +1,144 @@
+"""gpt2cloud.storage against a real local S3 server (moto over HTTP) and the file:// store."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from botocore.exceptions import ClientError
+
+from gpt2cloud.errors import UserError
+from gpt2cloud.storage import StorageError, open_store, s3_error, sha256_file
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return open_store(f"file://{tmp_path}/store/prefix")
+    endpoint = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"s3://{bucket}/some/prefix", endpoint_url=endpoint)
+
+
+def test_bytes_list_exists_delete(store):
+    store.put_bytes("a.txt", b"alpha")
+    store.put_bytes("dir/b.txt", b"beta!")
+    assert store.get_bytes("a.txt") == b"alpha"
+    assert store.exists("dir/b.txt") and not store.exists("nope")
+    assert [(o.key, o.size) for o in store.list()] == [("a.txt", 5), ("dir/b.txt", 5)]
+    assert [o.key for o in store.list("dir/")] == ["dir/b.txt"]
+    store.delete("a.txt")
+    store.delete("a.txt")  # deleting twice is fine
+    assert [o.key for o in store.list()] == ["dir/b.txt"]
+    with pytest.raises(StorageError, match="no such object"):
+        store.get_bytes("a.txt")
+
+
+def test_files_round_trip_with_sha256(store, tmp_path):
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    seen = []
+    digest = store.put_file(src, "x/big.bin", progress=seen.append)
+    assert digest == sha256_file(src) and sum(seen) == src.stat().st_size
+    assert store.sha256("x/big.bin") == digest  # recorded with the object (S3 metadata)
+    dst = tmp_path / "out" / "big.bin"
+    store.get_file("x/big.bin", dst, sha256=digest)
+    assert dst.read_bytes() == src.read_bytes()
+    assert not [p for p in dst.parent.iterdir() if p != dst]  # no temporary file left behind
+
+
+def test_get_file_sha256_mismatch_leaves_nothing(store, tmp_path):
+    store.put_bytes("f.bin", b"corrupted content")
+    dst = tmp_path / "got" / "f.bin"
+    with pytest.raises(StorageError, match="f.bin: sha256 mismatch"):
+        store.get_file("f.bin", dst, sha256="0" * 64)
+    assert not dst.parent.exists() or not list(dst.parent.iterdir())
+
+
+def test_multipart_upload(s3_server, s3_bucket, tmp_path):
+    src = tmp_path / "multi.bin"
+    src.write_bytes(os.urandom(16 * 1024 * 1024 + 1000))  # over the 16 MiB threshold: 2 parts
+    store = open_store(f"s3://{s3_bucket}", endpoint_url=s3_server)
+    store.put_file(src, "multi.bin")
+    head = store.client.head_object(Bucket=s3_bucket, Key="multi.bin")
+    assert head["ETag"].strip('"').endswith("-2")
+    dst = tmp_path / "multi.out"
+    store.get_file("multi.bin", dst, sha256=sha256_file(src))
+    assert dst.stat().st_size == src.stat().st_size
+
+
+@pytest.mark.parametrize("url, match", [
+    ("gs://bucket/x", "unsupported URL scheme 'gs://'"),
+    ("my-bucket/data", "not a storage URL; use s3://"),
+    ("s3://", "no bucket name"),
+])
+def test_bad_urls(url, match):
+    with pytest.raises(StorageError, match=match):
+        open_store(url)
+
+
+def test_storage_error_is_a_user_error():
+    assert issubclass(StorageError, UserError)
+
+
+def test_bad_keys_rejected(tmp_path):
+    store = open_store(f"file://{tmp_path}")
+    for key in ("../escape", "a/../../b", ""):
+        with pytest.raises(StorageError, match="invalid object key"):
+            store.put_bytes(key, b"x")
+
+
+def test_missing_bucket(s3_server):
+    store = open_store("s3://no-such-bucket-here/data", endpoint_url=s3_server)
+    for op in (lambda: store.list(), lambda: store.get_bytes("k"), lambda: store.put_bytes("k", b"x"),
+               lambda: store.get_file("k", "/tmp/never-written")):
+        with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist.*aws s3 mb"):
+            op()
+
+
+def test_unreachable_endpoint_fails_fast(s3_server):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = open_store("s3://bucket/x", endpoint_url=f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint at http://127.0.0.1"):
+        store.list()
+    assert time.monotonic() - t0 < 15
+
+
+def test_no_credentials(s3_server, s3_bucket, tmp_path):
+    # moto accepts any credentials, so check that none at all is reported: a clean environment,
+    # empty config files, no instance metadata. A subprocess keeps this test's env away from others.
+    (tmp_path / "empty").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "empty"), AWS_CONFIG_FILE=str(tmp_path / "empty"),
+               AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
+    code = (f"from gpt2cloud.storage import open_store, StorageError\n"
+            f"try:\n    open_store('s3://{s3_bucket}', endpoint_url='{s3_server}').list()\n"
+            f"except StorageError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert "no S3 credentials found; set AWS_ACCESS_KEY_ID" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("code, status, match", [
+    ("AccessDenied", 403, "access denied"),
+    ("InvalidAccessKeyId", 403, "credentials were rejected"),
+    ("NoSuchBucket", 404, "does not exist"),
+    ("SlowDown", 503, "S3 error SlowDown"),
+])
+def test_client_errors_become_one_line_messages(code, status, match):
+    exc = ClientError({"Error": {"Code": code, "Message": "m\nmore"},
+                       "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    msg = str(s3_error(exc, "s3://b/k", "b", None))
+    assert match in msg and "\n" not in msg
+
+
+def test_file_store_ignores_temporary_files(tmp_path):
+    store = open_store(f"file://{tmp_path}")
+    store.put_bytes("done.bin", b"x")
+    (tmp_path / ".half.bin.gpt2cloud-tmp-123-abc").write_bytes(b"partial")  # a killed writer's leftovers
+    assert [o.key for o in store.list()] == ["done.bin"]

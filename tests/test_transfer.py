@@ -1,0 +1,122 @@
+"""upload_dir / download_dir: skip what is there, manifest last, resume, verify every sha256."""
+
+import json
+import os
+
+import pytest
+
+from gpt2cloud.storage import StorageError, open_store
+from gpt2cloud.transfer import build_manifest, download_dir, upload_dir, verify_dir
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return open_store(f"file://{tmp_path}/remote")
+    return open_store(f"s3://{request.getfixturevalue('s3_bucket')}/sets",
+                      endpoint_url=request.getfixturevalue("s3_server"))
+
+
+@pytest.fixture
+def local_set(tmp_path):
+    """A directory with a checkpoint-style manifest (name/size/sha256), as the trainer writes it."""
+    d = tmp_path / "set"
+    (d / "sub").mkdir(parents=True)
+    for name, size in [("a.bin", 300_000), ("b.bin", 1000), ("sub/c.bin", 5)]:
+        (d / name).write_bytes(os.urandom(size))
+    manifest = {"format": "gpt2cloud-checkpoint", "step": 7, **build_manifest(d)}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def test_upload_skip_download(store, local_set, tmp_path):
+    r = upload_dir(local_set, store, prefix="run1", progress=False)
+    assert (r["uploaded"], r["skipped"], r["bytes"]) == (3, 0, 301_005) and r["manifest_uploaded"]
+    again = upload_dir(local_set, store, prefix="run1", progress=False)
+    assert (again["uploaded"], again["skipped"], again["bytes"], again["manifest_uploaded"]) == (0, 3, 0, False)
+
+    dst = tmp_path / "dst"
+    d = download_dir(store, "run1", dst, progress=False)
+    assert (d["downloaded"], d["verified"]) == (3, 3)
+    for name in ("a.bin", "b.bin", "sub/c.bin", "manifest.json"):
+        assert (dst / name).read_bytes() == (local_set / name).read_bytes()
+    assert download_dir(store, "run1", dst, progress=False)["downloaded"] == 0  # all verified in place
+    verify_dir(dst)
+
+
+def test_directory_without_manifest_gets_one(store, tmp_path):
+    d = tmp_path / "plain"
+    d.mkdir()
+    (d / "x.txt").write_text("hello")
+    upload_dir(d, store, progress=False)
+    manifest = json.loads(store.get_bytes("manifest.json"))
+    assert manifest["files"] == [{"name": "x.txt", "size": 5,
+                                  "sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}]
+
+
+def test_interrupted_upload_is_finished_by_a_rerun(store, local_set):
+    # A crash after some objects: they are there, the manifest is not, so no reader sees the set.
+    store.put_file(local_set / "a.bin", "a.bin")
+    with pytest.raises(StorageError, match="no manifest there"):
+        download_dir(store, "", local_set.parent / "early", progress=False)
+    r = upload_dir(local_set, store, progress=False)
+    assert (r["uploaded"], r["skipped"]) == (2, 1)
+    assert store.list()[-1].key == "sub/c.bin" and store.exists("manifest.json")
+
+
+def test_changed_object_is_reuploaded_and_old_manifest_unpublished_first(store, local_set):
+    upload_dir(local_set, store, progress=False)
+    (local_set / "b.bin").write_bytes(b"new content")
+    manifest = json.loads((local_set / "manifest.json").read_text())
+    manifest.update(build_manifest(local_set))
+    (local_set / "manifest.json").write_text(json.dumps(manifest))
+    deleted = []
+    real_delete = store.delete
+    store.delete = lambda key: (deleted.append((key, store.exists("b.bin"))), real_delete(key))
+    r = upload_dir(local_set, store, progress=False)
+    assert (r["uploaded"], r["skipped"]) == (1, 2)
+    assert deleted == [("manifest.json", True)]  # unpublished before b.bin was replaced
+    assert json.loads(store.get_bytes("manifest.json")) == manifest
+
+
+def test_local_file_changed_after_manifest_refuses_upload(store, local_set):
+    (local_set / "b.bin").write_bytes(b"tampered")
+    with pytest.raises(StorageError, match="b.bin: does not match its manifest entry"):
+        upload_dir(local_set, store, progress=False)
+    assert not store.exists("manifest.json")
+
+
+def test_corrupted_object_detected_on_download(store, local_set, tmp_path):
+    upload_dir(local_set, store, progress=False)
+    store.put_bytes("b.bin", os.urandom(1000))  # same size, different content (bit rot, bad actor)
+    dst = tmp_path / "dst"
+    with pytest.raises(StorageError, match=r"b\.bin: sha256 mismatch"):
+        download_dir(store, "", dst, progress=False)
+    assert not (dst / "b.bin").exists()  # never under its final name
+    assert not (dst / "manifest.json").exists()  # the directory does not claim to be complete
+
+
+def test_download_resumes_and_replaces_bad_local_files(store, local_set, tmp_path):
+    upload_dir(local_set, store, progress=False)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "a.bin").write_bytes((local_set / "a.bin").read_bytes())  # finished before the interruption
+    (dst / "b.bin").write_bytes(b"x" * 1000)  # right size, wrong content
+    r = download_dir(store, "", dst, progress=False)
+    assert (r["downloaded"], r["skipped"]) == (2, 1)
+    assert (dst / "b.bin").read_bytes() == (local_set / "b.bin").read_bytes()
+
+
+def test_upload_missing_or_empty_dir(store, tmp_path):
+    with pytest.raises(StorageError, match="no such directory"):
+        upload_dir(tmp_path / "nope", store, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StorageError, match="nothing to upload"):
+        upload_dir(tmp_path / "empty", store, progress=False)
+
+
+def test_manifest_with_unsafe_names_is_rejected(store, tmp_path):
+    store.put_bytes("manifest.json", json.dumps({"files": [{"name": "../../etc/x", "size": 1,
+                                                            "sha256": "0" * 64}]}).encode())
+    with pytest.raises(StorageError, match="invalid manifest"):
+        download_dir(store, "", tmp_path / "dst", progress=False)
