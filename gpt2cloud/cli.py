@@ -83,6 +83,15 @@ register(data_app, "prepare", _data.prepare_command)
 register(data_app, "upload", _data.upload_command)
 register(data_app, "download", _data.download_command)
 app.add_typer(data_app, name="data")
+from gpt2cloud.commands import eval as _eval  # noqa: E402
+from gpt2cloud.commands import plot as _plot  # noqa: E402
+from gpt2cloud.commands import report as _report  # noqa: E402
+from gpt2cloud.commands import export as _export  # noqa: E402
+
+register(app, "eval", _eval.eval_command)
+register(app, "plot", _plot.plot_command)
+register(app, "report", _report.report_command)
+register(app, "export", _export.export_command)
 
 
 def main():
