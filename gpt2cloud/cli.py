@@ -93,6 +93,16 @@ register(app, "plot", _plot.plot_command)
 register(app, "report", _report.report_command)
 register(app, "export", _export.export_command)
 
+from gpt2cloud.commands import launch as _launch, status as _status, logs as _logs  # noqa: E402
+from gpt2cloud.commands import down as _down, runs as _runs, fetch as _fetch  # noqa: E402
+
+register(app, "launch", _launch.launch_command)
+register(app, "status", _status.status_command)
+register(app, "logs", _logs.logs_command)
+register(app, "down", _down.down_command)
+register(app, "runs", _runs.runs_command)
+register(app, "fetch", _fetch.fetch_command)
+
 
 def main():
     app()

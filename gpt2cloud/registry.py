@@ -1,0 +1,138 @@
+"""The local run registry: one JSON file per run under `$GPT2CLOUD_HOME/runs/` (default ~/.gpt2cloud/runs/).
+
+A record says where a run lives (SkyPilot cluster, managed job or local process), where its bucket is,
+what it trains on which GPUs at which price, when it started, and the estimate made for it. It never
+holds a secret: credentials travel to the node as SkyPilot secrets and are not written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from gpt2cloud.errors import UserError
+
+# SkyPilot cluster names: lowercase letters, digits and dashes, starting with a letter.
+RUN_ID_RE = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+def home() -> Path:
+    return Path(os.environ.get("GPT2CLOUD_HOME") or Path.home() / ".gpt2cloud")
+
+
+def runs_dir() -> Path:
+    return home() / "runs"
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    kind: str  # "cluster" (on-demand SkyPilot cluster), "managed-job" (spot, recovered) or "local"
+    infra: str  # lambda, aws, ..., "any" (any_of over enabled clouds) or "local"
+    run_url: str  # where the node syncs OUT: <bucket>/<run_id>
+    bucket: str
+    data_url: str
+    recipe: str
+    gpu_type: str
+    gpus_per_node: int
+    nodes: int
+    spot: bool
+    price_per_gpu_hour: float
+    total_steps: int
+    started_at: float  # unix time of the (latest) launch
+    estimate: dict
+    max_cost_usd: float = 0.0
+    idle_minutes: int = 0
+    cluster: Optional[str] = None  # SkyPilot cluster name (kind == "cluster")
+    job_id: Optional[int] = None  # SkyPilot job id on the cluster, or the managed job id
+    pid: Optional[int] = None  # local runs: the driver's PID (also its process group and session)
+    local_dir: Optional[str] = None  # local runs: the node's directory (logs, OUT, data)
+    build_sha256: str = ""  # the wheel shipped to the node: this exact version of the trainer
+    state: str = "LAUNCHING"  # last state we set ourselves (LAUNCHING, LAUNCHED, DOWN, ...)
+    launches: int = 1  # how many times this run id was launched (resumes count)
+    history: list = field(default_factory=list)  # [{"at", "event"}] launch/down events
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID_RE.match(run_id or ""):
+        raise UserError(
+            f"run name '{run_id}' is not valid: use 1-40 lowercase letters, digits and dashes, "
+            "starting with a letter (it becomes the SkyPilot cluster name), e.g. --name gpt2-124m-1"
+        )
+    return run_id
+
+
+def new_run_id(recipe: str) -> str:
+    base = re.sub(r"[^a-z0-9-]+", "-", recipe.lower()).strip("-") or "run"
+    if not base[0].isalpha():
+        base = "r-" + base
+    return f"{base[:24].rstrip('-')}-{time.strftime('%m%d-%H%M%S')}"
+
+
+def path_for(run_id: str) -> Path:
+    return runs_dir() / f"{check_run_id(run_id)}.json"
+
+
+def save(record: RunRecord) -> Path:
+    path = path_for(record.run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record.to_dict(), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def find(run_id: str) -> Optional[RunRecord]:
+    if not RUN_ID_RE.match(run_id or ""):
+        return None
+    path = runs_dir() / f"{run_id}.json"
+    if not path.is_file():
+        return None
+    return RunRecord.from_dict(json.loads(path.read_text()))
+
+
+def get(run_id: str) -> RunRecord:
+    record = find(run_id)
+    if record is None:
+        known = [r.run_id for r in all_runs()]
+        hint = f"known runs: {', '.join(known[-5:])}" if known else "no runs yet; start one with `gpt2cloud launch`"
+        raise UserError(f"unknown run '{run_id}' (not in {runs_dir()}); see `gpt2cloud runs` ({hint})")
+    return record
+
+
+def all_runs() -> list[RunRecord]:
+    d = runs_dir()
+    if not d.is_dir():
+        return []
+    out = []
+    for p in sorted(d.glob("*.json")):
+        try:
+            out.append(RunRecord.from_dict(json.loads(p.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue  # a half-written or foreign file: skip it rather than break `runs`
+    return sorted(out, key=lambda r: r.started_at)
+
+
+def note(record: RunRecord, event: str, state: Optional[str] = None) -> None:
+    """Append an event to the run's history (and optionally set its state), then save."""
+    record.history.append({"at": time.time(), "event": event})
+    if state:
+        record.state = state
+    save(record)
