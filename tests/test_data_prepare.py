@@ -1,0 +1,200 @@
+"""gpt2cloud.prepare: llm.c shards from local text, identical for any worker count and after a resume."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+import gpt2cloud.prepare
+from gpt2cloud.errors import UserError
+from gpt2cloud.prepare import STATE, prepare
+from model.shards import read_header, read_shard
+from model.tokenizer import EOT_TOKEN, decode, encode
+
+WORDS = ("the model reads tokens and learns to predict the next one; Ünïcode ✓ costs € while "
+         "numbers like 1337 and 3.14 split oddly, newlines\nand  double  spaces too").split(" ")
+
+
+def make_docs(n, seed=0):
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 120))) for _ in range(n)]
+    docs[3] = ""  # an empty document contributes no tokens (not even <|endoftext|>)
+    return docs
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def shard_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}
+
+
+def all_tokens(out):
+    names = sorted(p.name for p in out.glob("*.bin"))
+    names = [n for n in names if "_val_" in n] + [n for n in names if "_train_" in n]
+    return np.concatenate([read_shard(out / n) for n in names])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    docs = make_docs(300)
+    return docs, write_jsonl(tmp_path_factory.mktemp("src") / "corpus.jsonl", docs)
+
+
+KW = dict(shard_tokens=1500, val_tokens=1000, chunk_bytes=2000, progress=False)
+
+
+def test_jsonl_to_valid_shards(corpus, tmp_path):
+    docs, src = corpus
+    r = prepare(str(src), tmp_path / "out", workers=1, **KW)
+    out = tmp_path / "out"
+    expected = [t for d in docs if d for t in [EOT_TOKEN, *encode(d)]]
+    tokens = all_tokens(out)
+    assert tokens.tolist() == expected
+    assert r["tokens"] == len(expected) and r["documents"] == len(docs) and r["val_tokens"] == 1000
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["shards"]]
+    assert names[0] == "corpus_val_000000.bin" and names[1] == "corpus_train_000001.bin"
+    assert all(read_header(out / n) == s["tokens"] for n, s in zip(names, manifest["shards"]))
+    assert [s["tokens"] for s in manifest["shards"][1:-1]] == [1500] * (len(names) - 2)
+    assert manifest["files"] == [{"name": s["name"], "size": s["size"], "sha256": s["sha256"]}
+                                 for s in manifest["shards"]]
+    assert manifest["tokenizer"]["ranks_sha256"].startswith("306cd27f")
+    assert manifest["parameters"]["shard_tokens"] == 1500 and manifest["source"]["spec"] == str(src)
+    assert not (out / STATE).exists()
+    # Documents come back out of the stream: split at <|endoftext|>.
+    text_docs = decode(tokens).split("<|endoftext|>")[1:]
+    assert text_docs == [d for d in docs if d]
+
+
+def test_workers_do_not_change_the_bytes(corpus, tmp_path):
+    _, src = corpus
+    prepare(str(src), tmp_path / "w1", workers=1, **KW)
+    r = prepare(str(src), tmp_path / "w2", workers=2, **KW)
+    assert r["workers"] == 2
+    assert shard_bytes(tmp_path / "w1") == shard_bytes(tmp_path / "w2")
+
+
+def test_resume_after_interruption_is_byte_identical(corpus, tmp_path):
+    _, src = corpus
+    prepare(str(src), tmp_path / "clean", workers=1, **KW)
+    out = tmp_path / "resumed"
+
+    def crash_after_3(shards):
+        if len(shards) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), out, workers=2, on_shard=crash_after_3, **KW)
+    assert len(list(out.glob("*.bin"))) == 3 and not (out / "manifest.json").exists()
+    (out / "corpus_train_000003.bin.tmp").write_bytes(b"half a shard")  # a write killed midway
+    r = prepare(str(src), out, workers=2, **KW)
+    assert r["resumed_shards"] == 3
+    assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
+    assert not list(out.glob("*.tmp"))
+    clean = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    resumed = json.loads((out / "manifest.json").read_text())
+    for key in ("shards", "files", "tokens", "documents", "text_bytes", "fingerprint"):
+        assert resumed[key] == clean[key], key
+
+    again = prepare(str(src), out, workers=2, **KW)
+    assert again["already_complete"]
+    with pytest.raises(UserError, match="already holds shards prepared from another source or with other"):
+        prepare(str(src), out, workers=1, **{**KW, "shard_tokens": 999})
+
+
+def test_resume_rewrites_a_corrupt_finished_shard(corpus, tmp_path, monkeypatch):
+    _, src = corpus
+    out = tmp_path / "out"
+
+    def crash(shards):
+        if len(shards) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), out, workers=1, on_shard=crash, **KW)
+    good = shard_bytes(out)
+    victim = out / "corpus_train_000002.bin"
+    victim.write_bytes(victim.read_bytes()[:-2])
+    tokenized = []
+    real = gpt2cloud.prepare.tokenize_chunk
+    monkeypatch.setattr(gpt2cloud.prepare, "tokenize_chunk", lambda texts: (tokenized.extend(texts), real(texts))[1])
+    r = prepare(str(src), out, workers=1, **KW)
+    assert r["resumed_shards"] == 2  # shards after the bad one are redone too
+    assert 0 < len(tokenized) <= len(corpus[0]) - 20  # documents of the kept shards are skipped, not re-tokenized
+    assert {k: v for k, v in shard_bytes(out).items() if k in good} == good
+
+
+def test_limit_tokens_and_txt_directory(tmp_path):
+    src = tmp_path / "texts"
+    (src / "sub").mkdir(parents=True)
+    docs = make_docs(20, seed=1)
+    for i, d in enumerate(docs):
+        (src / ("sub" if i % 2 else "") / f"doc{i:02d}.txt").write_text(d, encoding="utf-8")
+    (src / "notes.md").write_text("ignored: not a supported extension")
+    r = prepare(str(src), tmp_path / "out", workers=1, shard_tokens=100, val_tokens=50, limit_tokens=777,
+                progress=False)
+    assert r["tokens"] == 777 and r["name"] == "texts"
+    tokens = all_tokens(tmp_path / "out")
+    assert len(tokens) == 777 and tokens[0] == EOT_TOKEN
+
+
+def test_parquet_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    docs = make_docs(50, seed=2)
+    pq.write_table(pa.table({"text": docs, "id": list(range(50))}), tmp_path / "part-0.parquet", row_group_size=7)
+    prepare(str(tmp_path / "part-0.parquet"), tmp_path / "out", workers=1, val_tokens=100, progress=False)
+    assert all_tokens(tmp_path / "out").tolist() == [t for d in docs if d for t in [EOT_TOKEN, *encode(d)]]
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda p: p.mkdir(), "no .txt, .jsonl or .parquet files in this directory"),
+    (lambda p: p.write_text(""), "no text to tokenize"),
+    (lambda p: p.write_text('{"text": ""}\n\n{"text": ""}\n'), "no text to tokenize"),
+    (lambda p: p.write_text('{"text": "ok"}\n{"body": "x"}\n'), r":2: not a JSON object with a 'text' field"),
+    (lambda p: p.write_text('{"text": "ok"}\nnot json\n'), r":2: not a JSON object"),
+    (lambda p: p.write_text('{"text": 5}\n'), "'text' is int, expected a string"),
+])
+def test_bad_sources(tmp_path, setup, match):
+    src = tmp_path / "src.jsonl"
+    setup(src)
+    with pytest.raises(UserError, match=match):
+        prepare(str(src), tmp_path / "out", workers=1, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_unreadable_and_unknown_sources(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        prepare(str(bad), tmp_path / "o1", workers=1, progress=False)
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(UserError, match="unsupported file type '.csv'"):
+        prepare(str(tmp_path / "x.csv"), tmp_path / "o2", progress=False)
+    with pytest.raises(UserError, match="no such file or directory"):
+        prepare(str(tmp_path / "missing.jsonl"), tmp_path / "o3", progress=False)
+
+
+def test_val_split_taking_everything_is_an_error(corpus, tmp_path):
+    _, src = corpus
+    with pytest.raises(UserError, match="all of them taken by --val-tokens.*smaller --val-tokens"):
+        prepare(str(src), tmp_path / "out", workers=1, val_tokens=10_000_000, progress=False)
+    assert not list((tmp_path / "out").glob("*.bin"))  # nothing half-written under a final name
+    r = prepare(str(src), tmp_path / "out", workers=1, val_tokens=500, progress=False)  # the fix works
+    assert r["train_tokens"] > 0
+
+
+def test_hugging_face_source_without_datasets(tmp_path):
+    try:
+        import datasets  # noqa: F401
+        pytest.skip("datasets is installed; the missing-package message is not reachable")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match="needs the `datasets` package"):
+        prepare("HuggingFaceFW/fineweb-edu:sample-10BT", tmp_path / "out", progress=False)
