@@ -81,39 +81,45 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_checkpoint(path: str | Path) -> dict:
-    """Check every file against the manifest's size and sha256; return the manifest.
+def verify_checkpoint(path: str | Path, only: list[str] | None = None) -> dict:
+    """Check every file (or those named in `only`) against the manifest's size and sha256.
 
-    Raises CheckpointError naming the file that is missing, truncated or corrupt.
+    Returns the manifest; raises CheckpointError naming the file that is missing, truncated or corrupt.
     """
     path = Path(path)
     manifest = _read_manifest(path)
     for entry in manifest["files"]:
+        if only is not None and entry["name"] not in only:
+            continue
         f = path / entry["name"]
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (listed in the manifest)")
         size = f.stat().st_size
         if size != entry["size"]:
-            raise CheckpointError(f"{f}: {size} bytes, the manifest says {entry['size']} (truncated?)")
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {entry['size']} (truncated or altered)")
         if _sha256(f) != entry["sha256"]:
             raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupt file)")
     return manifest
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir as given, or the newest complete one of a run's OUT dir."""
+    """A checkpoint dir or HF-format dir as given, or the newest complete checkpoint of a run's OUT dir."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    if (path / MANIFEST).exists() or (path / "config.json").exists():
+    if (path / MANIFEST).exists():
         return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(
-            f"{path}: neither a checkpoint (no {MANIFEST}), an HF-format dir (no config.json), "
-            "nor a run directory with a complete checkpoint under checkpoints/"
-        )
-    return latest
+    if (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path}/checkpoints: no complete checkpoint (none has a {MANIFEST}) yet")
+        return latest
+    if (path / "config.json").exists() and (path / WEIGHTS).exists():
+        return path  # HF format
+    if _STEP_DIR.match(path.name):
+        raise CheckpointError(f"{path / MANIFEST}: missing; {path} is an incomplete checkpoint")
+    raise CheckpointError(f"{path}: not a checkpoint ({MANIFEST}), a run directory (checkpoints/) "
+                          "or an HF-format directory (config.json + model.safetensors)")
 
 
 # ---- saving ----
@@ -221,7 +227,7 @@ def load_model(path: str | Path, device="cpu", verify: bool = True) -> GPT:
     """A GPT from one of our checkpoint dirs (or a run's OUT dir: its newest), or an HF-format dir.
 
     HF-format means config.json + model.safetensors and no manifest; model.hf.load_hf reads it.
-    Our checkpoints are verified against their manifest first (verify=False skips the sha256).
+    The weights of our checkpoints are verified against the manifest first (verify=False skips it).
     """
     path = resolve_checkpoint(path)
     if not (path / MANIFEST).exists():
@@ -230,7 +236,7 @@ def load_model(path: str | Path, device="cpu", verify: bool = True) -> GPT:
 
             return load_hf(path).to(device)
         raise CheckpointError(f"{path / MANIFEST}: missing; {path} is not a complete checkpoint")
-    manifest = verify_checkpoint(path) if verify else _read_manifest(path)
+    manifest = verify_checkpoint(path, only=[WEIGHTS]) if verify else _read_manifest(path)
     model = GPT(GPTConfig(**manifest["config"]["model"]))
     _load_weights(path, model, "cpu")
     return model.to(device)

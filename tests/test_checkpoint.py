@@ -1,0 +1,124 @@
+"""model/checkpoint.py: layout, manifest, completeness, verification, pruning and loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from model import checkpoint as ckpt
+from model.gpt import GPT
+from trainer_helpers import tiny_config
+
+
+def _save(out, step, model=None, keep=3, world=2):
+    cfg = tiny_config()
+    model = model or GPT(cfg.model)
+    opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    x = torch.randint(0, 256, (2, 8))
+    model(x, x)[1].backward()
+    opt.step()
+    state = {"step": step, "tokens_seen": step * 256, "elapsed_seconds": 1.5, "loss": 5.0,
+             "data": {"shard": "a.bin", "position": 0}, "world_size": world, "grad_accum": 1}
+    rngs = [ckpt.rng_state() for _ in range(world)]
+    path = ckpt.write_checkpoint(out, step, model, {"optimizer": opt.state_dict(), "scaler": None}, state, rngs,
+                                 dataclasses.asdict(cfg), keep)
+    return path, model, opt
+
+
+def test_layout_manifest_and_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    path, model, opt = _save(tmp_path, 7)
+    assert path == tmp_path / "checkpoints" / "step_000007"
+    names = sorted(p.name for p in path.iterdir())
+    assert names == ["manifest.json", "model.safetensors", "optimizer.pt", "rng_rank0.pt", "rng_rank1.pt",
+                     "trainer_state.json"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == "gpt2cloud-checkpoint" and manifest["version"] == 1
+    assert manifest["step"] == 7 and manifest["world_size"] == 2 and manifest["recipe"] == "test-tiny"
+    assert manifest["config"]["model"]["padded_vocab_size"] == 256
+    assert {f["name"] for f in manifest["files"]} == set(names) - {"manifest.json"}
+
+    from safetensors.torch import load_file
+    stored = load_file(str(path / "model.safetensors"))
+    assert "lm_head.weight" not in stored and not any(k.startswith("_orig_mod.") for k in stored)
+
+    loaded = ckpt.load_model(path)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied after loading
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert ckpt.load_model(tmp_path) is not None  # a run's OUT dir: its newest checkpoint
+
+    # the training state: optimizer moments and every file through torch.load(weights_only=True)
+    fresh = GPT(tiny_config().model)
+    fresh_opt = fresh.configure_optimizer(1e-3, 0.1, (0.9, 0.95), 1e-8, "cpu")
+    state = ckpt.load_training_state(path, fresh, fresh_opt, None, rank=1, device="cpu")
+    assert state["step"] == 7 and state["rng_restored"]
+    a, b = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    assert all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
+    assert not ckpt.load_training_state(path, fresh, fresh_opt, None, rank=2, device="cpu")["rng_restored"]
+
+
+def test_rng_state_roundtrip(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    for step in (2, 4, 6, 8):
+        _save(tmp_path, step, keep=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_000006", "step_000008"]
+    (root / "step_000010").mkdir()  # a killed run's half-written checkpoint: no manifest
+    (root / "step_000010" / "model.safetensors").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(tmp_path) == root / "step_000008"
+    assert ckpt.latest_checkpoint(root) == root / "step_000008"
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.load_model(root / "step_000010")
+    _save(tmp_path, 12, keep=2)  # the leftover older than the newest complete one goes too
+    assert sorted(p.name for p in root.iterdir()) == ["step_000008", "step_000012"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_verify_names_the_damaged_file(tmp_path, damage):
+    path, _, _ = _save(tmp_path, 3)
+    bad = path / "optimizer.pt"
+    data = bytearray(bad.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+        bad.write_bytes(bytes(data))
+    elif damage == "truncate":
+        bad.write_bytes(bytes(data[:-10]))
+    else:
+        bad.unlink()
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.verify_checkpoint(path)
+    assert str(bad) in str(e.value)
+    ckpt.load_model(path)  # sampling reads (and verifies) only the weights
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors"):
+        ckpt.load_model(path)
+
+
+def test_hf_format_dir_goes_to_load_hf(tmp_path, monkeypatch):
+    import model.hf
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text("{}")
+    (hf_dir / "model.safetensors").write_bytes(b"")
+    sentinel = GPT(tiny_config().model)
+    monkeypatch.setattr(model.hf, "load_hf", lambda p: sentinel if p == hf_dir else None)
+    assert ckpt.load_model(hf_dir) is sentinel
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint"):
+        ckpt.load_model(tmp_path)
