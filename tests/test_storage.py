@@ -142,3 +142,12 @@ def test_file_store_ignores_temporary_files(tmp_path):
     store.put_bytes("done.bin", b"x")
     (tmp_path / ".half.bin.gpt2cloud-tmp-123-abc").write_bytes(b"partial")  # a killed writer's leftovers
     assert [o.key for o in store.list()] == ["done.bin"]
+
+
+def test_storage_imports_only_the_standard_library_at_top():
+    # The GPU node imports these before training: no boto3 until an s3:// URL, never typer/rich/pydantic.
+    code = ("import sys, gpt2cloud.storage, gpt2cloud.transfer\n"
+            "gpt2cloud.storage.open_store('file:///tmp')\n"
+            "print([m for m in ('boto3', 'botocore', 'typer', 'rich', 'pydantic', 'numpy') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr

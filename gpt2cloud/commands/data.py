@@ -72,7 +72,8 @@ def upload_command(
         print_json(r)
         return
     _show([
-        ("uploaded", f"{r['uploaded']} files, {r['bytes'] / 1e6:,.1f} MB at {r['mb_per_s'] or 0:,.1f} MB/s"),
+        ("uploaded", f"{r['uploaded']} files, {r['bytes'] / 1e6:,.1f} MB at {r['mb_per_s'] or 0:,.1f} MB/s"
+                     if r["uploaded"] else "nothing: every file is already there"),
         ("skipped", f"{r['skipped']} files already there with the same sha256"),
         ("published", f"{store.url_for('manifest.json')}" + ("" if r["manifest_uploaded"] else " (unchanged)")),
     ])
@@ -98,7 +99,8 @@ def download_command(
         print_json(r)
         return
     _show([
-        ("downloaded", f"{r['downloaded']} files, {r['bytes'] / 1e6:,.1f} MB at {r['mb_per_s'] or 0:,.1f} MB/s"),
+        ("downloaded", f"{r['downloaded']} files, {r['bytes'] / 1e6:,.1f} MB at {r['mb_per_s'] or 0:,.1f} MB/s"
+                       if r["downloaded"] else "nothing: every file is already here"),
         ("skipped", f"{r['skipped']} files already here and verified"),
         ("verified", f"{r['verified']} files match the manifest's sha256 in {r['dir']}"),
     ])
