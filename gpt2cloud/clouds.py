@@ -26,10 +26,17 @@ LOCAL = "local"
 
 def _sky():
     """import sky for in-process use: as a client (rich spinners, not the API server's encoded payloads)."""
+    import logging
+    import sys
+
     import sky
     from sky.utils import annotations
 
     annotations.is_on_api_server = False
+    # SkyPilot logs to stdout; keep stdout for our output (YAML, JSON).
+    for handler in logging.getLogger("sky").handlers:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
+            handler.setStream(sys.stderr)
     return sky
 
 

@@ -69,14 +69,14 @@ def _check_url(flag: str, url: str, infra: str) -> str:
 
 
 def _endpoint_is_local(endpoint: str) -> bool:
+    """An endpoint on this machine's loopback, which no cloud node can reach (a private network may be)."""
     host = urlparse(endpoint).hostname or ""
-    if host in ("localhost",) or host.endswith(".local"):
+    if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        ip = ipaddress.ip_address(host)
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-    return ip.is_loopback or ip.is_private or ip.is_link_local
 
 
 def normalize_infra(infra: Optional[str]) -> str:
@@ -88,7 +88,8 @@ def normalize_infra(infra: Optional[str]) -> str:
 def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, spot: bool = False,
          data: str = "", bucket: str = "", name: Optional[str] = None, steps: Optional[int] = None,
          max_cost: Optional[float] = None, idle_minutes: int = 10, price: Optional[float] = None,
-         push_every: int = 60, check_clouds: bool = True) -> Plan:
+         push_every: int = 60, check_clouds: bool = True, offline: bool = False,
+         micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None) -> Plan:
     infra = normalize_infra(infra)
     r = load_recipe(recipe)
     gpu_type, count = parse_gpus(gpus)
@@ -108,12 +109,14 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
     bucket = _check_url("--bucket", bucket, infra)
 
     # The estimate for exactly this launch; a recipe that does not fit in GPU memory is refused.
-    est = estimate(r, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, price=price, steps=steps)
+    est = estimate(r, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, price=price, steps=steps,
+                   micro_batch=micro_batch, tokens_per_step=tokens_per_step)
     if not est.fits and infra != LOCAL:
         raise UserError(
             f"{r.name} needs ~{est.memory_gb_per_gpu:.1f} GiB per GPU with micro-batch {est.micro_batch}, but "
             f"{gpu_type} has {est.gpu_memory_gb:g} GiB; pick a GPU with more memory (`gpt2cloud estimate "
-            f"{r.name} --compare`) or a recipe whose micro-batch is at most {est.max_micro_batch}")
+            f"{r.name} --compare`)" + (f" or a recipe whose micro-batch is at most {est.max_micro_batch}"
+                                       if est.max_micro_batch else " (it does not fit even at micro-batch 1)"))
 
     clouds: list[str] = []
     if infra not in (LOCAL, ANY) and check_clouds:
@@ -124,7 +127,12 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
     elif infra == ANY and check_clouds:
         from gpt2cloud import clouds as cl
 
-        clouds = cl.choose_clouds(gpu_type, count, spot)
+        try:
+            clouds = cl.choose_clouds(gpu_type, count, spot)
+        except UserError as e:
+            if not offline or e.args[0] != cl.NO_CLOUD:
+                raise
+            clouds = []  # a dry run without `sky check`: no infra, SkyPilot picks any enabled cloud at launch
 
     run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
     run_url = f"{bucket}/{run_id}"
@@ -135,7 +143,7 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
 
     _, sha = build_wheel(workdir)
     train_cfg = r.to_train_config(
-        steps=steps, max_cost_usd=max_cost or 0.0, price_per_gpu_hour=est.price_per_gpu_hour,
+        steps=steps, micro_batch=micro_batch, tokens_per_step=tokens_per_step, max_cost_usd=max_cost or 0.0, price_per_gpu_hour=est.price_per_gpu_hour,
         peak_flops_per_gpu=0.0 if infra == LOCAL else est.peak_tflops_per_gpu * 1e12,
     )
     (workdir / tasks.CONFIG_NAME).write_text(train_cfg.to_json())
@@ -143,13 +151,15 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
     plain, secrets = tasks.storage_settings([data, bucket])
     endpoint = plain.get("AWS_ENDPOINT_URL_S3") or plain.get("AWS_ENDPOINT_URL")
     if infra != LOCAL and endpoint and _endpoint_is_local(endpoint):
-        raise UserError(f"--bucket {bucket}: the S3 endpoint {endpoint} is on this machine or its private "
-                        "network, which a cloud node cannot reach; use a public endpoint or --infra local")
+        raise UserError(f"--bucket {bucket}: the S3 endpoint {endpoint} is on this machine's "
+                        "loopback, which a cloud node cannot reach; use an endpoint the node can reach, or "
+                        "--infra local")
     spec = tasks.LaunchSpec(
         run_id=run_id, recipe=r.name, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes,
         run_url=run_url, data_url=data, workdir=str(workdir), build_sha256=sha,
         infra=None if infra in (ANY, LOCAL) else infra, clouds=clouds, spot=spot, idle_minutes=idle_minutes,
         push_every=push_every, keep_checkpoints=train_cfg.keep_checkpoints, torch_spec=torch_spec(),
+        max_cost_usd=max_cost or 0.0,
         plain_envs=plain, secret_names=sorted(secrets),
     )
     kind = "local" if infra == LOCAL else "managed-job" if spot else "cluster"

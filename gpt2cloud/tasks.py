@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -109,6 +108,7 @@ class LaunchSpec:
     push_every: int = 60
     keep_checkpoints: int = 3
     torch_spec: str = "torch"
+    max_cost_usd: float = 0.0  # informational: the cap itself is in config.json, enforced by the trainer
     plain_envs: dict = field(default_factory=dict)  # non-secret storage settings (endpoint, region)
     secret_names: list = field(default_factory=list)  # storage credentials, values never stored here
 
@@ -145,6 +145,8 @@ def envs(spec: LaunchSpec) -> dict:
         "GPT2CLOUD_KEEP_CHECKPOINTS": str(spec.keep_checkpoints),
         "GPT2CLOUD_TORCH_SPEC": spec.torch_spec,
     }
+    if spec.max_cost_usd:
+        e["GPT2CLOUD_MAX_COST_USD"] = f"{spec.max_cost_usd:g}"
     for k, v in sorted(spec.plain_envs.items()):
         if k in S3_SECRET_NAMES:
             raise ValueError(f"{k} is a secret; it cannot be a plain env")
@@ -240,7 +242,3 @@ def storage_settings(urls: list[str], env: Optional[dict] = None) -> tuple[dict,
                     secrets["AWS_SESSION_TOKEN"] = frozen.token
     return plain, secrets
 
-
-def shell_env_line(envs_: dict) -> str:
-    """`K=V K2=V2` quoted for a shell (used in messages about local runs)."""
-    return " ".join(f"{k}={shlex.quote(str(v))}" for k, v in envs_.items())

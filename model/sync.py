@@ -161,10 +161,13 @@ def push_loop(out: str, url: str, every: float, rank: int, keep: int, once: bool
             failures = 0
         except (StorageError, OSError) as e:
             failures += 1
-            log(f"push failed ({failures}x), retrying: {e}")
-            if final and failures < 3:
-                time.sleep(2)
-                continue
+            log(f"push failed ({failures}x): {e}")
+            if final:
+                if failures < 3:
+                    time.sleep(2)
+                    continue
+                log("final push failed; the bucket keeps what the earlier pushes put there")
+                return 4
         if final:
             log("final push done")
             return 0

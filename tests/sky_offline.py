@@ -89,3 +89,35 @@ def enable(monkeypatch, clouds=("lambda", "aws")) -> None:
         return list(objs)
 
     monkeypatch.setattr(sky_check, "get_cached_enabled_clouds_or_refresh", fake)
+
+
+# ---- pytest fixtures (import them into a test module: `from sky_offline import sky_home, sky_mod`) ----
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sky_home(tmp_path_factory) -> Path:
+    """A HOME with the catalog fixture, shared by every test that imports sky."""
+    return prepare(tmp_path_factory.mktemp("skyhome"))
+
+
+@pytest.fixture
+def sky_mod(sky_home, monkeypatch):
+    """`sky`, imported (the first time) with HOME pointing at sky_home; Lambda and AWS enabled.
+
+    HOME stays patched for the test, so whatever SkyPilot writes under ~/.sky lands in the temp HOME.
+    """
+    for k, v in sky_env(sky_home).items():
+        monkeypatch.setenv(k, v)
+    if "sky" in sys.modules:
+        from sky.catalog import common
+
+        where = getattr(common, "_ABSOLUTE_VERSIONED_CATALOG_DIR", str(sky_home))
+        assert str(where).startswith(str(sky_home)), f"sky was imported with another HOME ({where})"
+    import sky
+
+    enable(monkeypatch, ("lambda", "aws"))
+    return sky

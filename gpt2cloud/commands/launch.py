@@ -43,6 +43,8 @@ def launch_command(
     bucket: str = typer.Option(..., "--bucket", help="Where the run's checkpoints, metrics and logs go."),
     name: Optional[str] = typer.Option(None, "--name", help="Run id (and cluster name); the same id resumes."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the recipe's steps."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Override the micro-batch per GPU."),
+    tokens_per_step: Optional[int] = typer.Option(None, "--tokens-per-step", help="Override tokens per step."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD: the trainer stops before it."),
     idle_minutes: int = typer.Option(10, "--idle-minutes", help="Tear the cluster down after this many idle minutes."),
     price: Optional[float] = typer.Option(None, "--price", help="USD per GPU-hour (default: bundled table)."),
@@ -59,8 +61,12 @@ def launch_command(
 
     offline = dry_run or export_yaml is not None
     p = runs.plan(recipe, gpus, nodes=nodes, infra=infra, spot=spot, data=data, bucket=bucket, name=name,
-                  steps=steps, max_cost=max_cost, idle_minutes=idle_minutes, price=price, push_every=push_every)
+                  steps=steps, max_cost=max_cost, idle_minutes=idle_minutes, price=price, push_every=push_every,
+                  offline=offline, micro_batch=micro_batch, tokens_per_step=tokens_per_step)
     console = Console(stderr=as_json)
+    if p.infra == "any" and not p.spec.clouds:
+        Console(stderr=True).print("note: no cloud is enabled here (`sky check`); the task names no infra, so "
+                                   "SkyPilot picks the cheapest enabled cloud at `sky launch`")
     if offline:
         if p.kind != "local":
             tasks.to_sky_task(p.cfg)  # SkyPilot's own parser accepts it (or says why not)

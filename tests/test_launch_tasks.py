@@ -1,0 +1,178 @@
+"""SkyPilot tasks built for real and validated offline: SkyPilot's own parser, schema and optimizer.
+
+The catalogs are a small CSV fixture under a temp HOME (tests/sky_offline.py); Lambda and AWS are
+"enabled" by patching SkyPilot's cached credential check, as SkyPilot's own tests do. Nothing here
+reaches a cloud, an API server or a bucket.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from sky_offline import enable, sky_home, sky_mod  # noqa: F401  (fixtures)
+from typer.testing import CliRunner
+
+from gpt2cloud import runs, tasks
+from gpt2cloud.cli import app
+from gpt2cloud.errors import UserError
+
+SECRET = "wJalrXUtnFEMI-not-a-real-secret-0123456789"
+KEY_ID = "AKIAEXAMPLEKEYID0001"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return tmp_path
+
+
+def _plan(**kw):
+    args = dict(recipe="gpt2-124m", gpus="H100:8", data="s3://bkt/fineweb", bucket="s3://bkt/runs", name="g124")
+    args.update(kw)
+    return runs.plan(**args)
+
+
+def _optimize(sky, task):
+    with sky.Dag() as dag:
+        dag.add(task)
+    sky.optimizer.Optimizer.optimize(dag, minimize=sky.OptimizeTarget.COST, quiet=True)
+    return task.best_resources
+
+
+def _clean(cfg: dict) -> dict:
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return json.loads(json.dumps(cfg, sort_keys=True, default=str))
+
+
+def test_h100x8_on_lambda(sky_mod, env):
+    sky = sky_mod
+    p = _plan(infra="lambda", max_cost=50.0)
+    task = tasks.to_sky_task(p.cfg, p.secrets)
+    assert isinstance(task, sky.Task) and task.num_nodes == 1 and task.name == "g124"
+    (res,) = list(task.resources)
+    assert res.accelerators == {"H100": 8} and str(res.cloud) == "Lambda" and not res.use_spot
+    assert res.autostop_config.enabled and res.autostop_config.down and res.autostop_config.idle_minutes == 10
+    assert task.envs["GPT2CLOUD_RUN_URL"] == "s3://bkt/runs/g124"
+    assert task.envs["GPT2CLOUD_RECIPE"] == "gpt2-124m" and task.envs["GPT2CLOUD_MAX_COST_USD"] == "50"
+    assert "AWS_SECRET_ACCESS_KEY" not in task.envs and SECRET not in json.dumps(task.envs)
+    assert {k: v.get_secret_value() for k, v in task.secrets.items()} == {
+        "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET}
+    # The node installs the shipped wheel with --no-deps, plus only what the trainer imports.
+    assert "pip install -q --no-deps" in task.setup
+    assert not [line for line in task.setup.splitlines() if "pip" in line and "skypilot" in line]
+    assert '"$GPT2CLOUD_TORCH_SPEC" numpy tiktoken boto3' in task.setup
+    best = _optimize(sky, task)
+    assert best.instance_type == "gpu_8x_h100_sxm5"
+    config = json.loads((env / "g2" / "builds" / "g124" / "config.json").read_text())
+    assert config["max_cost_usd"] == 50.0 and config["price_per_gpu_hour"] == p.est.price_per_gpu_hour
+    assert config["peak_flops_per_gpu"] == 989e12 and config["steps"] == 19073
+
+
+def test_two_nodes_torchrun_over_all_nodes(sky_mod, env):
+    p = _plan(infra="lambda", nodes=2, micro_batch=32)
+    task = tasks.to_sky_task(p.cfg, p.secrets)
+    assert task.num_nodes == 2
+    run = task.run
+    assert 'MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"' in run
+    for flag in ('--nnodes="$SKYPILOT_NUM_NODES"', '--nproc_per_node="$SKYPILOT_NUM_GPUS_PER_NODE"',
+                 '--node_rank="$RANK"', '--master_addr="$MASTER_ADDR"'):
+        assert flag in run
+    assert "model.sync pull" in run and "model.sync push" in run and "model.sync data" in run
+    assert run.index("model.sync pull") < run.index("torch.distributed.run")
+    assert p.est.gpus == 16 and json.loads((env / "g2/builds/g124/config.json").read_text())["micro_batch"] == 32
+    assert _optimize(sky_mod, task).instance_type == "gpu_8x_h100_sxm5"
+
+
+def test_spot_on_aws_is_a_managed_job_with_recovery(sky_mod, env):
+    p = _plan(infra="aws", spot=True)
+    assert p.kind == "managed-job"
+    task = tasks.to_sky_task(p.cfg, p.secrets)
+    (res,) = list(task.resources)
+    assert res.use_spot and str(res.cloud) == "AWS"
+    assert res.job_recovery["strategy"] == tasks.JOB_RECOVERY["strategy"]
+    best = _optimize(sky_mod, task)
+    assert best.instance_type == "p5.48xlarge" and best.use_spot
+
+
+def test_any_of_over_enabled_clouds(sky_mod, env, monkeypatch):
+    p = _plan()  # no --infra
+    assert p.infra == "any" and p.spec.clouds == ["aws", "lambda"]
+    assert p.cfg["resources"]["any_of"] == [{"infra": "aws"}, {"infra": "lambda"}]
+    task = tasks.to_sky_task(p.cfg, p.secrets)
+    assert {str(r.cloud) for r in task.resources} == {"AWS", "Lambda"}
+    assert str(_optimize(sky_mod, task).cloud) == "Lambda"  # the cheaper one in the fixture
+    # spot: Lambda has none, so only AWS is left
+    assert _plan(spot=True).spec.clouds == ["aws"]
+    # a GPU only Lambda's catalog has
+    assert _plan(recipe="gpt2-tiny", gpus="A10:1").spec.clouds == ["lambda"]
+
+
+def test_yaml_round_trips_and_holds_no_secret(sky_mod, env):
+    p = _plan(infra="lambda")
+    out = env / "task.yaml"
+    r = CliRunner().invoke(app, ["launch", "gpt2-124m", "--gpus", "H100:8", "--infra", "lambda",
+                                 "--data", "s3://bkt/fineweb", "--bucket", "s3://bkt/runs", "--name", "g124",
+                                 "--export-yaml", str(out)])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert SECRET not in text and KEY_ID not in text and SECRET not in r.output
+    parsed = yaml.safe_load(text)
+    assert parsed["secrets"] == {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}
+    from_file = sky_mod.Task.from_yaml(str(out))
+    built = tasks.to_sky_task(p.cfg)
+    assert _clean(from_file.to_yaml_config()) == _clean(built.to_yaml_config())
+    # `sky launch FILE --secret NAME` fills the values in, exactly as our launch does
+    filled = sky_mod.Task.from_yaml_config(yaml.safe_load(text), secrets_overrides=list(p.secrets.items()))
+    assert filled.secrets["AWS_SECRET_ACCESS_KEY"].get_secret_value() == SECRET
+    # nothing was launched, nothing recorded
+    assert not (env / "g2" / "runs").exists()
+
+
+def test_dry_run_prints_yaml_only(sky_mod, env):
+    r = CliRunner().invoke(app, ["launch", "gpt2-124m", "--gpus", "H100:8", "--infra", "aws", "--spot",
+                                 "--data", "s3://bkt/fineweb", "--bucket", "s3://bkt/runs", "--name", "g124",
+                                 "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert SECRET not in r.stdout and KEY_ID not in r.stdout
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["resources"]["use_spot"] is True and "job_recovery" in cfg["resources"]
+    sky_mod.Task.from_yaml_config(cfg)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(infra="lambda", spot=True), "lambda has no spot instances"),
+    (dict(infra="lambda", gpus="H100:4"), "lambda does not offer H100:4; lambda offers H100 in counts 1, 8"),
+    (dict(infra="aws", recipe="gpt2-tiny", gpus="A10:1"), "aws does not offer A10:1"),
+    (dict(infra="nocloud"), "unknown cloud 'nocloud'"),
+    (dict(infra="lambda", data="file:///tmp/data"), "a cloud node cannot reach a file:// path"),
+    (dict(infra="lambda", recipe="gpt2-1558m", gpus="A10:8"), "does not fit even at micro-batch 1"),
+    (dict(infra="lambda", bucket="gs://x/y"), "use s3://BUCKET/PREFIX"),
+    (dict(infra="local", nodes=2), "--infra local runs one node"),
+])
+def test_launch_errors_before_anything_is_provisioned(sky_mod, env, kw, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        _plan(**kw)
+
+
+def test_no_cloud_enabled(sky_mod, env, monkeypatch):
+    enable(monkeypatch, ())
+    with pytest.raises(UserError, match=r"run `sky check`.*lambda_keys"):
+        _plan()
+    r = CliRunner().invoke(app, ["launch", "gpt2-124m", "--data", "s3://bkt/d", "--bucket", "s3://bkt/r", "--yes"])
+    assert r.exit_code == 2 and "sky check" in r.output
+    assert r.output.strip().count("\n") == 0  # one line
+
+
+def test_loopback_endpoint_is_refused_for_a_cloud(sky_mod, env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    with pytest.raises(UserError, match="a cloud node cannot reach"):
+        _plan(infra="lambda")
+    p = _plan(infra="local", gpus="H100:2", recipe="gpt2-tiny")
+    assert p.cfg["envs"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
