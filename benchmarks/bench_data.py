@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=50, help="corpus size in MB")
     ap.add_argument("--upload-mb", type=int, default=200, help="size of the shard-sized file set to transfer")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--repeat", type=int, default=3, help="transfer repetitions (median)")
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions (tokenize: best; transfer: median)")
     args = ap.parse_args()
     from gpt2cloud.prepare import prepare
 
@@ -111,18 +111,27 @@ def main() -> None:
         size = make_corpus(corpus, args.mb)
         print(f"corpus: {size / 1e6:.1f} MB of JSONL in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-        secs, nbytes, ntok = one_process_loop(corpus)
+        # Best of `repeat` interleaved runs: the machine is shared, and the best run is the one least disturbed.
+        best = {}
+        for _ in range(args.repeat):
+            secs, nbytes, ntok = one_process_loop(corpus)
+            best["loop"] = min(best.get("loop", (1e9,)), (secs, nbytes, ntok))
+            for w in sorted({1, args.workers}):
+                out = work / f"shards-w{w}"
+                shutil.rmtree(out, ignore_errors=True)
+                t0 = time.perf_counter()
+                r = prepare(str(corpus), out, workers=w, shard_tokens=10_000_000, val_tokens=1_000_000,
+                            progress=False)
+                secs = time.perf_counter() - t0
+                best[w] = min(best.get(w, (1e9,)), (secs, r["text_bytes"], r["tokens"]))
+        secs, nbytes, ntok = best.pop("loop")
         base = nbytes / 1e6 / secs
         rows.append(("tokenize: one-process tiktoken loop", f"{base:.2f} MB/s", f"{ntok / secs / 1e6:.2f} M tok/s",
                      f"{secs:.1f} s", "1.00x"))
-        for w in sorted({1, args.workers}):
-            out = work / f"shards-w{w}"
-            t0 = time.perf_counter()
-            r = prepare(str(corpus), out, workers=w, shard_tokens=10_000_000, val_tokens=1_000_000, progress=False)
-            secs = time.perf_counter() - t0
-            mbs = r["text_bytes"] / 1e6 / secs
+        for w, (secs, nbytes, ntok) in best.items():
+            mbs = nbytes / 1e6 / secs
             rows.append((f"tokenize: gpt2cloud data prepare --workers {w}", f"{mbs:.2f} MB/s",
-                         f"{r['tokens'] / secs / 1e6:.2f} M tok/s", f"{secs:.1f} s", f"{mbs / base:.2f}x"))
+                         f"{ntok / secs / 1e6:.2f} M tok/s", f"{secs:.1f} s", f"{mbs / base:.2f}x"))
         shards = work / f"shards-w{args.workers}"
 
         big = work / "bigset"
@@ -199,7 +208,8 @@ def print_table(rows: list[tuple]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
-    print(f"\n{os.cpu_count()} CPUs (shared), Python {sys.version.split()[0]}; transfer times are medians of "
+    print(f"\n{os.cpu_count()} CPUs (shared; load average {os.getloadavg()[0]:.1f} at the end), Python "
+          f"{sys.version.split()[0]}; tokenize: best of the repeats; transfer times are medians of "
           "whole processes (start to exit) against one local moto_server; gpt2cloud also sha256-hashes every file.")
 
 

@@ -427,7 +427,30 @@ class S3Store(Store):
         return (head or {}).get("Metadata", {}).get(SHA256_METADATA)
 
     def abort(self):
-        self._manager.shutdown(cancel=True, cancel_msg="interrupted")
+        # TransferManager.shutdown(cancel=True) passes its arguments on in the wrong order (s3transfer
+        # 0.19); the context-manager exit is the path that cancels correctly (and aborts multipart uploads).
+        self._manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+
+    def abort_incomplete_uploads(self, keys) -> int:
+        """Abort unfinished multipart uploads of these keys (left by a killed upload; S3 bills their
+        parts until aborted). Returns how many were aborted."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        wanted = {self._key(k) for k in keys}
+        if not wanted:
+            return 0
+        base = self.prefix + "/" if self.prefix else ""
+        aborted = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=base)
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    if up["Key"] in wanted:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        aborted += 1
+        except (BotoCoreError, ClientError) as e:
+            raise self._error(e) from None
+        return aborted
 
     def close(self):
         self._manager.shutdown()

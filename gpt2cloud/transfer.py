@@ -169,6 +169,8 @@ def upload_dir(local_dir, store: Store, prefix: str = "", manifest_name: str = M
     if publish and remote_manifest is not None:
         store.delete(manifest_key)  # unpublish the old set before any of its objects changes
 
+    if hasattr(store, "abort_incomplete_uploads"):
+        store.abort_incomplete_uploads([_join(prefix, f["name"]) for f in todo])  # a killed run's leftovers
     total = sum(f["size"] for f in todo)
     with _bar(progress, total, f"upload {len(todo)} files") as advance:
         _run_all(store, todo, lambda f: store.put_file(

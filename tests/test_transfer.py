@@ -120,3 +120,12 @@ def test_manifest_with_unsafe_names_is_rejected(store, tmp_path):
                                                             "sha256": "0" * 64}]}).encode())
     with pytest.raises(StorageError, match="invalid manifest"):
         download_dir(store, "", tmp_path / "dst", progress=False)
+
+
+def test_rerun_aborts_a_killed_runs_multipart_uploads(s3_server, s3_bucket, local_set):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_multipart_upload(Bucket=s3_bucket, Key="sets/a.bin")  # as a kill -9 mid-upload leaves it
+    upload_dir(local_set, open_store(f"s3://{s3_bucket}/sets", endpoint_url=s3_server), progress=False)
+    assert not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
