@@ -102,6 +102,12 @@ def verify_checkpoint(path: str | Path, only: list[str] | None = None) -> dict:
     return manifest
 
 
+def _is_hf_dir(path: Path) -> bool:
+    """config.json + model.safetensors (or its shard index) and no manifest: GPT2LMHeadModel's layout."""
+    return (path / "config.json").is_file() and (
+        (path / WEIGHTS).is_file() or (path / "model.safetensors.index.json").is_file())
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir or HF-format dir as given, or the newest complete checkpoint of a run's OUT dir."""
     path = Path(path)
@@ -114,8 +120,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if latest is None:
             raise CheckpointError(f"{path}/checkpoints: no complete checkpoint (none has a {MANIFEST}) yet")
         return latest
-    if (path / "config.json").exists() and (path / WEIGHTS).exists():
-        return path  # HF format
+    if _is_hf_dir(path):
+        return path
     if _STEP_DIR.match(path.name):
         raise CheckpointError(f"{path / MANIFEST}: missing; {path} is an incomplete checkpoint")
     raise CheckpointError(f"{path}: not a checkpoint ({MANIFEST}), a run directory (checkpoints/) "
@@ -226,12 +232,13 @@ def _load_weights(path: Path, model: GPT, device) -> None:
 def load_model(path: str | Path, device="cpu", verify: bool = True) -> GPT:
     """A GPT from one of our checkpoint dirs (or a run's OUT dir: its newest), or an HF-format dir.
 
-    HF-format means config.json + model.safetensors and no manifest; model.hf.load_hf reads it.
+    HF-format means config.json + model.safetensors (or a shard index) and no manifest;
+    model.hf.load_hf reads it.
     The weights of our checkpoints are verified against the manifest first (verify=False skips it).
     """
     path = resolve_checkpoint(path)
     if not (path / MANIFEST).exists():
-        if (path / "config.json").exists() and (path / WEIGHTS).exists():
+        if _is_hf_dir(path):
             from model.hf import load_hf  # imported lazily: only HF-format dirs need it
 
             return load_hf(path).to(device)
