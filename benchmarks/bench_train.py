@@ -1,0 +1,149 @@
+"""Time the trainer's real training step (model/train.py: train_step) for a recipe and micro-batch.
+
+    python benchmarks/bench_train.py --recipe gpt2-124m --micro-batch 16 --steps 20 --compile --device cuda
+    python benchmarks/bench_train.py --recipe gpt2-tiny --micro-batch 8 --steps 10 --device cpu
+
+One process, random tokens (the data loader is not what is measured), warm-up steps excluded
+(torch.compile compiles during them). Prints tokens/s, step time, MFU, peak memory, and a point in
+the form of gpt2cloud/tables/calibration.yaml. MFU = tokens/s x (6N + 12*L*d*T) / peak dense BF16
+FLOPS, N at vocabulary 50257; the peak comes from gpt2cloud/tables/gpus.yaml (--gpu, or guessed from
+the CUDA device name), so it is empty on a CPU unless --peak-tflops is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from gpt2cloud.hardware import gpu_spec, known_gpus  # noqa: E402
+from gpt2cloud.recipes import load_recipe  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+from model.metrics import flops_per_token  # noqa: E402
+from model.train import pick_dtype, train_step  # noqa: E402
+
+
+class RandomBatches:
+    """Stands in for TokenLoader: (x, y) of random real-vocabulary tokens, made once."""
+
+    def __init__(self, B, T, vocab_size, n=4):
+        g = torch.Generator().manual_seed(0)
+        self.batches = [torch.randint(0, vocab_size, (B, T + 1), generator=g) for _ in range(n)]
+        self.i = 0
+
+    def next_batch(self):
+        buf = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+
+def guess_gpu(device: str) -> str | None:
+    """Our table's name for the CUDA device (e.g. 'NVIDIA H100 80GB HBM3' -> H100), or None."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    for gpu in sorted(known_gpus(), key=len, reverse=True):  # longest first: GH200 before H200
+        base = gpu.split("-")[0].upper()
+        if base in name:
+            if gpu == "A100" and memory_gib > 60:
+                return "A100-80GB"
+            return gpu
+    return None
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="gpt2-tiny")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--accum", type=int, default=1, help="micro-steps per step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--gpu", default=None, help="GPU name in gpus.yaml for the peak FLOPS (default: guessed)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the peak (e.g. for a CPU)")
+    a = p.parse_args(argv)
+
+    cfg = load_recipe(a.recipe).to_train_config(micro_batch=a.micro_batch)
+    B, T = cfg.micro_batch, cfg.model.block_size
+    device, device_type = a.device, "cuda" if a.device.startswith("cuda") else "cpu"
+    torch.manual_seed(cfg.seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    raw_model = GPT(cfg.model).to(device)
+    model = torch.compile(raw_model) if a.compile else raw_model
+    dtype = pick_dtype(a.dtype, device_type)
+    amp = functools.partial(torch.autocast, device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    optimizer = raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
+    data = RandomBatches(B, T, cfg.model.vocab_size)
+
+    def step():
+        t0 = time.perf_counter()
+        loss, _ = train_step(model, optimizer, scaler, data, a.accum, amp, cfg.grad_clip, cfg.lr, False, device)
+        loss.item()  # waits for the device
+        return time.perf_counter() - t0
+
+    t_warm = time.perf_counter()
+    for _ in range(a.warmup):
+        step()
+    warmup_s = time.perf_counter() - t_warm
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [step() for _ in range(a.steps)]
+
+    tokens = B * T * a.accum
+    dt = statistics.median(times)
+    tok_s = tokens / dt
+    n_params = raw_model.num_params()
+    fpt = flops_per_token(cfg.model, n_params)
+    gpu = a.gpu or guess_gpu(device)
+    peak = a.peak_tflops * 1e12 if a.peak_tflops else (gpu_spec(gpu).peak_bf16_tflops * 1e12 if gpu else None)
+    mfu = tok_s * fpt / peak if peak else None
+    if device_type == "cuda":
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA max allocated)"
+        where = torch.cuda.get_device_name(device)
+    else:
+        mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
+        where = f"CPU, {torch.get_num_threads()} threads"
+    precision = str(dtype).removeprefix("torch.")
+    rows = [
+        ("recipe", f"{a.recipe}: {n_params:,} parameters, {cfg.model.n_layer} layers x {cfg.model.n_embd}, T={T}"),
+        ("device", where),
+        ("step", f"micro-batch {B} x {T} x {a.accum} micro-steps = {tokens:,} tokens, {precision}, "
+                 f"compile {'on' if a.compile else 'off'}"),
+        ("tokens/s", f"{tok_s:,.0f}"),
+        ("step time", f"{dt * 1000:.1f} ms median of {a.steps} (min {min(times) * 1000:.1f}, "
+                      f"max {max(times) * 1000:.1f}); warm-up {warmup_s:.1f} s"),
+        ("MFU", f"{mfu:.1%} of {peak / 1e12:g} TFLOPS ({gpu or 'given'})" if mfu is not None
+                else "n/a (no peak FLOPS for this device; give --gpu or --peak-tflops)"),
+        ("FLOPs/token", f"{fpt:.3e} (6N + 12*L*d*T)"),
+        ("peak memory", mem),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("\n# calibration point (gpt2cloud/tables/calibration.yaml)")
+    print(f"  - gpu: {gpu or ('cpu' if device_type == 'cpu' else 'unknown')}")
+    print(f"    params: {n_params}")
+    print(f"    mfu: {round(mfu, 3) if mfu is not None else 'null'}")
+    print("    kind: measured")
+    print(f'    source: "benchmarks/bench_train.py: gpt2cloud trainer, {a.recipe}, micro-batch {B} x {T}, '
+          f'{precision}, compile {"on" if a.compile else "off"}, 1 {"GPU" if device_type == "cuda" else "CPU"} '
+          f'({where}), {tok_s:,.0f} tokens/s"')
+    print(f'    date: "{datetime.date.today():%Y-%m}"')
+
+
+if __name__ == "__main__":
+    main()
