@@ -100,8 +100,15 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def sky_home(tmp_path_factory) -> Path:
-    """A HOME with the catalog fixture, shared by every test that imports sky."""
-    return prepare(tmp_path_factory.mktemp("skyhome"))
+    """A HOME with the catalog fixture, shared by every test that imports sky.
+
+    One fixed path per session: each test module that imports this fixture gets its own copy of it,
+    and sky can only be imported once.
+    """
+    home = tmp_path_factory.getbasetemp() / "sky-home"
+    if not (home / ".sky" / "catalogs").is_dir():
+        prepare(home)
+    return home
 
 
 @pytest.fixture
