@@ -47,11 +47,12 @@ def fetch(run_or_url: str, dest: Optional[Path] = None, step: Optional[int] = No
     fetched = []
     for s, name in chosen:
         try:
-            download_dir(store, f"{CHECKPOINTS}/{name}", dest / CHECKPOINTS / name, progress=progress)
+            got = download_dir(store, f"{CHECKPOINTS}/{name}", dest / CHECKPOINTS / name, progress=progress)
         except StorageError as e:
             raise UserError(f"checkpoint {name} of {url}: {e}; rerun to resume, or pick another with --step") \
                 from None
-        fetched.append({"step": s, "path": str(dest / CHECKPOINTS / name)})
+        fetched.append({"step": s, "path": str(dest / CHECKPOINTS / name), "files": got["files"],
+                        "downloaded": got["downloaded"], "skipped": got["skipped"], "bytes": got["bytes"]})
     out = {"run": run_id, "url": url, "dest": str(dest), "checkpoint": fetched[-1]["path"] if fetched else None,
            "checkpoints": fetched, "available_steps": [s for s, _ in complete], "metrics": None, "logs": []}
     for key in (METRICS, "run.json"):

@@ -1,0 +1,50 @@
+"""Shared by the cloud-run tests: checkpoint directories as the trainer writes them, and run records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from gpt2cloud import registry
+
+
+def fake_checkpoint(out: Path, step: int, complete: bool = True, size: int = 2048) -> Path:
+    """OUT/checkpoints/step_NNNNNN with a few files and (if complete) the trainer's manifest, written last."""
+    d = out / "checkpoints" / f"step_{step:06d}"
+    d.mkdir(parents=True, exist_ok=True)
+    files = {"model.safetensors": bytes([step % 251]) * size, "optimizer.pt": f"opt{step}".encode() * 50,
+             "trainer_state.json": json.dumps({"step": step}).encode()}
+    entries = []
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+        entries.append({"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    if complete:
+        manifest = {"format": "gpt2cloud-checkpoint", "version": 1, "step": step, "world_size": 2,
+                    "recipe": "gpt2-tiny", "config": {}, "files": entries}
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def metrics_lines(steps: int, total: int, start: int = 1, price: float = 3.0, gpus: int = 2) -> str:
+    lines = [{"event": "start", "world_size": gpus, "config": {"steps": total}}]
+    for s in range(start, steps + 1):
+        lines.append({"step": s, "loss": 10.0 - 0.1 * s, "lr": 1e-3, "grad_norm": 1.0, "step_seconds": 2.0,
+                      "tokens_per_second": 512.0, "mfu": None, "tokens_seen": s * 1024,
+                      "elapsed_seconds": 2.0 * s, "cost_usd": 2.0 * s / 3600 * gpus * price})
+    return "".join(json.dumps(x) + "\n" for x in lines)
+
+
+def local_record(tmp_path: Path, run_id: str = "loc1", **kw) -> registry.RunRecord:
+    """A registry record of a local run whose bucket is a file:// directory under tmp_path."""
+    run_url = (tmp_path / "bucket" / run_id).as_uri()
+    fields = dict(
+        run_id=run_id, kind="local", infra="local", run_url=run_url, bucket=run_url.rsplit("/", 1)[0],
+        data_url=(tmp_path / "data").as_uri(), recipe="gpt2-tiny", gpu_type="H100", gpus_per_node=2, nodes=1,
+        spot=False, price_per_gpu_hour=3.0, total_steps=20, started_at=1.0, estimate={"cost_usd": 0.01},
+        local_dir=str(tmp_path / "node"), state="LAUNCHED",
+    )
+    fields.update(kw)
+    rec = registry.RunRecord(**fields)
+    registry.save(rec)
+    return rec

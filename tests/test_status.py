@@ -1,0 +1,59 @@
+"""Progress from metrics.jsonl, and `gpt2cloud status` / `runs` for a local run (no SkyPilot needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from run_helpers import local_record, metrics_lines
+from typer.testing import CliRunner
+
+from gpt2cloud.cli import app
+from gpt2cloud.progress import parse_metrics, summarize
+from gpt2cloud.storage import open_store
+
+
+def test_summary_of_a_running_run():
+    p = summarize(parse_metrics(metrics_lines(10, 20, price=3.0, gpus=2)), 99, gpus=2, price_per_gpu_hour=3.0)
+    assert p.step == 10 and p.total_steps == 20 and p.loss == pytest.approx(9.0)
+    assert p.tokens_per_second == 512.0 and p.eta_hours == pytest.approx(10 * 2.0 / 3600)
+    assert p.cost_so_far_usd == pytest.approx(20 / 3600 * 2 * 3, abs=1e-4)
+    assert p.cost_projected_usd == pytest.approx(40 / 3600 * 2 * 3, abs=1e-4)
+    assert not p.finished and p.restarts == 0
+
+
+def test_resumed_run_budget_stop_and_broken_lines():
+    text = (metrics_lines(8, 20) + '{"step": 9, "loss": 1.0, "step_seconds"\n'  # cut short by a kill
+            + metrics_lines(12, 20, start=6)  # the resumed run redoes 6..8
+            + json.dumps({"step": 12, "val_loss": 8.5}) + "\n"
+            + json.dumps({"event": "budget_stop", "step": 12, "cost_usd": 0.05}) + "\n")
+    p = summarize(parse_metrics(text), 20, gpus=2, price_per_gpu_hour=3.0, max_cost_usd=0.05)
+    assert p.step == 12 and p.restarts == 1 and p.val_loss == 8.5 and p.budget_stopped
+    assert p.eta_hours == 0 and p.cost_projected_usd == p.cost_so_far_usd
+
+
+def test_no_metrics_yet():
+    p = summarize([], 20, gpus=8, price_per_gpu_hour=3.0)
+    assert p.step is None and p.cost_so_far_usd == 0 and p.eta_hours is None
+
+
+def test_status_of_a_finished_local_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
+    rec = local_record(tmp_path, "loc1", max_cost_usd=5.0)
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "exit_code").write_text("0\n")
+    text = metrics_lines(20, 20) + json.dumps({"event": "end", "step": 20, "final_loss": 8.0}) + "\n"
+    open_store(rec.run_url).put_bytes("metrics.jsonl", text.encode())
+    r = CliRunner().invoke(app, ["status", "loc1", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    for key in ("run", "state", "step", "total_steps", "loss", "tokens_per_second", "eta_hours",
+                "cost_so_far_usd", "cost_projected_usd"):
+        assert key in d
+    assert d["state"] == "SUCCEEDED" and d["finished"] and d["step"] == 20 and d["max_cost_usd"] == 5.0
+    r = CliRunner().invoke(app, ["status", "loc1"])
+    assert r.exit_code == 0 and "of a $5.00 cap" in r.stdout and "finished" in r.stdout
+    (tmp_path / "node" / "exit_code").unlink()
+    assert json.loads(CliRunner().invoke(app, ["status", "--json"]).stdout)[0]["state"] == "STOPPED"
+    r = CliRunner().invoke(app, ["runs", "--json"])
+    assert json.loads(r.stdout)[0]["run_id"] == "loc1"

@@ -1,0 +1,114 @@
+"""model/sync.py: the node pushes OUT to the bucket as it goes and a fresh node pulls the newest checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from run_helpers import fake_checkpoint, metrics_lines
+
+from gpt2cloud.storage import open_store
+from model import sync
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _keys(store, prefix=""):
+    return sorted(o.key for o in store.list(prefix))
+
+
+def test_push_only_complete_checkpoints_then_prune(tmp_path):
+    out, url = tmp_path / "out", (tmp_path / "bucket" / "r").as_uri()
+    fake_checkpoint(out, 5)
+    fake_checkpoint(out, 10, complete=False)  # the trainer is still writing it
+    (out / "metrics.jsonl").write_text(metrics_lines(10, 20))
+    (out / "logs").mkdir()
+    (out / "logs" / "node-0.log").write_text("step 10/20\n")
+    p = sync.Pusher(out, url, rank=0, keep=2)
+    p.push_once()
+    store = open_store(url)
+    assert sync.remote_checkpoints(store) == ([(5, "step_000005")], [])
+    assert store.exists("metrics.jsonl") and store.get_bytes("logs/node-0.log") == b"step 10/20\n"
+    fake_checkpoint(out, 10)  # manifest written: complete now
+    p.push_once()
+    fake_checkpoint(out, 15)
+    p.push_once()
+    complete, incomplete = sync.remote_checkpoints(store)
+    assert complete == [(10, "step_000010"), (15, "step_000015")] and not incomplete  # keep=2: step 5 gone
+    assert not _keys(store, "checkpoints/step_000005/")
+
+
+def test_other_nodes_push_only_their_log(tmp_path):
+    out, url = tmp_path / "out", (tmp_path / "bucket" / "r").as_uri()
+    fake_checkpoint(out, 5)
+    (out / "metrics.jsonl").write_text("stale\n")
+    (out / "logs").mkdir()
+    (out / "logs" / "node-1.log").write_text("node 1\n")
+    sync.Pusher(out, url, rank=1).push_once()
+    assert _keys(open_store(url)) == ["logs/node-1.log"]
+
+
+def test_pull_newest_verified_checkpoint_falling_back_when_damaged(tmp_path, capsys):
+    src, url = tmp_path / "src", (tmp_path / "bucket" / "r").as_uri()
+    for step in (5, 10):
+        fake_checkpoint(src, step)
+    (src / "metrics.jsonl").write_text(metrics_lines(12, 20))
+    sync.Pusher(src, url, keep=0).push_once()  # pushes the newest, step 10, and the metrics
+    from gpt2cloud.transfer import upload_dir
+
+    store = open_store(url)
+    upload_dir(src / "checkpoints" / "step_000005", store, "checkpoints/step_000005", progress=False)
+    assert [s for s, _ in sync.remote_checkpoints(store)[0]] == [5, 10]
+    # the newest checkpoint's weights get damaged in the bucket: the pull falls back to step 5
+    store.put_bytes("checkpoints/step_000010/model.safetensors", b"garbage" * 10)
+    out = tmp_path / "node"
+    assert sync.pull(url, out) == 0
+    assert (out / "checkpoints" / "step_000005" / "manifest.json").is_file()
+    assert not (out / "checkpoints" / "step_000010" / "manifest.json").exists()
+    assert (out / "metrics.jsonl").read_text() == (src / "metrics.jsonl").read_text()
+    assert "trying an older one" in capsys.readouterr().err
+
+
+def test_pull_with_nothing_in_the_bucket_starts_from_scratch(tmp_path, capsys):
+    assert sync.pull((tmp_path / "empty").as_uri(), tmp_path / "node") == 0
+    assert "starting from scratch" in capsys.readouterr().err
+
+
+def test_pull_from_a_bucket_that_is_not_there(s3_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    assert sync.pull("s3://no-such-bucket-xyz/run", tmp_path / "node") == 4
+
+
+def test_data_needs_a_manifest(tmp_path):
+    src = tmp_path / "shards"
+    src.mkdir()
+    (src / "x_train_000001.bin").write_bytes(b"0" * 100)
+    assert sync.data(src.as_uri(), tmp_path / "d1") == 3  # no manifest: refuse
+    from gpt2cloud.transfer import upload_dir
+
+    upload_dir(src, open_store((tmp_path / "bucket").as_uri()), "data", progress=False)
+    assert sync.data((tmp_path / "bucket" / "data").as_uri(), tmp_path / "d2") == 0
+    assert (tmp_path / "d2" / "x_train_000001.bin").read_bytes() == b"0" * 100
+
+
+def test_pusher_makes_a_final_push_on_sigterm(tmp_path):
+    out, url = tmp_path / "out", (tmp_path / "bucket" / "r").as_uri()
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "model.sync", "push", str(out), url, "--every", "60"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # first (empty) push done; the next would be a minute away
+        fake_checkpoint(out, 7)
+        (out / "metrics.jsonl").write_text(metrics_lines(7, 20))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    store = open_store(url)
+    assert sync.remote_checkpoints(store)[0] == [(7, "step_000007")]
+    assert json.loads(store.get_bytes("metrics.jsonl").decode().splitlines()[-1])["step"] == 7
+    assert "final push done" in proc.stderr.read()
