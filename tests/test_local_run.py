@@ -1,0 +1,171 @@
+"""`--infra local`: the generated setup and run scripts on this machine, storage on a real S3 server.
+
+- the whole flow: prepare -> upload -> launch (gpt2-tiny, 2 CPU ranks) -> status -> fetch -> sample;
+- preemption: kill a run's whole process tree midway, launch the same run id again: it resumes from
+  the bucket's newest checkpoint and its losses equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gpt2cloud import local_runner, registry
+from gpt2cloud.cli import app
+from gpt2cloud.progress import parse_metrics
+from gpt2cloud.storage import open_store
+from model import sync
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 240
+SECRET = "local-run-secret-must-not-leak-0123"
+
+
+@pytest.fixture
+def local_env(tmp_path, monkeypatch, s3_server, s3_bucket):
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIALOCALRUNTEST0001")  # moto's server takes any credentials
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    yield tmp_path, f"s3://{s3_bucket}"
+    for rec in registry.all_runs():  # never leave a run behind
+        if rec.kind == "local":
+            local_runner.stop(rec, graceful_seconds=0)
+
+
+def cli(*args):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def launch(recipe, name, data, bucket, *extra):
+    return cli("launch", recipe, "--infra", "local", "--gpus", "H100:2", "--data", data, "--bucket", bucket,
+               "--name", name, "--yes", "--push-every", "1", *extra)
+
+
+def wait_done(run_id: str, timeout: float = TIMEOUT_S) -> str:
+    rec = registry.get(run_id)
+    d = Path(rec.local_dir)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = local_runner.state(d)
+        if state != "RUNNING":
+            return state
+        time.sleep(0.5)
+    local_runner.stop(rec, graceful_seconds=0)
+    pytest.fail(f"run {run_id} did not finish in {timeout} s; log:\n{(d / 'driver.log').read_text()[-3000:]}")
+
+
+def log_of(run_id: str) -> str:
+    return (Path(registry.get(run_id).local_dir) / "driver.log").read_text()
+
+
+def test_whole_flow_prepare_launch_status_fetch_sample(local_env):
+    tmp, bucket = local_env
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from tiny_corpus import write_corpus
+    finally:
+        sys.path.pop(0)
+    write_corpus(tmp / "corpus.jsonl", docs=150)
+    cli("data", "prepare", tmp / "corpus.jsonl", "--out", tmp / "shards", "--shard-tokens", "20000",
+        "--val-tokens", "2048", "--workers", "1", "--json")
+    cli("data", "upload", tmp / "shards", f"{bucket}/data", "--json")
+
+    r = launch("gpt2-tiny", "flow", f"{bucket}/data", f"{bucket}/runs", "--steps", "6", "--max-cost", "5", "--json")
+    out = json.loads(r.stdout)
+    assert out["kind"] == "local" and out["pid"] > 0 and out["run_url"] == f"{bucket}/runs/flow"
+    assert wait_done("flow") == "SUCCEEDED", log_of("flow")
+
+    d = json.loads(cli("status", "flow", "--json").stdout)
+    assert d["state"] == "SUCCEEDED" and d["finished"] and d["step"] == d["total_steps"] == 6
+    assert d["loss"] < 11 and d["val_loss"] is not None and d["tokens_per_second"] > 0
+    assert d["eta_hours"] == 0 and 0 < d["cost_so_far_usd"] < 5 and d["max_cost_usd"] == 5
+    assert "node 0 of 1, 2 GPUs" in log_of("flow")
+
+    f = json.loads(cli("fetch", "flow", "--dest", tmp / "fetched", "--logs", "--json").stdout)
+    assert f["checkpoint"].endswith("step_000006") and f["metrics"] and f["logs"]
+    from model.checkpoint import verify_checkpoint
+
+    verify_checkpoint(f["checkpoint"])
+    r = cli("sample", f["checkpoint"], "--max-new-tokens", "8")
+    assert r.stdout.strip()
+    # the node got the credentials (it reached the bucket), but no file or log holds them
+    assert SECRET not in registry.path_for("flow").read_text() and SECRET not in log_of("flow")
+    for p in (tmp / "fetched").rglob("*"):
+        if p.is_file() and p.suffix in (".log", ".jsonl", ".json"):
+            assert SECRET not in p.read_text(errors="replace"), p
+    node = Path(registry.get("flow").local_dir)
+    assert all(SECRET not in p.read_text(errors="replace") for p in node.glob("*.sh"))
+
+
+RECIPE = """name: sync-test
+description: a small-vocabulary model whose CPU steps take milliseconds, for the preemption test
+source: gpt2cloud tests
+model: {n_layer: 2, n_head: 4, n_embd: 64, block_size: 64, vocab_size: 256, padded_vocab_size: 256}
+train: {tokens_per_step: 1024, micro_batch: 8, steps: 120, seed: 1337, compile: false}
+optimizer: {lr: 1.0e-2, min_lr_ratio: 0.1, warmup_steps: 5, weight_decay: 0.1}
+data: {dataset: synthetic}
+eval: {val_every: 40, val_steps: 1, sample_every: 1000, checkpoint_every: 10, keep_checkpoints: 2}
+"""
+
+
+def _losses(bucket: str, run_id: str) -> dict:
+    text = open_store(f"{bucket}/runs/{run_id}").get_bytes("metrics.jsonl").decode()
+    return {r["step"]: r["loss"] for r in parse_metrics(text) if "loss" in r and "step" in r}
+
+
+def test_preempted_run_resumes_from_the_bucket_with_the_same_losses(local_env):
+    from trainer_helpers import make_shards
+
+    from gpt2cloud.transfer import upload_dir
+
+    tmp, bucket = local_env
+
+    upload_dir(make_shards(tmp / "shards", train_tokens=(30000,), val_tokens=2000),
+               open_store(f"{bucket}/data"), progress=False)
+    recipe = tmp / "sync-test.yaml"
+    recipe.write_text(RECIPE)
+    args = (f"{bucket}/data", f"{bucket}/runs")
+    launch(recipe, "victim", *args)
+    launch(recipe, "reference", *args)
+
+    # Kill the victim's whole tree (torchrun workers included) once the bucket has a checkpoint.
+    store = open_store(f"{bucket}/runs/victim")
+    deadline = time.time() + TIMEOUT_S
+    while time.time() < deadline:
+        complete, _ = sync.remote_checkpoints(store)
+        if complete and complete[-1][0] >= 10:
+            break
+        assert local_runner.state(Path(registry.get("victim").local_dir)) == "RUNNING", log_of("victim")
+        time.sleep(0.2)
+    rec = registry.get("victim")
+    local_runner.kill_tree(rec.pid)  # SIGKILL, no goodbye: like a preempted VM
+    assert local_runner.state(Path(rec.local_dir)) == "STOPPED"
+    tree_left = [p for p in local_runner.descendants(rec.pid)]
+    assert not tree_left
+    killed_at = max(_losses(bucket, "victim"))
+    resumable = sync.remote_checkpoints(store)[0][-1][0]
+    assert resumable < 120 and killed_at < 120, "the victim finished before it was killed; make steps slower"
+
+    # Same run id again: a fresh node, which pulls the newest complete checkpoint from the bucket.
+    launch(recipe, "victim", *args)
+    assert wait_done("victim") == "SUCCEEDED", log_of("victim")
+    assert wait_done("reference") == "SUCCEEDED", log_of("reference")
+    assert f"resuming from checkpoint step {resumable}" in log_of("victim")
+    assert registry.get("victim").launches == 2
+
+    resumed, reference = _losses(bucket, "victim"), _losses(bucket, "reference")
+    assert sorted(resumed) == sorted(reference) == list(range(1, 121))
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    d = json.loads(cli("status", "victim", "--json").stdout)
+    assert d["restarts"] == 1 and d["step"] == 120 and d["finished"]
