@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -36,11 +37,7 @@ FILE_WORKERS = 4  # files moved at once; each large file is also split into para
 def build_manifest(local_dir, manifest_name: str = MANIFEST_NAME) -> dict:
     """A manifest for every regular file under local_dir (except the manifest and temporary files)."""
     local_dir = Path(local_dir)
-    names = sorted(
-        p.relative_to(local_dir).as_posix()
-        for p in local_dir.rglob("*")
-        if p.is_file() and p.name != manifest_name and _TMP_MARK not in p.name and not p.name.endswith(".tmp")
-    )
+    names = _local_names(local_dir, manifest_name)
     return {"format": "gpt2cloud-files", "version": 1, "files": [file_entry(local_dir, n) for n in names]}
 
 
@@ -98,8 +95,9 @@ def _bar(enabled: bool, total: int, description: str):
         yield lambda n: bar.advance(task, n)  # Progress is thread-safe: parts report from many threads
 
 
-def _run_all(store: Store, jobs, fn) -> None:
-    """Run fn(job) for every job on FILE_WORKERS threads; stop at the first error and re-raise it.
+def _run_all(store: Store, jobs, fn) -> list:
+    """Run fn(job) for every job on FILE_WORKERS threads; return the results in order, or stop at the
+    first error and re-raise it.
 
     Ctrl-C cancels the transfers in flight (store.abort), so no half object gets a final name.
     """
@@ -117,6 +115,7 @@ def _run_all(store: Store, jobs, fn) -> None:
         for f in futures:
             if f.done() and not f.cancelled() and f.exception() is not None:
                 raise f.exception()
+        return [f.result() for f in futures]
 
 
 # ---------------------------------------------------------------- upload
@@ -133,56 +132,90 @@ def upload_dir(local_dir, store: Store, prefix: str = "", manifest_name: str = M
     if not local_dir.is_dir():
         raise StorageError(f"{local_dir}: no such directory")
     manifest_path = local_dir / manifest_name
-    if manifest_path.is_file():
+    if manifest_path.is_file():  # a set with its manifest (prepared shards, a checkpoint): upload it as is
         manifest_bytes = manifest_path.read_bytes()
-        files = parse_manifest(manifest_bytes, str(manifest_path))["files"]
-        _verify_local(local_dir, files, progress)  # never publish a set whose files changed after its manifest
-    else:
-        manifest = build_manifest(local_dir, manifest_name)
-        manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
-        files = manifest["files"]
+        files = [dict(f) for f in parse_manifest(manifest_bytes, str(manifest_path))["files"]]
+    else:  # any other directory: its manifest is built from the hashes computed below
+        manifest_bytes = None
+        files = [{"name": n, "size": (local_dir / n).stat().st_size, "sha256": None}
+                 for n in _local_names(local_dir, manifest_name)]
     if not files:
         raise StorageError(f"{local_dir}: nothing to upload (no files)")
+    for f in files:
+        path = local_dir / f["name"]
+        if not path.is_file() or path.stat().st_size != f["size"]:
+            raise StorageError(f"{path}: missing or not the size its manifest says; re-create the directory")
 
-    # What is there already: one listing, then the sha256 of each same-size object.
+    # What is there already: one listing, then the sha256 of each same-size object (metadata we
+    # stored; objects from other tools are trusted only if the remote manifest names them).
     manifest_key = _join(prefix, manifest_name)
     remote = {o.key: o.size for o in store.list(prefix.strip("/") + "/" if prefix.strip("/") else "")}
     remote_manifest = store.get_bytes(manifest_key) if manifest_key in remote else None
-    remote_sha = {}
+    published = {}
     if remote_manifest is not None:
         try:
-            remote_sha = {f["name"]: f["sha256"] for f in parse_manifest(remote_manifest, manifest_key)["files"]}
+            published = {f["name"]: f["sha256"] for f in parse_manifest(remote_manifest, manifest_key)["files"]}
         except StorageError:
             pass  # a broken remote manifest is simply replaced
-    todo, skipped = [], 0
+    in_place = {}
     for f in files:
         key = _join(prefix, f["name"])
         if remote.get(key) == f["size"]:
-            # Objects we uploaded carry their sha256; others are trusted only if the remote manifest names them.
-            sha = store.sha256(key) or remote_sha.get(f["name"])
-            if sha == f["sha256"]:
-                skipped += 1
-                continue
-        todo.append(f)
-
-    publish = remote_manifest != manifest_bytes
-    if publish and remote_manifest is not None:
-        store.delete(manifest_key)  # unpublish the old set before any of its objects changes
-
+            in_place[f["name"]] = store.sha256(key) or published.get(f["name"])
+    # With a manifest, an object that already matches it needs no local work at all (fast reruns).
+    todo = [f for f in files if not (f["sha256"] and in_place.get(f["name"]) == f["sha256"])]
     if hasattr(store, "abort_incomplete_uploads"):
         store.abort_incomplete_uploads([_join(prefix, f["name"]) for f in todo])  # a killed run's leftovers
-    total = sum(f["size"] for f in todo)
-    with _bar(progress, total, f"upload {len(todo)} files") as advance:
-        _run_all(store, todo, lambda f: store.put_file(
-            local_dir / f["name"], _join(prefix, f["name"]), progress=advance, sha256=f["sha256"]))
+
+    lock = threading.Lock()
+    unpublished = []
+
+    def unpublish(name: str, sha: str) -> None:
+        # Before an object of the published set is replaced, the old manifest goes: a reader never
+        # finds a manifest whose objects are changing under it.
+        with lock:
+            if not unpublished and name in published and published[name] != sha:
+                store.delete(manifest_key)
+                unpublished.append(True)
+
+    def upload(f: dict) -> bool:
+        path = local_dir / f["name"]
+        sha = sha256_file(path)  # hashed here, on the file threads, so hashing overlaps other uploads
+        if f["sha256"] and sha != f["sha256"]:
+            raise StorageError(f"{path}: does not match its manifest entry (sha256); the file changed after "
+                               "the manifest was written: re-create the directory")
+        f["sha256"] = sha
+        if in_place.get(f["name"]) == sha:
+            advance(f["size"])
+            return False
+        unpublish(f["name"], sha)
+        store.put_file(path, _join(prefix, f["name"]), progress=advance, sha256=sha)
+        return True
+
+    with _bar(progress, sum(f["size"] for f in todo), f"upload {len(todo)} files") as advance:
+        sent = [f for f, up in zip(todo, _run_all(store, todo, upload)) if up]
+    if manifest_bytes is None:
+        manifest_bytes = (json.dumps({"format": "gpt2cloud-files", "version": 1, "files": files}, indent=2)
+                          + "\n").encode()
+    publish = remote_manifest != manifest_bytes or bool(unpublished)
     if publish:
         store.put_bytes(manifest_key, manifest_bytes)  # last: now the set is visible, and complete
     seconds = time.monotonic() - t0
+    nbytes = sum(f["size"] for f in sent)
     return {
-        "url": store.url_for(prefix), "files": len(files), "uploaded": len(todo), "skipped": skipped,
-        "bytes": total, "manifest_uploaded": publish, "seconds": round(seconds, 3),
-        "mb_per_s": round(total / 1e6 / seconds, 1) if seconds > 0 else None,
+        "url": store.url_for(prefix), "files": len(files), "uploaded": len(sent),
+        "skipped": len(files) - len(sent), "bytes": nbytes, "manifest_uploaded": publish,
+        "seconds": round(seconds, 3), "mb_per_s": round(nbytes / 1e6 / seconds, 1) if seconds > 0 else None,
     }
+
+
+def _local_names(local_dir: Path, manifest_name: str) -> list[str]:
+    """Every regular file under local_dir except the manifest and temporary files, sorted."""
+    return sorted(
+        p.relative_to(local_dir).as_posix()
+        for p in local_dir.rglob("*")
+        if p.is_file() and p.name != manifest_name and _TMP_MARK not in p.name and not p.name.endswith(".tmp")
+    )
 
 
 def _verify_local(local_dir: Path, files: list[dict], progress: bool) -> None:

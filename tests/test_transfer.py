@@ -80,10 +80,13 @@ def test_changed_object_is_reuploaded_and_old_manifest_unpublished_first(store, 
 
 
 def test_local_file_changed_after_manifest_refuses_upload(store, local_set):
-    (local_set / "b.bin").write_bytes(b"tampered")
+    (local_set / "b.bin").write_bytes(b"t" * 1000)  # same size, other content
     with pytest.raises(StorageError, match="b.bin: does not match its manifest entry"):
         upload_dir(local_set, store, progress=False)
     assert not store.exists("manifest.json")
+    (local_set / "b.bin").write_bytes(b"tampered")
+    with pytest.raises(StorageError, match="b.bin: missing or not the size its manifest says"):
+        upload_dir(local_set, store, progress=False)
 
 
 def test_corrupted_object_detected_on_download(store, local_set, tmp_path):
