@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.f is not None:
+            # inf/nan (an fp16 overflow step, a diverged run) as null: strict JSON readers reject them
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
 

@@ -131,11 +131,12 @@ def run(args, t_start: float) -> None:
     # ---- data ----
     train_shards, val_shards = find_shards(args.data)
     train_loader = TokenLoader(train_shards, B, T, rank, world, grad_accum, log=log)
-    try:
-        TokenLoader(val_shards, B, T, rank, world, 1, log=log) if val_shards else None
-    except ShardError as e:
-        log(f"note: no validation loss: {e}")
-        val_shards = []
+    if val_shards:
+        try:
+            TokenLoader(val_shards, B, T, rank, world, 1, log=log)  # holds one validation batch per rank?
+        except ShardError as e:
+            log(f"note: no validation loss: {e}")
+            val_shards = []
 
     # ---- model, precision, optimizer (the same seed on every rank: identical initial weights) ----
     random.seed(cfg.seed)
@@ -159,7 +160,10 @@ def run(args, t_start: float) -> None:
         raise TrainError(f"{out} already holds checkpoints (newest {latest.name}); use --resume auto to "
                          "continue that run, or a new --out to start another")
     if latest is not None:
-        saved = ckpt.verify_checkpoint(latest)
+        try:
+            saved = ckpt.verify_checkpoint(latest)
+        except ckpt.CheckpointError as e:
+            raise TrainError(f"{e}; delete {latest} to resume from the checkpoint before it") from None
         if saved["config"]["model"] != dataclasses.asdict(cfg.model):
             raise TrainError(f"{latest} holds a model of shape {saved['config']['model']}, but the config asks for "
                              f"{dataclasses.asdict(cfg.model)}; use a new --out for a different model")

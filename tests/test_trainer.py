@@ -139,3 +139,16 @@ def test_resume_never_refuses_an_existing_run(runs):
     p = run_trainer(runs["config"], runs["data"], runs["one"], None, "--resume", "never", check=False)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("error: ") and "--resume auto" in p.stderr
+
+
+def test_corrupt_newest_checkpoint_is_refused_by_name(runs):
+    out = runs["root"] / "corrupt"
+    shutil.copytree(runs["one"], out)
+    bad = out / "checkpoints" / "step_000120" / "optimizer.pt"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    p = run_trainer(runs["config"], runs["data"], out, None, "--steps", str(STEPS + 10), check=False)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(bad) in last and "sha256" in last and "delete" in last
