@@ -109,6 +109,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, int]]:
                     raise UserError(
                         f"{path}:{lineno}: not a JSON object with a 'text' field; every line needs {{\"text\": ...}}"
                     ) from None
+                if text is None:
+                    text = ""  # a null text is an empty document
                 if not isinstance(text, str):
                     raise UserError(f"{path}:{lineno}: 'text' is {type(text).__name__}, expected a string")
                 yield text, len(line)

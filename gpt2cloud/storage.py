@@ -53,13 +53,16 @@ class ObjectInfo:
 
 
 def sha256_file(path: str | os.PathLike, progress: Progress = None) -> str:
-    """Hex sha256 of a local file, read in 8 MiB chunks."""
+    """Hex sha256 of a local file, read in 8 MiB chunks; StorageError if it cannot be read."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_COPY_CHUNK):
-            h.update(chunk)
-            if progress:
-                progress(len(chunk))
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_COPY_CHUNK):
+                h.update(chunk)
+                if progress:
+                    progress(len(chunk))
+    except OSError as e:
+        raise StorageError(f"{path}: cannot read: {e.strerror}") from None
     return h.hexdigest()
 
 
@@ -152,7 +155,7 @@ def open_store(url: str, endpoint_url: str | None = None, *, region: str | None 
         if not path:
             raise StorageError(f"{url}: no path; use file:///absolute/path")
         return FileStore(Path(path).expanduser().resolve())
-    if not scheme or (len(scheme) == 1 and os.name == "nt"):
+    if not scheme:
         raise StorageError(
             f"{url!r} is not a storage URL; use s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH"
         )
@@ -175,10 +178,10 @@ class FileStore(Store):
 
     def _copy(self, src: Path, dst: Path, progress: Progress, sha256: str | None, what: str) -> str:
         """Copy src to dst through a temporary sibling, hashing on the way; verify before the rename."""
-        dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_path(dst)
         h = hashlib.sha256()
         try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
                 while chunk := fin.read(_COPY_CHUNK):
                     if self._aborted.is_set():
@@ -203,8 +206,8 @@ class FileStore(Store):
             raise StorageError(f"{what}: {e.strerror}: {e.filename}") from None
         except PermissionError as e:
             raise StorageError(f"{what}: permission denied: {e.filename}; check the path's permissions") from None
-        except IsADirectoryError as e:
-            raise StorageError(f"{what}: is a directory: {e.filename}") from None
+        except OSError as e:  # a directory in the way, a full disk, ...
+            raise StorageError(f"{what}: {e.strerror}: {e.filename or dst}") from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -294,9 +297,8 @@ class S3Store(Store):
             s3={"addressing_style": "path"} if self.endpoint_url else None,
         )
         session = boto3.session.Session()
-        self.client = session.client(
-            "s3", endpoint_url=self.endpoint_url, region_name=region or session.region_name, config=config
-        )
+        region = region or os.environ.get("AWS_REGION") or session.region_name
+        self.client = session.client("s3", endpoint_url=self.endpoint_url, region_name=region, config=config)
         self._manager = create_transfer_manager(
             self.client,
             TransferConfig(
@@ -335,6 +337,8 @@ class S3Store(Store):
             raise
         except (BotoCoreError, ClientError) as e:
             raise self._error(e, key) from None
+        except OSError as e:  # the local side: unreadable source, unwritable destination, full disk
+            raise StorageError(f"{self.url_for(key)}: local file error: {e.strerror}: {e.filename}") from None
 
     def put_file(self, local_path, key, progress=None, sha256=None):
         local_path = Path(local_path)
@@ -351,9 +355,12 @@ class S3Store(Store):
 
     def get_file(self, key, local_path, progress=None, sha256=None):
         local_path = Path(local_path)
-        local_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_path(local_path)
         try:
+            try:
+                local_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"{local_path.parent}: cannot create the directory: {e.strerror}") from None
             future = self._manager.download(self.bucket, self._key(key), str(tmp), subscribers=_subscribers(progress))
             self._wait(future, key)
             if sha256:

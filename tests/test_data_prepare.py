@@ -174,6 +174,10 @@ def test_unreadable_and_unknown_sources(tmp_path):
     bad.write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(UserError, match="not UTF-8 text"):
         prepare(str(bad), tmp_path / "o1", workers=1, progress=False)
+    if __import__("importlib").util.find_spec("pyarrow"):
+        (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+        with pytest.raises(UserError, match="broken.parquet: unreadable parquet file"):
+            prepare(str(tmp_path / "broken.parquet"), tmp_path / "o4", workers=1, progress=False)
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(UserError, match="unsupported file type '.csv'"):
         prepare(str(tmp_path / "x.csv"), tmp_path / "o2", progress=False)
