@@ -55,7 +55,7 @@ class Progress:
 def summarize(records: list[dict], total_steps: int, gpus: int, price_per_gpu_hour: float,
               max_cost_usd: float = 0.0) -> Progress:
     steps = {}  # the last record of each training step wins (a resumed run redoes a few)
-    val_loss = sample = None
+    val_loss = sample = event_cost = None
     finished = budget_stopped = False
     restarts = 0
     for r in records:
@@ -68,6 +68,7 @@ def summarize(records: list[dict], total_steps: int, gpus: int, price_per_gpu_ho
             finished = True
         elif event == "budget_stop":
             budget_stopped = True
+            event_cost = r.get("cost_usd")
         elif "val_loss" in r:
             val_loss = r["val_loss"]
         elif "sample" in r:
@@ -91,6 +92,8 @@ def summarize(records: list[dict], total_steps: int, gpus: int, price_per_gpu_ho
         so_far = float(last["cost_usd"])
     else:
         so_far = (elapsed or 0) / 3600 * gpus * price_per_gpu_hour
+    if event_cost is not None:
+        so_far = max(so_far, float(event_cost))  # a budget stop before the first step still cost money
     projected = so_far + eta_hours * gpus * price_per_gpu_hour if eta_hours is not None else None
     if max_cost_usd and projected is not None:
         projected = min(projected, max_cost_usd)  # the trainer stops before passing the cap

@@ -246,8 +246,13 @@ def start(p: Plan) -> registry.RunRecord:
                 else:
                     record.cluster = p.run_id
                     record.job_id = sky_sdk.launch_cluster(task, p.run_id, p.idle_minutes)
-    except BaseException:
+    except BaseException as e:
         registry.note(record, "launch failed", state="LAUNCH_FAILED")
+        if p.kind != "local" and not isinstance(e, UserError):
+            import sys
+
+            print(f"note: if SkyPilot provisioned anything before this stopped, `gpt2cloud down {p.run_id}` "
+                  "removes it (the task also carries autostop with down)", file=sys.stderr)
         raise
     registry.note(record, "launched", state="LAUNCHED")
     return record

@@ -169,3 +169,26 @@ def test_preempted_run_resumes_from_the_bucket_with_the_same_losses(local_env):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
     d = json.loads(cli("status", "victim", "--json").stdout)
     assert d["restarts"] == 1 and d["step"] == 120 and d["finished"]
+
+
+def test_budget_cap_stops_the_run_cleanly(local_env):
+    from trainer_helpers import make_shards
+
+    from gpt2cloud.transfer import upload_dir
+
+    tmp, bucket = local_env
+    upload_dir(make_shards(tmp / "shards", train_tokens=(30000,), val_tokens=2000),
+               open_store(f"{bucket}/data"), progress=False)
+    recipe = tmp / "sync-test.yaml"
+    recipe.write_text(RECIPE.replace("steps: 120", "steps: 100000"))
+    # $1000 per GPU-hour on 2 "GPUs" ($0.56/s, start-up included): the $2 cap is hit within seconds,
+    # possibly before the first step on a busy machine.
+    launch(recipe, "capped", f"{bucket}/data", f"{bucket}/runs", "--price", "1000", "--max-cost", "2")
+    assert wait_done("capped") == "SUCCEEDED", log_of("capped")
+    d = json.loads(cli("status", "capped", "--json").stdout)
+    assert d["budget_stopped"] and not d["finished"] and d["max_cost_usd"] == 2
+    assert (d["step"] or 0) < 100000 and d["cost_so_far_usd"] <= 2
+    assert d["eta_hours"] == 0 and d["cost_projected_usd"] <= 2
+    # the stop left a checkpoint in the bucket, so raising the cap and relaunching continues from it
+    assert sync.remote_checkpoints(open_store(f"{bucket}/runs/capped"))[0][-1][0] == (d["step"] or 0)
+    assert "budget: stopping at step" in log_of("capped")
