@@ -5,7 +5,7 @@
 
 Set up DDP, data, model and optimizer; resume from the newest complete checkpoint in OUT; then each
 step: check the budget, forward/backward over the micro-steps, clip, step, log; now and then
-validate, sample and checkpoint. A plain `python -m model.train ...` runs as a single rank.
+validate, score HellaSwag, sample and checkpoint. A plain `python -m model.train ...` runs as a single rank.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import checkpoint as ckpt
 from model.config import TrainConfig
 from model.data import TokenLoader, find_shards
+from model.eval import EvalDataError, hellaswag_scores, load_hellaswag
 from model.gpt import GPT
 from model.metrics import MetricsLog, console_line, cost_usd, flops_per_token, mfu, truncate_after
 from model.sample import generate_text
@@ -101,6 +102,19 @@ def evaluate(model, val_shards, cfg, rank, world, amp, device, ddp) -> float:
     return total.item()
 
 
+@torch.no_grad()
+def hellaswag_eval(model, examples, device, rank, world, ddp) -> dict:
+    """HellaSwag acc / acc_norm over all examples, each rank scoring its stride (model/eval.py)."""
+    model.eval()
+    s = hellaswag_scores(model, examples, device, rank, world)
+    model.train()
+    counts = torch.tensor([s["correct"], s["correct_norm"], s["n"]], dtype=torch.long, device=device)
+    if ddp:
+        dist.all_reduce(counts)
+    correct, correct_norm, n = counts.tolist()
+    return {"hellaswag_acc_norm": correct_norm / n, "hellaswag_acc": correct / n, "hellaswag_n": n}
+
+
 def run(args, t_start: float) -> None:
     try:
         cfg = TrainConfig.load(args.config)
@@ -138,6 +152,20 @@ def run(args, t_start: float) -> None:
             log(f"note: no validation loss: {e}")
             val_shards = []
 
+    # ---- HellaSwag every hellaswag_every steps: --hellaswag FILE, or DATA/hellaswag_val.jsonl if present ----
+    hellaswag = None
+    if cfg.hellaswag_every > 0:
+        hs_path = Path(args.hellaswag) if args.hellaswag else Path(args.data) / "hellaswag_val.jsonl"
+        if cfg.model.vocab_size < VOCAB_SIZE:
+            log("note: no HellaSwag: the model's vocabulary is smaller than GPT-2's")
+        elif not hs_path.is_file():
+            log(f"note: no HellaSwag: {hs_path} does not exist (pass --hellaswag FILE)")
+        else:
+            try:
+                hellaswag = load_hellaswag(hs_path)
+            except EvalDataError as e:
+                raise TrainError(str(e)) from None
+
     # ---- model, precision, optimizer (the same seed on every rank: identical initial weights) ----
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -155,6 +183,13 @@ def run(args, t_start: float) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     latest = ckpt.latest_checkpoint(out)
+    if ddp:  # rank 0 chooses; every rank must see that same checkpoint (shared or synced OUT on every node)
+        chosen = [latest.name if latest is not None else None]
+        dist.broadcast_object_list(chosen, src=0)
+        latest = out / "checkpoints" / chosen[0] if chosen[0] else None
+        if latest is not None and not (latest / ckpt.MANIFEST).exists():
+            raise TrainError(f"rank {rank} cannot see {latest}: --out must be on a filesystem every node "
+                             "shares, or be copied to every node before resuming")
     start_step, elapsed_before, tokens_seen, loss = 0, 0.0, 0, None
     if latest is not None and args.resume == "never":
         raise TrainError(f"{out} already holds checkpoints (newest {latest.name}); use --resume auto to "
@@ -270,6 +305,10 @@ def run(args, t_start: float) -> None:
                                  autocast_dtype=dtype if dtype != torch.float32 else None)[0]
             metrics.write({"step": step, "sample": text})
             log(f"step {step}/{cfg.steps} | sample: {text!r}")
+        if hellaswag and (step % cfg.hellaswag_every == 0 or step == cfg.steps):
+            hs = hellaswag_eval(raw_model, hellaswag, device, rank, world, ddp)
+            metrics.write({"step": step, **hs})
+            log(f"step {step}/{cfg.steps} | hellaswag acc_norm {hs['hellaswag_acc_norm']:.4f} ({hs['hellaswag_n']})")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(step)
             saved_step = step
@@ -289,6 +328,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", choices=["auto", "never"], default="auto",
                    help="auto: continue from the newest complete checkpoint in --out (default)")
     p.add_argument("--steps", type=int, default=None, help="override the config's total steps")
+    p.add_argument("--hellaswag", default=None,
+                   help="HellaSwag JSONL for hellaswag_every (default: DATA/hellaswag_val.jsonl if present)")
     return p.parse_args(argv)
 
 

@@ -152,3 +152,24 @@ def test_corrupt_newest_checkpoint_is_refused_by_name(runs):
     assert p.returncode == 2
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(bad) in last and "sha256" in last and "delete" in last
+
+
+def test_full_vocabulary_run_samples_and_scores_hellaswag(runs, tmp_path):
+    """With GPT-2's vocabulary the trainer also writes text samples and HellaSwag scores."""
+    from model.config import GPTConfig
+
+    examples = [{"ctx": "The cat sat on the", "endings": ["mat.", "moon.", "idea.", "sky."], "label": 0},
+                {"ctx": "She opened the", "endings": ["door.", "sing.", "blue.", "ran."], "label": 0},
+                {"ctx": "Water is", "endings": ["wet.", "dry.", "loud.", "square."], "label": 0}]
+    data = tmp_path / "data"
+    shutil.copytree(runs["data"], data)
+    (data / "hellaswag_val.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+    config = write_config(tmp_path / "full.json", tiny_config(
+        model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32), steps=2, val_every=2, sample_every=2,
+        sample_tokens=4, checkpoint_every=2, hellaswag_every=2, sample_prompt="Once upon a time"))
+    run_trainer(config, data, tmp_path / "out", None)
+    records = read_metrics(tmp_path / "out")
+    (sample,) = [r for r in records if "sample" in r]
+    assert sample["step"] == 2 and sample["sample"].startswith("Once upon a time")
+    (hs,) = [r for r in records if "hellaswag_acc_norm" in r]
+    assert hs["step"] == 2 and hs["hellaswag_n"] == 3 and 0 <= hs["hellaswag_acc_norm"] <= 1
