@@ -96,7 +96,8 @@ def summarize(records: list[dict], total_steps: int, gpus: int, price_per_gpu_ho
         so_far = max(so_far, float(event_cost))  # a budget stop before the first step still cost money
     projected = so_far + eta_hours * gpus * price_per_gpu_hour if eta_hours is not None else None
     if max_cost_usd and projected is not None:
-        projected = min(projected, max_cost_usd)  # the trainer stops before passing the cap
+        # the trainer stops before a step would pass the cap (start-up alone may have passed it)
+        projected = max(so_far, min(projected, max_cost_usd))
     return Progress(
         step=step, total_steps=total_steps, loss=last.get("loss") if last else None, val_loss=val_loss,
         tokens_per_second=tps, mfu=statistics.median(mfus) if mfus else None, step_seconds=step_seconds,

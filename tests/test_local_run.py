@@ -123,7 +123,7 @@ def _losses(bucket: str, run_id: str) -> dict:
     return {r["step"]: r["loss"] for r in parse_metrics(text) if "loss" in r and "step" in r}
 
 
-def test_preempted_run_resumes_from_the_bucket_with_the_same_losses(local_env):
+def test_preempted_run_resumes_with_the_same_losses_and_budget_cap_stops(local_env):
     from trainer_helpers import make_shards
 
     from gpt2cloud.transfer import upload_dir
@@ -137,6 +137,9 @@ def test_preempted_run_resumes_from_the_bucket_with_the_same_losses(local_env):
     args = (f"{bucket}/data", f"{bucket}/runs")
     launch(recipe, "victim", *args)
     launch(recipe, "reference", *args)
+    # Alongside: a run that cannot finish within its budget. $1000 per GPU-hour on 2 "GPUs" is
+    # $0.56/s, start-up included, so the $3 cap is hit within seconds (maybe before the first step).
+    launch(recipe, "capped", *args, "--steps", "100000", "--price", "1000", "--max-cost", "3")
 
     # Kill the victim's whole tree (torchrun workers included) once the bucket has a checkpoint.
     store = open_store(f"{bucket}/runs/victim")
@@ -170,25 +173,12 @@ def test_preempted_run_resumes_from_the_bucket_with_the_same_losses(local_env):
     d = json.loads(cli("status", "victim", "--json").stdout)
     assert d["restarts"] == 1 and d["step"] == 120 and d["finished"]
 
-
-def test_budget_cap_stops_the_run_cleanly(local_env):
-    from trainer_helpers import make_shards
-
-    from gpt2cloud.transfer import upload_dir
-
-    tmp, bucket = local_env
-    upload_dir(make_shards(tmp / "shards", train_tokens=(30000,), val_tokens=2000),
-               open_store(f"{bucket}/data"), progress=False)
-    recipe = tmp / "sync-test.yaml"
-    recipe.write_text(RECIPE.replace("steps: 120", "steps: 100000"))
-    # $1000 per GPU-hour on 2 "GPUs" ($0.56/s, start-up included): the $2 cap is hit within seconds,
-    # possibly before the first step on a busy machine.
-    launch(recipe, "capped", f"{bucket}/data", f"{bucket}/runs", "--price", "1000", "--max-cost", "2")
+    # The budget: the trainer stopped cleanly before a step could pass the cap, with a checkpoint.
     assert wait_done("capped") == "SUCCEEDED", log_of("capped")
     d = json.loads(cli("status", "capped", "--json").stdout)
-    assert d["budget_stopped"] and not d["finished"] and d["max_cost_usd"] == 2
-    assert (d["step"] or 0) < 100000 and d["cost_so_far_usd"] <= 2
-    assert d["eta_hours"] == 0 and d["cost_projected_usd"] <= 2
-    # the stop left a checkpoint in the bucket, so raising the cap and relaunching continues from it
+    assert d["budget_stopped"] and not d["finished"] and d["max_cost_usd"] == 3 and d["eta_hours"] == 0
+    text = open_store(f"{bucket}/runs/capped").get_bytes("metrics.jsonl").decode()
+    assert all(r["cost_usd"] <= 3 for r in parse_metrics(text) if "loss" in r)
     assert sync.remote_checkpoints(open_store(f"{bucket}/runs/capped"))[0][-1][0] == (d["step"] or 0)
     assert "budget: stopping at step" in log_of("capped")
+
