@@ -180,3 +180,48 @@ def test_val_loss_errors(tmp_path):
     write_shard(tmp_path / "small_val_000000.bin", np.arange(5, dtype=np.uint16))
     with pytest.raises(EvalDataError, match="fewer than"):
         val_loss(tiny_gpt(), tmp_path, steps=1, batch=1, T=8, device="cpu")
+
+
+def test_eval_command_on_checkpoint_hf_dir_and_storage_url(tmp_path, monkeypatch):
+    """`gpt2cloud eval` on an OUT dir (newest checkpoint), an HF dir, and val shards behind a file:// URL."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from gpt2cloud.cli import app
+    from model.checkpoint import rng_state, write_checkpoint
+    from model.config import TrainConfig
+    from model.hf import save_hf
+
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "home"))
+    model = the_lover()
+    cfg = TrainConfig(model=model.config)
+    write_checkpoint(tmp_path / "out", 3, model, {"optimizer": {}}, {"step": 3}, [rng_state()],
+                     dataclasses.asdict(cfg), keep=1)
+    save_hf(model, tmp_path / "hf")
+    rows = [{"ctx": "Pick:", "endings": ["dog", "the the"], "label": 1},
+            {"ctx": "Pick:", "endings": ["the", "dog"], "label": 1},
+            {"ctx": "Pick:", "endings": ["cat", "the dog the cat"], "label": 1}]
+    hs = write_jsonl(tmp_path / "hs.jsonl", rows)
+    (tmp_path / "bucket" / "data").mkdir(parents=True)
+    write_shard(tmp_path / "bucket" / "data" / "x_val_000000.bin", np.full(200, THE, dtype=np.uint16))
+    write_shard(tmp_path / "bucket" / "data" / "x_train_000001.bin", np.full(10, 0, dtype=np.uint16))
+
+    runner = CliRunner()
+    for target in (tmp_path / "out", tmp_path / "hf"):
+        result = runner.invoke(app, ["eval", str(target), "--hellaswag", str(hs), "--limit", "3", "--json",
+                                     "--val", f"file://{tmp_path / 'bucket' / 'data'}", "--val-steps", "2",
+                                     "--val-batch", "2", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        r = json.loads(result.output)
+        assert (r["hellaswag"]["correct"], r["hellaswag"]["correct_norm"], r["hellaswag"]["n"]) == (1, 2, 3)
+        assert r["val"]["loss"] < 1e-3 and r["val"]["T"] == 32 and len(r["val"]["shards"]) == 1
+    assert r["step"] is None and json.loads(runner.invoke(app, [
+        "eval", str(tmp_path / "out"), "--hellaswag", str(hs), "--json"]).output)["step"] == 3
+
+    result = runner.invoke(app, ["eval", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "nothing to evaluate" in result.output
+    result = runner.invoke(app, ["eval", str(tmp_path / "out"), "--hellaswag", str(tmp_path / "nope.jsonl")])
+    assert result.exit_code == 2 and "hellaswag_val.jsonl" in result.output
+    result = runner.invoke(app, ["eval", str(tmp_path / "out"), "--hellaswag", str(hs)])
+    assert result.exit_code == 0 and "acc_norm 0.6667" in result.output

@@ -1,0 +1,175 @@
+"""`gpt2cloud plot` / `report` and calibration feedback, on OUT dirs and registry entries the tests write."""
+
+import dataclasses
+import json
+import math
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from gpt2cloud import registry
+from gpt2cloud.calibration import calibrate_finished_runs, measured_mfu, record_calibration
+from gpt2cloud.cli import app
+from gpt2cloud.estimate import estimate, flops_per_token, param_count
+from gpt2cloud.hardware import default_mfu, user_calibration_path
+from gpt2cloud.plot import title_lines
+from gpt2cloud.recipes import load_recipe
+from gpt2cloud.report import error_percent
+from gpt2cloud.rundata import load_run, read_metrics, run_estimate
+
+runner = CliRunner()
+STEPS, TOKENS_PER_STEP, WORLD = 100, 524288, 8
+STEADY_TOK_S = 3.0e6  # after 5 slow warm-up steps at 0.3e6
+PRICE = 2.5
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def write_metrics(out_dir, steps=STEPS, finished=True, peak=989e12, price=PRICE, device="cuda", hellaswag=True):
+    """A gpt2-124m run's metrics.jsonl as model/train.py writes it (see gpt2cloud/rundata.py)."""
+    cfg = load_recipe("gpt2-124m").to_train_config(steps=STEPS, peak_flops_per_gpu=peak, price_per_gpu_hour=price)
+    lines = [{"event": "start", "world_size": WORLD, "config": dataclasses.asdict(cfg), "device": device}]
+    elapsed = 0.0
+    for s in range(1, steps + 1):
+        tok_s = 0.3e6 if s <= 5 else STEADY_TOK_S
+        dt = TOKENS_PER_STEP / tok_s
+        elapsed += dt
+        row = {"step": s, "loss": 3.3 + 7.6 * math.exp(-s / 15), "lr": 6e-4, "grad_norm": 1.0, "step_seconds": dt,
+               "tokens_per_second": tok_s, "mfu": 0.3, "tokens_seen": s * TOKENS_PER_STEP, "elapsed_seconds": elapsed}
+        if price:
+            row["cost_usd"] = elapsed / 3600 * WORLD * price
+        lines.append(row)
+        if s % 20 == 0:
+            lines.append({"step": s, "val_loss": 3.4 + 7.6 * math.exp(-s / 15)})
+            lines.append({"step": s, "sample": f"Hello, I'm a language model, text at step {s}\nsecond line"})
+        if hellaswag and s % 50 == 0:
+            lines.append({"step": s, "hellaswag_acc_norm": 0.25 + s / 10000})
+    if finished:
+        lines.append({"event": "end", "step": steps, "final_loss": lines[-1].get("loss")})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    (out_dir / "metrics.jsonl").write_text(text + '{"step": 101, "loss": 3.')  # a torn last line of a live run
+    return elapsed
+
+
+def save_record(run_id, kind="cluster", gpu="H100"):
+    est = estimate(load_recipe("gpt2-124m"), gpu_type=gpu, gpus_per_node=WORLD, price=PRICE, steps=STEPS).to_dict()
+    record = registry.RunRecord(
+        run_id=run_id, kind=kind, infra="lambda", run_url=f"s3://b/{run_id}", bucket="s3://b", data_url="s3://b/data",
+        recipe="gpt2-124m", gpu_type=gpu, gpus_per_node=WORLD, nodes=1, spot=False, price_per_gpu_hour=PRICE,
+        total_steps=STEPS, started_at=time.time(), estimate=est)
+    registry.save(record)
+    return record, est
+
+
+def expected_mfu():
+    spec = load_recipe("gpt2-124m").model
+    return STEADY_TOK_S * flops_per_token(spec) / (WORLD * 989e12)
+
+
+def test_run_data_parsing_and_title(tmp_path):
+    elapsed = write_metrics(tmp_path / "out")
+    data = read_metrics(tmp_path / "out")
+    assert len(data.train) == STEPS and len(data.val) == 5 and len(data.hellaswag) == 2 and len(data.samples) == 5
+    assert data.finished and data.world_size == WORLD and data.recipe == "gpt2-124m"
+    assert data.steady_tokens_per_second() == STEADY_TOK_S  # the 5 warm-up steps are not in the median
+    assert data.wall_seconds == pytest.approx(elapsed)
+    assert data.cost_usd == pytest.approx(elapsed / 3600 * WORLD * PRICE)
+    assert data.tokens_at(40) == 40 * TOKENS_PER_STEP
+    head, sub = title_lines(data)
+    assert "gpt2-124m" in head and "8 x GPU (989 TFLOPS peak)" in head
+    assert f"${elapsed / 3600 * WORLD * PRICE:,.2f}" in sub and "step 100 of 100" in sub
+
+
+def test_plot_command_writes_png(tmp_path):
+    import matplotlib.image
+
+    write_metrics(tmp_path / "out", hellaswag=False)
+    for extra in ([], ["--log-x"]):
+        png = tmp_path / f"p{len(extra)}.png"
+        result = runner.invoke(app, ["plot", str(tmp_path / "out"), "--out", str(png), *extra])
+        assert result.exit_code == 0, result.output
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        h, w, _ = matplotlib.image.imread(png).shape
+        assert (w, h) == (1540, 990)
+
+
+def test_plot_of_unknown_run_is_one_line_error(tmp_path):
+    result = runner.invoke(app, ["plot", "no-such-run"])
+    assert result.exit_code == 2 and "no-such-run" in result.output and "Traceback" not in result.output
+
+
+def test_report_for_registry_run_compares_estimate_and_calibrates(home):
+    record, est = save_record("gpt2-124m-test")
+    elapsed = write_metrics(registry.runs_dir() / record.run_id)  # where the fetched OUT is looked for
+    result = runner.invoke(app, ["report", record.run_id])
+    assert result.exit_code == 0, result.output
+    md_path = registry.runs_dir() / record.run_id / "report.md"
+    md = md_path.read_text()
+    assert "launch-time estimate (run registry)" in md and "8 x H100" in md
+
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]]
+            for line in md.splitlines() if line.startswith("| ") and line.count("|") == 5}
+    assert rows["wall time"][2] == f"{error_percent(est['wall_hours'] * 3600, elapsed):+.1f}%"
+    assert rows["dollars"][2] == f"{error_percent(est['cost_usd'], elapsed / 3600 * WORLD * PRICE):+.1f}%"
+    assert rows["tokens/s (all GPUs)"][2] == f"{error_percent(est['tokens_per_second'], STEADY_TOK_S):+.1f}%"
+    assert rows["MFU"][1] == f"{expected_mfu():.1%}"
+    assert f"| val loss (step 100) | {3.4 + 7.6 * math.exp(-100 / 15):.4f} | 3.2924" in md
+    assert "HellaSwag acc_norm (step 100) | 0.2600" in md
+    assert "**step 20**" in md and "**step 100**" in md and "> second line" in md
+    assert "![training curves](report.png)" in md and (md_path.parent / "report.png").is_file()
+
+    # The calibration point: written once, with the measured MFU, and used by the estimator.
+    points = [json.loads(line) for line in user_calibration_path().read_text().splitlines()]
+    assert len(points) == 1
+    p = points[0]
+    assert (p["gpu"], p["kind"], p["source"]) == ("H100", "measured", "gpt2cloud run gpt2-124m-test")
+    assert p["params"] == param_count(load_recipe("gpt2-124m").model)
+    assert p["mfu"] == pytest.approx(expected_mfu(), abs=1e-4)
+    cal = default_mfu("H100", p["params"])
+    assert cal.mfu == pytest.approx(p["mfu"]) and "gpt2cloud run gpt2-124m-test" in cal.source
+    assert runner.invoke(app, ["report", record.run_id]).exit_code == 0
+    assert len(user_calibration_path().read_text().splitlines()) == 1
+    assert "already in" in (registry.runs_dir() / record.run_id / "report.md").read_text()
+
+
+def test_calibration_skips_local_unfinished_and_plain_dirs(tmp_path):
+    local, _ = save_record("local-run", kind="local")
+    write_metrics(registry.runs_dir() / "local-run", device="cpu", peak=0)
+    unfinished, _ = save_record("running-run")
+    write_metrics(registry.runs_dir() / "running-run", finished=False)
+    done, _ = save_record("done-run")
+    write_metrics(registry.runs_dir() / "done-run")
+    write_metrics(tmp_path / "plain")
+
+    assert record_calibration(load_run("local-run"))[0] is None
+    assert "not finished" in record_calibration(load_run("running-run"))[1]
+    assert "not a registry run" in record_calibration(load_run(str(tmp_path / "plain")))[1]
+    assert measured_mfu(load_run(str(tmp_path / "plain"))) == pytest.approx(expected_mfu())
+
+    results = calibrate_finished_runs()  # what `gpt2cloud status` calls
+    recorded = [run_id for run_id, point, _ in results if point]
+    assert recorded == ["done-run"]
+    assert [r for r in calibrate_finished_runs() if r[1]] == []  # once per run
+
+
+def test_report_for_plain_dirs(tmp_path):
+    write_metrics(tmp_path / "gpu")  # the trainer was told the GPUs' peak: an estimate can be computed
+    est, source = run_estimate(load_run(str(tmp_path / "gpu")))
+    assert est is not None and "computed now" in source and est["gpu_type"] == "H100" and est["gpus"] == WORLD
+    assert est["tokens"] == STEPS * TOKENS_PER_STEP
+
+    write_metrics(tmp_path / "cpu", device="cpu", peak=0, price=0, hellaswag=False)
+    out = tmp_path / "reports" / "cpu.md"
+    result = runner.invoke(app, ["report", str(tmp_path / "cpu"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    md = out.read_text()
+    assert "No estimate: no estimate was recorded" in md
+    assert "unknown (no price per GPU-hour was given)" in md and "not measured" in md
+    assert "![training curves](cpu.png)" in md and (tmp_path / "reports" / "cpu.png").is_file()
+    assert not user_calibration_path().exists()
