@@ -8,7 +8,7 @@
    shard-sized files. Both are timed as whole processes, start to exit. Goal: upload at least as fast
    as awscli. (gpt2cloud also hashes every file: sha256 on upload, verification on download.)
 
-Usage: python benchmarks/bench_data.py [--mb 50] [--upload-mb 200] [--workers 2] [--repeat 3]
+Usage: python benchmarks/bench_data.py [--mb 50] [--upload-mb 200] [--workers 2] [--repeat 3] [--no-transfer]
 (~3 minutes on 2 cores with the defaults)
 """
 
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--upload-mb", type=int, default=200, help="size of the shard-sized file set to transfer")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeat", type=int, default=3, help="repetitions (tokenize: best; transfer: median)")
+    ap.add_argument("--no-transfer", action="store_true", help="tokenization only")
     args = ap.parse_args()
     from gpt2cloud.prepare import prepare
 
@@ -135,12 +136,13 @@ def main() -> None:
                          f"{ntok / secs / 1e6:.2f} M tok/s", f"{secs:.2f} s", f"{mbs / base:.2f}x"))
         shards = work / f"shards-w{args.workers}"
 
-        big = work / "bigset"
-        big.mkdir()
-        n_files = 4
-        for i in range(n_files):
-            (big / f"data_train_{i:06d}.bin").write_bytes(os.urandom(args.upload_mb * 1_000_000 // n_files))
-        rows += transfer_rows({"prepared shards": shards, f"{n_files} shard-sized files": big}, work, args.repeat)
+        if not args.no_transfer:
+            big = work / "bigset"
+            big.mkdir()
+            n_files = 4
+            for i in range(n_files):
+                (big / f"data_train_{i:06d}.bin").write_bytes(os.urandom(args.upload_mb * 1_000_000 // n_files))
+            rows += transfer_rows({"prepared shards": shards, f"{n_files} shard-sized files": big}, work, args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
