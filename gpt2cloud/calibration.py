@@ -86,8 +86,19 @@ def record_calibration(data: RunData) -> tuple[Optional[dict], str]:
     return point, f"recorded MFU {mfu:.1%} for {point['gpu']} in {path}"
 
 
+def calibrate_from_metrics(record, metrics_rows: list[dict]) -> tuple[Optional[dict], str]:
+    """record_calibration for a registry record and its parsed metrics.jsonl lines (for `gpt2cloud
+    status`, which has read them from the bucket already); skipped at once if already recorded."""
+    from gpt2cloud.rundata import from_records
+
+    if _already_recorded(source_for(record.run_id)):
+        return None, f"already in {user_calibration_path()}"
+    return record_calibration(from_records(metrics_rows, ".", record))
+
+
 def calibrate_finished_runs() -> list[tuple[str, Optional[dict], str]]:
-    """Record every finished registry run not yet recorded (for `gpt2cloud status` to call)."""
+    """Record every finished registry run whose metrics are on this machine (fetched, or a local
+    node's) and not yet recorded; returns (run id, point or None, message) per run looked at."""
     from gpt2cloud import registry
     from gpt2cloud.rundata import load_run
 

@@ -142,18 +142,10 @@ class RunData:
         return step * int(self.config.get("tokens_per_step") or 0)
 
 
-def read_metrics(out_dir: str | Path, record=None) -> RunData:
-    """Parse OUT/metrics.jsonl (a torn last line from a live run is skipped)."""
-    out_dir = Path(out_dir)
-    path = out_dir / METRICS
-    if not path.is_file():
-        raise UserError(f"{path}: not found; give a run's OUT directory (it holds {METRICS}) or a registry run id")
-    data = RunData(out_dir=out_dir, record=record)
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+def from_records(rows: list[dict], out_dir: str | Path, record=None) -> RunData:
+    """A RunData from already-parsed metrics lines (e.g. what `gpt2cloud status` read from the bucket)."""
+    data = RunData(out_dir=Path(out_dir), record=record)
+    for row in rows:
         if not isinstance(row, dict):
             continue
         if "event" in row:
@@ -166,24 +158,70 @@ def read_metrics(out_dir: str | Path, record=None) -> RunData:
             data.hellaswag.append(row)
         elif "sample" in row:
             data.samples.append(row)
-    for rows in (data.train, data.val, data.hellaswag, data.samples):
-        rows.sort(key=lambda r: r.get("step", 0))
+    for rows_ in (data.train, data.val, data.hellaswag, data.samples):
+        rows_.sort(key=lambda r: r.get("step", 0))
     return data
 
 
-def run_dir_candidates(record) -> list[Path]:
-    """Where a registry run's OUT may be on this machine: fetched copy first, then a local run's node."""
+def read_metrics(out_dir: str | Path, record=None) -> RunData:
+    """Parse OUT/metrics.jsonl (a torn last line from a live run is skipped)."""
+    out_dir = Path(out_dir)
+    path = out_dir / METRICS
+    if not path.is_file():
+        raise UserError(f"{path}: not found; give a run's OUT directory (it holds {METRICS}) or a registry run id")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return from_records(rows, out_dir, record)
+
+
+def _record_for_dir(path: Path):
+    """The registry record of a fetched OUT dir: by the run id in its run.json (written at launch and
+    fetched with the metrics), else by the dir's name if it is where that run's OUT is looked for.
+    A run.json of a run launched on another machine still tells the GPUs and price."""
     from gpt2cloud import registry
 
-    candidates = []
-    for attr in ("fetched_dir", "fetch_dir", "out_dir"):  # whichever name `gpt2cloud fetch` records
-        if getattr(record, attr, None):
-            candidates.append(Path(getattr(record, attr)))
-    candidates.append(registry.runs_dir() / record.run_id)
-    candidates.append(Path.cwd() / record.run_id)
+    info = None
+    if (path / "run.json").is_file():
+        try:
+            info = json.loads((path / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            info = None
+    if isinstance(info, dict) and info.get("run_id"):
+        record = registry.find(info["run_id"])
+        if record is not None:
+            return record
+        gpu, _, count = str(info.get("gpus", "")).partition(":")
+        try:
+            return registry.RunRecord(
+                run_id=info["run_id"], kind="cluster", infra="unknown", run_url="", bucket="",
+                data_url=info.get("data_url", ""), recipe=info.get("recipe", ""), gpu_type=gpu,
+                gpus_per_node=int(count or 1), nodes=int(info.get("nodes", 1)), spot=False,
+                price_per_gpu_hour=float(info.get("price_per_gpu_hour") or 0),
+                total_steps=int(info.get("total_steps") or 0), started_at=float(info.get("launched_at") or 0),
+                estimate={})
+        except (TypeError, ValueError):
+            return None
+    record = registry.find(path.name)
+    if record and path.resolve() in [c.resolve() for c in run_dir_candidates(record)]:
+        return record
+    return None
+
+
+def run_dir_candidates(record) -> list[Path]:
+    """Where a registry run's OUT may be on this machine: a fetched copy first, then a local run's node.
+
+    A copy fetched with `--dest ELSEWHERE` is found by giving that DIR (its run.json names the run)."""
+    from gpt2cloud import registry
+
     local = Path(record.local_dir) if record.local_dir else registry.home() / "local" / record.run_id
-    candidates.append(local / "node" / "out")
-    return candidates
+    return [
+        Path.cwd() / "runs" / record.run_id,  # `gpt2cloud fetch RUN`'s default --dest
+        local / "node" / "out",  # an --infra local run's node (gpt2cloud/local_runner.py)
+    ]
 
 
 def load_run(run_or_dir: str) -> RunData:
@@ -192,11 +230,7 @@ def load_run(run_or_dir: str) -> RunData:
 
     path = Path(run_or_dir)
     if (path / METRICS).is_file():
-        # A DIR that is where a registry run's OUT lives (e.g. its fetched copy) keeps the run's record.
-        record = registry.find(path.name)
-        if record and path.resolve() not in [c.resolve() for c in run_dir_candidates(record)]:
-            record = None
-        return read_metrics(path, record)
+        return read_metrics(path, _record_for_dir(path))
     record = registry.find(run_or_dir)
     if record is None:
         raise UserError(f"{run_or_dir}: neither an OUT directory with {METRICS} nor a run in {registry.runs_dir()}")

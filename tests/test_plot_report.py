@@ -4,12 +4,13 @@ import dataclasses
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from gpt2cloud import registry
-from gpt2cloud.calibration import calibrate_finished_runs, measured_mfu, record_calibration
+from gpt2cloud.calibration import calibrate_finished_runs, calibrate_from_metrics, measured_mfu, record_calibration
 from gpt2cloud.cli import app
 from gpt2cloud.estimate import estimate, flops_per_token, param_count
 from gpt2cloud.hardware import default_mfu, user_calibration_path
@@ -27,6 +28,7 @@ PRICE = 2.5
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # `gpt2cloud fetch RUN` puts a run's OUT in ./runs/RUN
     return tmp_path / "home"
 
 
@@ -65,6 +67,11 @@ def save_record(run_id, kind="cluster", gpu="H100"):
         total_steps=STEPS, started_at=time.time(), estimate=est)
     registry.save(record)
     return record, est
+
+
+def fetched(run_id):
+    """Where `gpt2cloud fetch RUN` (default --dest) puts a run's OUT: ./runs/RUN."""
+    return Path("runs") / run_id
 
 
 def expected_mfu():
@@ -106,10 +113,10 @@ def test_plot_of_unknown_run_is_one_line_error(tmp_path):
 
 def test_report_for_registry_run_compares_estimate_and_calibrates(home):
     record, est = save_record("gpt2-124m-test")
-    elapsed = write_metrics(registry.runs_dir() / record.run_id)  # where the fetched OUT is looked for
+    elapsed = write_metrics(fetched(record.run_id))
     result = runner.invoke(app, ["report", record.run_id])
     assert result.exit_code == 0, result.output
-    md_path = registry.runs_dir() / record.run_id / "report.md"
+    md_path = fetched(record.run_id) / "report.md"
     md = md_path.read_text()
     assert "launch-time estimate (run registry)" in md and "8 x H100" in md
 
@@ -135,16 +142,16 @@ def test_report_for_registry_run_compares_estimate_and_calibrates(home):
     assert cal.mfu == pytest.approx(p["mfu"]) and "gpt2cloud run gpt2-124m-test" in cal.source
     assert runner.invoke(app, ["report", record.run_id]).exit_code == 0
     assert len(user_calibration_path().read_text().splitlines()) == 1
-    assert "already in" in (registry.runs_dir() / record.run_id / "report.md").read_text()
+    assert "already in" in (fetched(record.run_id) / "report.md").read_text()
 
 
 def test_calibration_skips_local_unfinished_and_plain_dirs(tmp_path):
     local, _ = save_record("local-run", kind="local")
-    write_metrics(registry.runs_dir() / "local-run", device="cpu", peak=0)
+    write_metrics(fetched("local-run"), device="cpu", peak=0)
     unfinished, _ = save_record("running-run")
-    write_metrics(registry.runs_dir() / "running-run", finished=False)
+    write_metrics(fetched("running-run"), finished=False)
     done, _ = save_record("done-run")
-    write_metrics(registry.runs_dir() / "done-run")
+    write_metrics(fetched("done-run"))
     write_metrics(tmp_path / "plain")
 
     assert record_calibration(load_run("local-run"))[0] is None
@@ -152,10 +159,37 @@ def test_calibration_skips_local_unfinished_and_plain_dirs(tmp_path):
     assert "not a registry run" in record_calibration(load_run(str(tmp_path / "plain")))[1]
     assert measured_mfu(load_run(str(tmp_path / "plain"))) == pytest.approx(expected_mfu())
 
-    results = calibrate_finished_runs()  # what `gpt2cloud status` calls
+    results = calibrate_finished_runs()  # for `gpt2cloud status`: every fetched finished run
     recorded = [run_id for run_id, point, _ in results if point]
     assert recorded == ["done-run"]
     assert [r for r in calibrate_finished_runs() if r[1]] == []  # once per run
+
+    # `status` has the metrics lines from the bucket already: no local copy needed.
+    bucket_run, _ = save_record("bucket-run", gpu="H200")
+    write_metrics(tmp_path / "bucket")
+    rows = [json.loads(line) for line in (tmp_path / "bucket" / "metrics.jsonl").read_text().splitlines()[:-1]]
+    point, message = calibrate_from_metrics(bucket_run, rows)
+    assert point["gpu"] == "H200" and point["mfu"] == pytest.approx(expected_mfu(), abs=1e-4)
+    assert calibrate_from_metrics(bucket_run, rows)[0] is None
+    # 3M tokens/s of 124M on 8 A100s would be MFU 103%: a wrong record, not a calibration point.
+    a100, _ = save_record("a100-run", gpu="A100-80GB")
+    assert "not plausible" in calibrate_from_metrics(a100, rows)[1]
+
+
+def test_fetched_dir_elsewhere_is_found_by_its_run_json(tmp_path):
+    save_record("done-run")
+    write_metrics(tmp_path / "mine")
+    (tmp_path / "mine" / "run.json").write_text(json.dumps({"run_id": "done-run", "gpus": "H100:8"}))
+    assert load_run(str(tmp_path / "mine")).record.run_id == "done-run"
+    # Launched from another machine: not in this registry, but run.json still names the GPUs and price.
+    write_metrics(tmp_path / "theirs", peak=312e12)
+    (tmp_path / "theirs" / "run.json").write_text(json.dumps(
+        {"run_id": "other-run", "recipe": "gpt2-124m", "gpus": "A100-80GB:8", "nodes": 1,
+         "price_per_gpu_hour": 1.5, "total_steps": STEPS, "launched_at": time.time()}))
+    data = load_run(str(tmp_path / "theirs"))
+    assert data.gpu_type == "A100-80GB" and data.hardware == "8 x A100-80GB" and data.price_per_gpu_hour == 1.5
+    est, source = run_estimate(data)
+    assert "computed now" in source and est["gpu_type"] == "A100-80GB" and est["price_per_gpu_hour"] == 1.5
 
 
 def test_report_for_plain_dirs(tmp_path):
