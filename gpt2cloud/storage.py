@@ -368,7 +368,7 @@ class S3Store(Store):
                 if digest != sha256:
                     raise StorageError(
                         f"{self.url_for(key)}: sha256 mismatch (expected {sha256[:12]}..., got {digest[:12]}...); "
-                        "the stored object is corrupt or was replaced: re-upload it (gpt2cloud data upload)"
+                        "the stored object is corrupt or was replaced: delete it and run `gpt2cloud data upload` again"
                     )
             os.replace(tmp, local_path)
         finally:
