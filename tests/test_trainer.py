@@ -113,18 +113,21 @@ def test_resume_on_another_world_size(runs):
 
 def test_budget_cap_stops_with_a_checkpoint(runs):
     out = runs["root"] / "budget"
-    # $1 per second of one process: the $5 cap is reached after ~5 s (start-up included, ~1.5 s) of a run
+    # $1 per second of one process: the $6 cap is reached after ~6 s (start-up included: 1.5-3 s) of a run
     # that would take hours
+    cap = 6.0
     config = write_config(runs["root"] / "budget.json",
-                          tiny_config(steps=1_000_000, price_per_gpu_hour=3600.0, max_cost_usd=5.0,
+                          tiny_config(steps=1_000_000, price_per_gpu_hour=3600.0, max_cost_usd=cap,
                                       checkpoint_every=10_000))
     run_trainer(config, runs["data"], out, None)
     records = read_metrics(out)
     stop = records[-1]
     steps = [r for r in records if "loss" in r]
-    assert stop["event"] == "budget_stop" and stop["step"] == steps[-1]["step"] > 5
-    assert all(r["cost_usd"] <= 5.0 for r in steps)
-    assert stop["cost_usd"] <= 5.2  # the final checkpoint's few milliseconds on top
+    assert stop["event"] == "budget_stop" and stop["step"] == steps[-1]["step"] >= 1
+    # stopped near the cap, not before it and not long after (slack: a step slower than the one before it
+    # on a busy machine, and the final checkpoint)
+    assert cap - 1.0 < steps[-1]["cost_usd"] <= cap + 0.5
+    assert stop["cost_usd"] <= cap + 1.0
     assert (out / "checkpoints" / f"step_{stop['step']:06d}" / "manifest.json").exists()
     assert not any(r.get("event") == "end" for r in records)
 
