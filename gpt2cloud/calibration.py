@@ -70,7 +70,8 @@ def record_calibration(data: RunData) -> tuple[Optional[dict], str]:
         return None, f"already in {user_calibration_path()}"
     mfu = measured_mfu(data)
     if mfu is None or not 0 < mfu <= 1:
-        return None, f"not recorded: measured MFU {mfu} is not plausible"
+        shown = "unknown" if mfu is None else f"{mfu:.1%}"
+        return None, f"not recorded: measured MFU {shown} is not plausible"
     point = {
         "gpu": gpu_spec(data.gpu_type).name,
         "params": param_count(model_spec(data)),

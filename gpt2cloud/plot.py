@@ -79,8 +79,10 @@ def plot_run(data: RunData, out: str | Path, log_x: bool = False, estimate: Opti
     if train:
         x = [r["tokens_seen"] for r in train]
         y = [r["loss"] for r in train]
-        ax_loss.plot(x, y, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
-        if len(y) >= 20:
+        smooth = len(y) >= 100  # fewer points are readable as they are
+        ax_loss.plot(x, y, color="tab:blue", alpha=0.25 if smooth else 1.0, linewidth=0.8 if smooth else 1.5,
+                     label="train loss")
+        if smooth:
             ax_loss.plot(x, _smooth(y), color="tab:blue", linewidth=1.8,
                          label="train loss (smoothed)")
         # The first steps sit near ln(50257) ~ 10.8; cap the axis so the interesting part is readable.
@@ -102,6 +104,7 @@ def plot_run(data: RunData, out: str | Path, log_x: bool = False, estimate: Opti
                    [r["hellaswag_acc_norm"] for r in data.hellaswag], "o-", color="tab:green",
                    label=f"this run (last {data.hellaswag[-1]['hellaswag_acc_norm']:.4f})")
     else:
+        ax_hs.set_xlim(ax_loss.get_xlim())  # the same token axis as the loss, not matplotlib's 0..1
         ax_hs.text(0.5, 0.55, "no HellaSwag evaluations in metrics.jsonl\n(set hellaswag_every in the recipe,\n"
                    "or run `gpt2cloud eval --hellaswag`)", ha="center", va="center",
                    transform=ax_hs.transAxes, color="gray")
@@ -150,9 +153,10 @@ def plot_run(data: RunData, out: str | Path, log_x: bool = False, estimate: Opti
         ax_cost.set_ylabel("US dollars")
         ax_cost.set_title("cost")
     elif data.train:
-        ax_cost.plot(steps, [r.get("elapsed_seconds", 0) / 3600 for r in data.train], color="tab:green",
+        unit, div = ("hours", 3600) if data.wall_seconds > 7200 else ("minutes", 60)
+        ax_cost.plot(steps, [r.get("elapsed_seconds", 0) / div for r in data.train], color="tab:green",
                      label="elapsed (no price given, so no dollars)")
-        ax_cost.set_ylabel("hours")
+        ax_cost.set_ylabel(unit)
         ax_cost.set_title("wall time")
     ax_cost.set_xlabel("step")
 

@@ -46,7 +46,11 @@ class RunData:
 
     @property
     def run_id(self) -> str:
-        return self.record.run_id if self.record else self.out_dir.name
+        if self.record:
+            return self.record.run_id
+        # "out" says nothing; "tiny/out" does.
+        d = self.out_dir.resolve()
+        return f"{d.parent.name}/{d.name}" if d.name in ("out", "OUT") else d.name
 
     @property
     def recipe(self) -> str:
