@@ -104,7 +104,6 @@ def plot_run(data: RunData, out: str | Path, log_x: bool = False, estimate: Opti
                    [r["hellaswag_acc_norm"] for r in data.hellaswag], "o-", color="tab:green",
                    label=f"this run (last {data.hellaswag[-1]['hellaswag_acc_norm']:.4f})")
     else:
-        ax_hs.set_xlim(ax_loss.get_xlim())  # the same token axis as the loss, not matplotlib's 0..1
         ax_hs.text(0.5, 0.55, "no HellaSwag evaluations in metrics.jsonl\n(set hellaswag_every in the recipe,\n"
                    "or run `gpt2cloud eval --hellaswag`)", ha="center", va="center",
                    transform=ax_hs.transAxes, color="gray")
@@ -116,7 +115,9 @@ def plot_run(data: RunData, out: str | Path, log_x: bool = False, estimate: Opti
     ax_hs.set_title("HellaSwag acc_norm (validation)")
     ax_hs.set_xlabel("tokens")
 
-    for ax in (ax_loss, ax_hs):
+    for ax in (ax_loss, ax_hs):  # the loss axis first: an empty HellaSwag panel copies its token range
+        if ax is ax_hs and not data.hellaswag:
+            ax.set_xlim(ax_loss.get_xlim())  # not matplotlib's meaningless 0..1
         ax.xaxis.set_major_formatter(token_fmt)
         if log_x:
             ax.set_xscale("log")
