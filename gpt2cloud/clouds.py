@@ -177,6 +177,10 @@ def sky_errors(what: str, infra: Optional[str] = None, gpus: Optional[str] = Non
         raise UserError(f"{what}: the cluster no longer exists ({_first_line(e)}); it finished and was torn "
                         "down, or was downed: `gpt2cloud fetch RUN` still works from the bucket") from None
     except ex.CloudError as e:
+        if any(w in str(e) for w in ("ConnectionError", "NameResolutionError", "Max retries exceeded")):
+            raise UserError(f"{what}: network error talking to the cloud or SkyPilot's catalog "
+                            f"({_first_line(e)[:160]}); check this machine's internet connection, then "
+                            "`sky check`") from None
         raise UserError(f"{what}: the cloud refused ({_first_line(e)}); check your credentials with "
                         f"`sky check`; {LAMBDA_HELP}") from None
     except ex.InvalidCloudCredentials as e:

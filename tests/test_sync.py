@@ -112,3 +112,18 @@ def test_pusher_makes_a_final_push_on_sigterm(tmp_path):
     assert sync.remote_checkpoints(store)[0] == [(7, "step_000007")]
     assert json.loads(store.get_bytes("metrics.jsonl").decode().splitlines()[-1])["step"] == 7
     assert "final push done" in proc.stderr.read()
+
+
+def test_node_side_needs_no_cli_dependencies(tmp_path):
+    """model.sync runs with typer, pydantic, rich, yaml and skypilot absent (as on a GPU node)."""
+    out, url = tmp_path / "out", (tmp_path / "bucket" / "r").as_uri()
+    fake_checkpoint(out, 3)
+    code = ("import sys\n"
+            "for m in ('typer', 'pydantic', 'rich', 'yaml', 'sky', 'click'):\n"
+            "    sys.modules[m] = None\n"
+            "from model import sync\n"
+            f"assert sync.main(['push', {str(out)!r}, {url!r}, '--once']) == 0\n"
+            f"assert sync.main(['pull', {url!r}, {str(tmp_path / 'fresh')!r}]) == 0\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "fresh" / "checkpoints" / "step_000003" / "manifest.json").is_file()
