@@ -172,12 +172,14 @@ def _exc(name):
                         "no H100:8 available on lambda"),
         "spot": (ex.ResourcesUnavailableError("Spot instances are not supported in Lambda."),
                  "lambda has no spot instances"),
-        "cloud": (ex.CloudError("connection error", "lambda", "ConnectionError"), "the cloud refused"),
+        "cloud": (ex.CloudError("Invalid API key", "lambda", "AuthenticationError"), "the cloud refused"),
+        "network": (ex.CloudError("requests error (ConnectionError): Max retries exceeded", "lambda",
+                                  "ConnectionError"), "check this machine's internet connection"),
         "server": (ex.ApiServerConnectionError("http://127.0.0.1:46580"), "sky api start"),
     }[name]
 
 
-@pytest.mark.parametrize("case", ["no-cloud", "unavailable", "spot", "cloud", "server"])
+@pytest.mark.parametrize("case", ["no-cloud", "unavailable", "spot", "cloud", "network", "server"])
 def test_sdk_errors_become_one_line_with_the_fix(fake, case):
     from gpt2cloud.clouds import sky_errors
     from gpt2cloud.errors import UserError
