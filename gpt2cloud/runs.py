@@ -229,6 +229,8 @@ def start(p: Plan) -> registry.RunRecord:
         launches=(old.launches + 1) if old else 1, history=list(old.history) if old else [],
     )
     registry.note(record, "launch" if old is None else "relaunch (resumes from the bucket)", state="LAUNCHING")
+    # The task as launched, secrets redacted: `sky launch` takes it as is (beside the build it ships).
+    (Path(p.spec.workdir) / "task.yaml").write_text(tasks.to_yaml(p.cfg))
     try:
         if p.kind == "local":
             from gpt2cloud import local_runner

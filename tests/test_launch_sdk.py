@@ -147,6 +147,10 @@ def test_launch_cluster_records_the_run(cloud, tmp_path):
     assert rec["estimate"]["cost_usd"] > 0 and rec["price_per_gpu_hour"] > 0 and rec["started_at"] > 0
     assert rec["max_cost_usd"] == 40 and rec["state"] == "LAUNCHED"
     assert secret not in rec_text and key_id not in rec_text and secret not in r.output
+    shipped = registry.home() / "builds" / "r1"
+    assert sorted(p.name for p in shipped.iterdir()) == ["config.json", "gpt2cloud-0.1.0-py3-none-any.whl",
+                                                          "task.yaml"]
+    assert secret not in (shipped / "task.yaml").read_text() and secret not in (shipped / "config.json").read_text()
     from gpt2cloud.storage import open_store
 
     run_json = json.loads(open_store(f"s3://{BUCKET}/runs/r1").get_bytes("run.json"))
