@@ -6,6 +6,7 @@ import json
 
 import pytest
 from run_helpers import local_record, metrics_lines
+from sky_offline import sky_home, sky_mod  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 from gpt2cloud.cli import app
@@ -57,3 +58,24 @@ def test_status_of_a_finished_local_run(tmp_path, monkeypatch):
     assert json.loads(CliRunner().invoke(app, ["status", "--json"]).stdout)[0]["state"] == "STOPPED"
     r = CliRunner().invoke(app, ["runs", "--json"])
     assert json.loads(r.stdout)[0]["run_id"] == "loc1"
+
+
+def test_finished_gpu_run_calibrates_the_estimator(sky_mod, tmp_path, monkeypatch):
+    from gpt2cloud import sky_sdk
+
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
+    rec = local_record(tmp_path, "gpu1", kind="cluster", infra="lambda", cluster="gpu1", local_dir=None)
+    monkeypatch.setattr(sky_sdk, "cluster_status", lambda name: None)  # autostop took the cluster down
+    model = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50257,
+             "padded_vocab_size": 50304}
+    rows = [{"event": "start", "world_size": 2, "device": "cuda",
+             "config": {"steps": 60, "model": model, "peak_flops_per_gpu": 989e12}}]
+    rows += [{"step": s, "loss": 5.0, "step_seconds": 1.0, "tokens_per_second": 9.2e5, "mfu": 0.4,
+              "elapsed_seconds": float(s)} for s in range(1, 61)]
+    rows.append({"event": "end", "step": 60, "final_loss": 5.0})
+    open_store(rec.run_url).put_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    d = json.loads(CliRunner().invoke(app, ["status", "gpu1", "--json"]).stdout)
+    assert d["state"] == "TERMINATED" and d["finished"] and d["calibration"].startswith("recorded MFU 4")
+    assert (tmp_path / "g2" / "calibration.jsonl").is_file()
+    d = json.loads(CliRunner().invoke(app, ["status", "gpu1", "--json"]).stdout)
+    assert d["calibration"].startswith("already in")  # once per run

@@ -41,6 +41,14 @@ def run_status(record) -> dict:
     }
     if problem:
         d["note"] = problem
+    if pr.finished and record.kind != "local":
+        # A finished GPU run teaches `gpt2cloud estimate` its measured MFU (gpt2cloud/calibration.py).
+        try:
+            from gpt2cloud.calibration import calibrate_from_metrics
+
+            d["calibration"] = calibrate_from_metrics(record, records)[1]
+        except Exception as e:  # noqa: BLE001 - status must not fail over the calibration side effect
+            d["calibration"] = f"not recorded: {type(e).__name__}: {e}"
     return d
 
 
@@ -69,6 +77,8 @@ def render_one(d: dict, console: Console) -> None:
         rows.append(("sample", repr(d["sample"])[:200]))
     if d.get("note"):
         rows.append(("note", d["note"]))
+    if d.get("calibration"):
+        rows.append(("calibration", d["calibration"]))
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
