@@ -42,17 +42,19 @@ class Source:
         p = Path(self.spec)
         return p if p.is_dir() else p.parent
 
-    def documents(self) -> Iterator[tuple[str, int]]:
-        """Yield (text, source_bytes_consumed) for every document, in a fixed order.
+    def documents(self) -> Iterator[tuple[str | bytes, int, tuple]]:
+        """Yield (document, source bytes consumed, (path, line)) for every document, in a fixed order.
 
-        Empty documents are yielded too (the tokenizer drops them) so document numbers are stable.
+        A document is its text, or for .jsonl the raw line (bytes): document_text() decodes it in the
+        tokenizer workers, so JSON parsing does not make the parent process the bottleneck. Empty
+        documents are yielded too (the tokenizer drops them) so document numbers are stable.
         """
         if self.kind == "huggingface":
             yield from _hf_documents(self.spec)
             return
         for path in self.files:
             if path.suffix == ".txt":
-                yield _read_txt(path), path.stat().st_size
+                yield _read_txt(path), path.stat().st_size, (path, None)
             elif path.suffix == ".jsonl":
                 yield from _read_jsonl(path)
             else:
@@ -97,23 +99,31 @@ def _read_txt(path: Path) -> str:
         raise UserError(f"{path}: unreadable: {e.strerror}") from None
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, int]]:
+class BadDocument(ValueError):
+    """A record that is not a document; args: (message, index of the record in its chunk)."""
+
+
+def document_text(doc: str | bytes) -> str:
+    """The text of a document as documents() yields it (a .jsonl line is parsed here)."""
+    if isinstance(doc, str):
+        return doc
+    try:
+        text = json.loads(doc)["text"]
+    except (ValueError, KeyError, TypeError):
+        raise BadDocument("not a JSON object with a 'text' field; every line needs {\"text\": ...}") from None
+    if text is None:
+        return ""  # a null text is an empty document
+    if not isinstance(text, str):
+        raise BadDocument(f"'text' is {type(text).__name__}, expected a string")
+    return text
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[bytes, int, tuple]]:
     try:
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise UserError(
-                        f"{path}:{lineno}: not a JSON object with a 'text' field; every line needs {{\"text\": ...}}"
-                    ) from None
-                if text is None:
-                    text = ""  # a null text is an empty document
-                if not isinstance(text, str):
-                    raise UserError(f"{path}:{lineno}: 'text' is {type(text).__name__}, expected a string")
-                yield text, len(line)
+                if line.strip():
+                    yield line, len(line), (path, lineno)
     except OSError as e:
         raise UserError(f"{path}: unreadable: {e.strerror}") from None
 
@@ -131,9 +141,11 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, int]]:
         raise UserError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
     rows = max(pf.metadata.num_rows, 1)
     per_row = path.stat().st_size / rows  # progress in file bytes, spread evenly over rows
+    row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
         for text in batch.column(0).to_pylist():
-            yield text or "", int(per_row)
+            row += 1
+            yield text or "", int(per_row), (path, f"row {row}")
 
 
 def _hf_documents(spec: str) -> Iterator[tuple[str, int]]:
@@ -149,7 +161,8 @@ def _hf_documents(spec: str) -> Iterator[tuple[str, int]]:
         ds = datasets.load_dataset(name, name=config or None, split="train", streaming=True)
         for row in ds:
             text = row.get("text")
-            yield (text if isinstance(text, str) else ""), len(text.encode("utf-8")) if isinstance(text, str) else 0
+            text = text if isinstance(text, str) else ""
+            yield text, len(text.encode("utf-8")), (spec, None)
     except UserError:
         raise
     except Exception as e:  # offline, unknown dataset, gated, ...: one line, not a traceback

@@ -202,3 +202,13 @@ def test_hugging_face_source_without_datasets(tmp_path):
         pass
     with pytest.raises(UserError, match="needs the `datasets` package"):
         prepare("HuggingFaceFW/fineweb-edu:sample-10BT", tmp_path / "out", progress=False)
+
+
+def test_bad_record_found_by_a_worker_process_names_file_and_line(tmp_path):
+    docs = make_docs(400)
+    src = write_jsonl(tmp_path / "src.jsonl", docs)
+    with open(src, "a") as f:
+        f.write('{"no_text": 1}\n')
+    with pytest.raises(UserError, match=r"src\.jsonl:401: not a JSON object with a 'text' field"):
+        prepare(str(src), tmp_path / "out", workers=2, chunk_bytes=2000, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
