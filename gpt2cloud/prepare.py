@@ -5,9 +5,10 @@ fixed-size shards: the first `val_tokens` tokens form `{name}_val_000000.bin`, t
 `{name}_train_000001.bin`, ... of `shard_tokens` each (the last one shorter). Documents straddle
 shard boundaries, as in llm.c's fineweb.py.
 
-Speed: chunks of ~1 MB of documents go to a multiprocessing Pool whose workers run tiktoken's
-`encode_ordinary` over the chunk and send back uint16 arrays; the parent keeps only a few chunks in flight,
-so memory stays bounded by one shard buffer whatever the input size.
+Speed: the parent only reads records; chunks of ~1 MB of them go to a multiprocessing Pool whose
+workers parse them (JSON lines), run tiktoken's `encode_ordinary` and send back uint16 arrays. The
+parent keeps only a few chunks in flight, so memory stays bounded by one shard buffer whatever the
+input size.
 
 Resume: the shards are a pure function of (source, name, shard_tokens, val_tokens, limit_tokens).
 After each finished shard, `.prepare-state.json` records where the stream stands (document index,
@@ -266,7 +267,10 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
 
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError:
+            manifest = {}
         if manifest.get("fingerprint") == fingerprint:
             return _summary(manifest, out, t0, resumed=len(manifest["shards"]), complete_before=True)
         raise UserError(f"{out} already holds shards prepared from another source or with other parameters; "
