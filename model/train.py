@@ -86,19 +86,24 @@ def train_step(model, optimizer, scaler, loader, grad_accum, amp, grad_clip, lr,
 
 @torch.no_grad()
 def evaluate(model, val_shards, cfg, rank, world, amp, device, ddp) -> float:
-    """Mean loss over val_steps micro-batches per rank, averaged over ranks (each reads its stride)."""
-    loader = TokenLoader(val_shards, cfg.micro_batch, cfg.model.block_size, rank, world, 1, log=lambda *a: None)
+    """Mean loss over the first val_steps micro-batches of the val shard, split over the ranks.
+
+    The val loader reads the same batches whatever the world size (rank r takes every world-th
+    one), so val loss is comparable between runs with different numbers of processes.
+    """
+    per_rank = max(1, cfg.val_steps // world)
+    loader = TokenLoader(val_shards, cfg.micro_batch, cfg.model.block_size, rank, world, per_rank,
+                         log=lambda *a: None)
     model.eval()
     total = torch.zeros((), device=device)
-    for _ in range(cfg.val_steps):
+    for _ in range(per_rank):
         x, y = loader.next_batch()
         with amp():
             _, loss = model(x.to(device), y.to(device))
-        total += loss.detach() / cfg.val_steps
+        total += loss.detach() / (per_rank * world)
     model.train()
     if ddp:
-        dist.all_reduce(total)  # gloo has no AVG: sum, then divide
-        total /= world
+        dist.all_reduce(total)  # each rank holds its share of the mean: the sum is the mean
     return total.item()
 
 
@@ -147,7 +152,7 @@ def run(args, t_start: float) -> None:
     train_loader = TokenLoader(train_shards, B, T, rank, world, grad_accum, log=log)
     if val_shards:
         try:
-            TokenLoader(val_shards, B, T, rank, world, 1, log=log)  # holds one validation batch per rank?
+            TokenLoader(val_shards, B, T, rank, world, max(1, cfg.val_steps // world), log=log)
         except ShardError as e:
             log(f"note: no validation loss: {e}")
             val_shards = []

@@ -14,7 +14,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from gpt2cloud.local_train import kill_process_tree
+from gpt2cloud.processes import kill_process_tree
 from trainer_helpers import (REPO, env, losses, make_shards, read_metrics, run_trainer, tiny_config, trainer_cmd,
                              write_config)
 
@@ -47,6 +47,10 @@ def test_two_ranks_equal_one_rank_with_accumulation(runs):
     assert max(abs(one[s] - two[s]) for s in one) < 1e-5
     assert _max_diff(_weights(runs["one"]), _weights(runs["two"])) < 1e-5
     assert one[STEPS] < one[1] - 1.0  # it learns the repeating pattern
+    # validation reads the same batches on 1 and 2 ranks, so val loss is comparable too
+    val_one, val_two = ({r["step"]: r["val_loss"] for r in read_metrics(runs[k]) if "val_loss" in r} for k in ("one", "two"))
+    assert val_one.keys() == val_two.keys() and len(val_one) == STEPS // 10
+    assert max(abs(val_one[s] - val_two[s]) for s in val_one) < 1e-5
 
 
 def test_metrics_and_checkpoints_written(runs):
@@ -81,7 +85,7 @@ def test_sigkill_midway_then_resume_is_exact(runs):
                 break
             time.sleep(0.02)
     finally:
-        kill_process_tree(proc.pid, hard=True)  # torchrun and both workers (they have sessions of their own)
+        kill_process_tree(proc.pid)  # SIGKILL: torchrun and both workers (they have sessions of their own)
     proc.wait()
     records = read_metrics(out)
     assert not any(r.get("event") == "end" for r in records), "the run finished before it was killed"
