@@ -48,7 +48,7 @@ else
   fi
   PY="$NODE_HOME/venv/bin/python"
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q "$GPT2CLOUD_TORCH_SPEC" numpy tiktoken boto3
+  "$PY" -m pip install -q "$GPT2CLOUD_TORCH_SPEC" numpy tiktoken safetensors boto3
 fi
 rm -rf "$NODE_HOME/site"
 "$PY" -m pip install -q --no-deps --no-index --target "$NODE_HOME/site" ./gpt2cloud-*.whl

@@ -1,0 +1,52 @@
+"""What runs on a GPU node imports only what the node's setup installs.
+
+`--infra local` reuses this machine's Python, which has every package, so a missing node
+dependency would only show up on a real cloud node: this test reads the imports instead.
+"""
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+from gpt2cloud.tasks import SETUP_SCRIPT
+
+REPO = Path(__file__).resolve().parent.parent
+# what the node's pip line installs, by import name; gpt2cloud's storage layer ships in the wheel
+NODE_MODULES = {"torch": "torch", "numpy": "numpy", "tiktoken": "tiktoken", "safetensors": "safetensors",
+                "boto3": "boto3", "botocore": "boto3"}
+
+
+def imported_top_level(path: Path, module_level_only: bool = False) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in (tree.body if module_level_only else ast.walk(tree)):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_model_package_imports_only_what_the_node_installs():
+    pip_line = next(line for line in SETUP_SCRIPT.splitlines() if "GPT2CLOUD_TORCH_SPEC" in line and "install" in line)
+    installed = set(re.findall(r"[A-Za-z0-9_-]+", pip_line.split('"$GPT2CLOUD_TORCH_SPEC"', 1)[1])) | {"torch"}
+    third_party = set()
+    for path in (REPO / "model").glob("*.py"):
+        third_party |= imported_top_level(path) - set(sys.stdlib_module_names) - {"model", "gpt2cloud"}
+    assert third_party, "the scan found no imports at all"
+    unknown = third_party - set(NODE_MODULES)
+    assert not unknown, f"model/ imports {unknown}: install them in the node setup and list them here"
+    missing = {NODE_MODULES[m] for m in third_party} - installed
+    assert not missing, f"the node setup does not install {missing}"
+
+
+def test_node_side_gpt2cloud_modules_stay_light():
+    """model/ may import gpt2cloud's storage layer on the node, which has no typer/pydantic/skypilot.
+
+    (transfer.py imports rich inside its progress bar, which the node never turns on.)
+    """
+    for name in ("storage.py", "transfer.py", "errors.py", "__init__.py"):
+        top = imported_top_level(REPO / "gpt2cloud" / name, module_level_only=True)
+        heavy = top & {"typer", "pydantic", "sky", "rich", "yaml", "boto3", "botocore"}
+        assert not heavy, f"gpt2cloud/{name} imports {heavy}, which a node does not install"
