@@ -3,7 +3,7 @@ torchrun on this machine, stream its output, and summarise what it wrote.
 
 torchrun starts each worker in a session of its own, so killing torchrun's process group leaves the
 workers running (and writing checkpoints). On Ctrl-C or SIGTERM we collect the whole process tree
-by PID first and then end every process in it; see kill_process_tree.
+by PID first and then end every process in it; see gpt2cloud.processes.kill_process_tree.
 """
 
 from __future__ import annotations
@@ -15,35 +15,9 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import psutil
-
 from gpt2cloud.errors import UserError
+from gpt2cloud.processes import kill_process_tree
 from gpt2cloud.recipes import load_recipe
-
-
-def kill_process_tree(pid: int, timeout: float = 5.0, hard: bool = False) -> None:
-    """End `pid` and all its descendants: SIGTERM, then SIGKILL whatever is left after `timeout`.
-
-    Descendants are collected before any signal is sent: once a parent dies its children are
-    re-parented to init and can no longer be found from it. hard=True sends SIGKILL at once.
-    """
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill() if hard else p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=0 if hard else timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
 
 
 def check_inputs(cfg, data: Path, out: Path, nproc: int, resume: str) -> None:
@@ -114,7 +88,7 @@ def stream_process(cmd: list[str], stream: TextIO) -> tuple[int, str | None]:
                 error = line[len("error: "):].strip()
         return proc.wait(), error
     except BaseException:
-        kill_process_tree(proc.pid)
+        kill_process_tree(proc.pid, graceful_seconds=5.0)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -12,11 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
 from gpt2cloud import local_runner, registry
 from gpt2cloud.cli import app
+from gpt2cloud.processes import alive, kill_process_tree
 from gpt2cloud.progress import parse_metrics
 from gpt2cloud.storage import open_store
 from model import sync
@@ -62,6 +64,13 @@ def wait_done(run_id: str, timeout: float = TIMEOUT_S) -> str:
         time.sleep(0.5)
     local_runner.stop(rec, graceful_seconds=0)
     pytest.fail(f"run {run_id} did not finish in {timeout} s; log:\n{(d / 'driver.log').read_text()[-3000:]}")
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def log_of(run_id: str) -> str:
@@ -151,10 +160,11 @@ def test_preempted_run_resumes_with_the_same_losses_and_budget_cap_stops(local_e
         assert local_runner.state(Path(registry.get("victim").local_dir)) == "RUNNING", log_of("victim")
         time.sleep(0.2)
     rec = registry.get("victim")
-    local_runner.kill_tree(rec.pid)  # SIGKILL, no goodbye: like a preempted VM
+    tree = psutil.Process(rec.pid).children(recursive=True)
+    assert len([c for c in map(_cmdline, tree) if "model.train" in c and "torch.distributed.run" not in c]) == 2
+    kill_process_tree(rec.pid)  # SIGKILL, no goodbye: like a preempted VM
     assert local_runner.state(Path(rec.local_dir)) == "STOPPED"
-    tree_left = [p for p in local_runner.descendants(rec.pid)]
-    assert not tree_left
+    assert not [p.pid for p in tree if alive(p.pid, p.create_time())]
     killed_at = max(_losses(bucket, "victim"))
     resumable = sync.remote_checkpoints(store)[0][-1][0]
     assert resumable < 120 and killed_at < 120, "the victim finished before it was killed; make steps slower"
