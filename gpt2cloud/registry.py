@@ -52,6 +52,7 @@ class RunRecord:
     job_id: Optional[int] = None  # SkyPilot job id on the cluster, or the managed job id
     pid: Optional[int] = None  # local runs: the driver's PID (also its process group and session)
     local_dir: Optional[str] = None  # local runs: the node's directory (logs, OUT, data)
+    fetched_dir: Optional[str] = None  # where `gpt2cloud fetch` last put the run's OUT (absolute path)
     build_sha256: str = ""  # the wheel shipped to the node: this exact version of the trainer
     state: str = "LAUNCHING"  # last state we set ourselves (LAUNCHING, LAUNCHED, DOWN, ...)
     launches: int = 1  # how many times this run id was launched (resumes count)

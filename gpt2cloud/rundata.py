@@ -216,16 +216,18 @@ def _record_for_dir(path: Path):
 
 
 def run_dir_candidates(record) -> list[Path]:
-    """Where a registry run's OUT may be on this machine: a fetched copy first, then a local run's node.
-
-    A copy fetched with `--dest ELSEWHERE` is found by giving that DIR (its run.json names the run)."""
+    """Where a registry run's OUT may be on this machine: where `gpt2cloud fetch` last put it (the
+    record's fetched_dir), then fetch's default --dest under the current dir, then a local run's node."""
     from gpt2cloud import registry
 
     local = Path(record.local_dir) if record.local_dir else registry.home() / "local" / record.run_id
-    return [
+    fetched = getattr(record, "fetched_dir", None)
+    candidates = [
+        *([Path(fetched)] if fetched else []),  # `gpt2cloud fetch RUN --dest DIR`, as the registry noted it
         Path.cwd() / "runs" / record.run_id,  # `gpt2cloud fetch RUN`'s default --dest
         local / "node" / "out",  # an --infra local run's node (gpt2cloud/local_runner.py)
     ]
+    return list(dict.fromkeys(candidates))
 
 
 def load_run(run_or_dir: str) -> RunData:

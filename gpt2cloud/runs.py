@@ -227,6 +227,7 @@ def start(p: Plan) -> registry.RunRecord:
         started_at=time.time(), estimate=p.est.to_dict(), max_cost_usd=p.max_cost_usd,
         idle_minutes=p.idle_minutes, build_sha256=p.spec.build_sha256,
         launches=(old.launches + 1) if old else 1, history=list(old.history) if old else [],
+        fetched_dir=old.fetched_dir if old else None,  # a relaunch continues the same run
     )
     registry.note(record, "launch" if old is None else "relaunch (resumes from the bucket)", state="LAUNCHING")
     # The task as launched, secrets redacted: `sky launch` takes it as is (beside the build it ships).

@@ -92,3 +92,27 @@ def test_nothing_there(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
     r = fetch((tmp_path / "nothing" / "r9").as_uri())
     assert r.exit_code == 2 and "nothing to fetch" in r.output
+
+
+def test_registry_remembers_where_fetch_put_the_run(run, monkeypatch):
+    """`fetch RUN --dest DIR` notes DIR in the run's record; plot/report then find the run by its id."""
+    from gpt2cloud import registry
+    from gpt2cloud.rundata import load_run, run_dir_candidates
+
+    rec, store, tmp = run
+    monkeypatch.chdir(tmp)
+    assert registry.get("f1").fetched_dir is None
+    r = fetch("f1", "--dest", "elsewhere/f1-copy")  # a relative --dest is stored absolute
+    assert r.exit_code == 0, r.output
+    dest = (tmp / "elsewhere" / "f1-copy").resolve()
+    assert registry.get("f1").fetched_dir == str(dest)
+    monkeypatch.chdir(tmp / "elsewhere")  # not where ./runs/f1 (fetch's default) would be
+    assert run_dir_candidates(registry.get("f1"))[0] == dest
+    data = load_run("f1")
+    assert data.out_dir == dest and data.record.run_id == "f1" and data.last_step == 15
+    # fetching by the run's bucket URL is the same run: noted too
+    assert fetch(rec.run_url, "--dest", str(tmp / "by-url")).exit_code == 0
+    assert registry.get("f1").fetched_dir == str((tmp / "by-url").resolve())
+    # a failed fetch leaves the record as it was
+    assert fetch("f1", "--step", "15", "--dest", str(tmp / "bad")).exit_code == 2
+    assert registry.get("f1").fetched_dir == str((tmp / "by-url").resolve())

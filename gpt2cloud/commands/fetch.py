@@ -19,6 +19,19 @@ def _resolve(run_or_url: str) -> tuple[str, str]:
     return record.run_id, record.run_url
 
 
+def _remember(run_id: str, url: str, dest: Path) -> None:
+    """Note in the run's registry record where its OUT now is (plot, report and status look there first).
+
+    A bucket URL counts when it is the URL of a run in the registry; anything else has no record."""
+    from gpt2cloud import registry
+
+    record = registry.find(run_id)  # read again: the record may have changed while we downloaded
+    if record is None or record.run_url.rstrip("/") != url:
+        return
+    record.fetched_dir = str(dest.resolve())
+    registry.save(record)
+
+
 def fetch(run_or_url: str, dest: Optional[Path] = None, step: Optional[int] = None, all_: bool = False,
           logs: bool = False, progress: bool = True) -> dict:
     from gpt2cloud.errors import UserError
@@ -64,6 +77,7 @@ def fetch(run_or_url: str, dest: Optional[Path] = None, step: Optional[int] = No
         for obj in store.list("logs/"):
             store.get_file(obj.key, dest / obj.key)
             out["logs"].append(str(dest / obj.key))
+    _remember(run_id, url, dest)
     return out
 
 
