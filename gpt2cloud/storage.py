@@ -280,7 +280,7 @@ class S3Store(Store):
 
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None, region: str | None = None):
         try:
-            import boto3
+            import boto3  # noqa: F401 - here only to say how to install it; _s3_client uses it
             from boto3.s3.transfer import TransferConfig, create_transfer_manager
             from botocore.config import Config
         except ImportError:
@@ -288,7 +288,7 @@ class S3Store(Store):
         self.bucket, self.prefix = bucket, prefix
         self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        config = Config(
+        config = Config(  # a function of endpoint_url alone, which is part of the client cache key
             connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=READ_TIMEOUT_S,
             retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
@@ -296,9 +296,7 @@ class S3Store(Store):
             # Custom endpoints (MinIO, moto, most self-hosted stores) expect path-style URLs.
             s3={"addressing_style": "path"} if self.endpoint_url else None,
         )
-        session = boto3.session.Session()
-        region = region or os.environ.get("AWS_REGION") or session.region_name
-        self.client = session.client("s3", endpoint_url=self.endpoint_url, region_name=region, config=config)
+        self.client = _s3_client(self.endpoint_url, region, config)
         self._manager = create_transfer_manager(
             self.client,
             TransferConfig(
@@ -461,6 +459,58 @@ class S3Store(Store):
 
     def close(self):
         self._manager.shutdown()
+
+
+# ---- boto3 sessions and clients, made once per process and environment
+#
+# A new boto3 session parses the S3 service model again when it makes a client (~0.1 s); `status` opens
+# one store per run and `fetch` several. Sessions and clients are cached for the process's lifetime,
+# keyed by everything they read when they are made: the AWS_* variables (credentials, profile, region,
+# config files, endpoints), HOME (~/.aws), the proxy variables and the PID (a forked child makes its
+# own: pooled connections must not be shared across a fork). boto3 clients are thread-safe; making
+# one from a session is not, hence the lock.
+
+_PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+_MAX_CACHED = 16
+_sessions: dict = {}
+_clients: dict = {}
+_cache_lock = threading.Lock()
+
+
+def _env_key() -> tuple:
+    env = sorted((k, v) for k, v in os.environ.items()
+                 if k.startswith("AWS_") or k == "HOME" or k.lower() in _PROXY_VARS)
+    return (os.getpid(), tuple(env))
+
+
+def _cache_put(cache: dict, key, value):
+    while len(cache) >= _MAX_CACHED:
+        cache.pop(next(iter(cache)))  # the oldest: environments a test (or a long process) left behind
+    cache[key] = value
+    return value
+
+
+def _s3_client(endpoint_url: str | None, region: str | None, config):
+    """The process's S3 client for this endpoint, region and environment (config follows from endpoint_url)."""
+    import boto3
+
+    env = _env_key()
+    key = (env, endpoint_url, region)
+    with _cache_lock:
+        client = _clients.get(key)
+        if client is None:
+            session = _sessions.get(env) or _cache_put(_sessions, env, boto3.session.Session())
+            region_name = region or os.environ.get("AWS_REGION") or session.region_name
+            client = _cache_put(_clients, key, session.client("s3", endpoint_url=endpoint_url,
+                                                              region_name=region_name, config=config))
+        return client
+
+
+def clear_client_cache() -> None:
+    """Forget the cached boto3 sessions and clients (the next store makes new ones)."""
+    with _cache_lock:
+        _sessions.clear()
+        _clients.clear()
 
 
 def _subscribers(progress: Progress):

@@ -151,3 +151,29 @@ def test_storage_imports_only_the_standard_library_at_top():
             "print([m for m in ('boto3', 'botocore', 'typer', 'rich', 'pydantic', 'numpy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_s3_clients_are_reused_per_environment(s3_server, s3_bucket, monkeypatch):
+    """open_store reuses one boto3 session and client per (endpoint, region, AWS_* environment); a store
+    opened after the environment changed gets a client made from the new one."""
+    from gpt2cloud import storage
+
+    storage.clear_client_cache()
+    first = open_store(f"s3://{s3_bucket}/a", endpoint_url=s3_server)
+    second = open_store(f"s3://{s3_bucket}/b", endpoint_url=s3_server)
+    assert second.client is first.client
+    t0 = time.perf_counter()
+    for _ in range(5):
+        open_store(f"s3://{s3_bucket}/c", endpoint_url=s3_server).put_bytes("x", b"1")
+    assert time.perf_counter() - t0 < 2  # no service model parsed again (~0.1 s a client)
+    assert open_store(f"s3://{s3_bucket}/d", endpoint_url=s3_server, region="eu-west-1").client is not first.client
+    first.close()  # closing a store leaves the shared client usable
+    assert open_store(f"s3://{s3_bucket}/c", endpoint_url=s3_server).get_bytes("x") == b"1"
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAOTHERKEY00000001")
+    other = open_store(f"s3://{s3_bucket}/a", endpoint_url=s3_server)
+    assert other.client is not first.client
+    assert other.client._request_signer._credentials.access_key == "AKIAOTHERKEY00000001"
+    assert open_store(f"s3://{s3_bucket}/b", endpoint_url=s3_server).client is other.client
+    monkeypatch.undo()
+    assert open_store(f"s3://{s3_bucket}/a", endpoint_url=s3_server).client is first.client

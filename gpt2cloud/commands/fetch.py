@@ -20,7 +20,7 @@ def _resolve(run_or_url: str) -> tuple[str, str]:
 
 
 def _remember(run_id: str, url: str, dest: Path) -> None:
-    """Note in the run's registry record where its OUT now is (plot, report and status look there first).
+    """Note in the run's registry record where its OUT now is (plot and report look there first).
 
     A bucket URL counts when it is the URL of a run in the registry; anything else has no record."""
     from gpt2cloud import registry
