@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import hf
 from model.config import GPTConfig
 from model.gpt import GPT
 
@@ -102,12 +103,6 @@ def verify_checkpoint(path: str | Path, only: list[str] | None = None) -> dict:
     return manifest
 
 
-def _is_hf_dir(path: Path) -> bool:
-    """config.json + model.safetensors (or its shard index) and no manifest: GPT2LMHeadModel's layout."""
-    return (path / "config.json").is_file() and (
-        (path / WEIGHTS).is_file() or (path / "model.safetensors.index.json").is_file())
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir or HF-format dir as given, or the newest complete checkpoint of a run's OUT dir."""
     path = Path(path)
@@ -120,12 +115,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if latest is None:
             raise CheckpointError(f"{path}/checkpoints: no complete checkpoint (none has a {MANIFEST}) yet")
         return latest
-    if _is_hf_dir(path):
+    if hf.is_hf_dir(path):
         return path
     if _STEP_DIR.match(path.name):
         raise CheckpointError(f"{path / MANIFEST}: missing; {path} is an incomplete checkpoint")
     raise CheckpointError(f"{path}: not a checkpoint ({MANIFEST}), a run directory (checkpoints/) "
-                          "or an HF-format directory (config.json + model.safetensors)")
+                          "or an HF-format directory (config.json + model.safetensors or its shard index)")
 
 
 # ---- saving ----
@@ -238,10 +233,8 @@ def load_model(path: str | Path, device="cpu", verify: bool = True) -> GPT:
     """
     path = resolve_checkpoint(path)
     if not (path / MANIFEST).exists():
-        if _is_hf_dir(path):
-            from model.hf import load_hf  # imported lazily: only HF-format dirs need it
-
-            return load_hf(path).to(device)
+        if hf.is_hf_dir(path):  # config.json + model.safetensors or its shard index (.safetensors.index.json)
+            return hf.load_hf(path).to(device)
         raise CheckpointError(f"{path / MANIFEST}: missing; {path} is not a complete checkpoint")
     manifest = verify_checkpoint(path, only=[WEIGHTS]) if verify else _read_manifest(path)
     model = GPT(GPTConfig(**manifest["config"]["model"]))

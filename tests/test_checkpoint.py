@@ -120,5 +120,9 @@ def test_hf_format_dir_goes_to_load_hf(tmp_path, monkeypatch):
     sentinel = GPT(tiny_config().model)
     monkeypatch.setattr(model.hf, "load_hf", lambda p: sentinel if p == hf_dir else None)
     assert ckpt.load_model(hf_dir) is sentinel
+    # a sharded save: model.safetensors.index.json and its shards, no model.safetensors
+    (hf_dir / "model.safetensors").rename(hf_dir / "model-00001-of-00002.safetensors")
+    (hf_dir / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    assert ckpt.load_model(hf_dir) is sentinel
     with pytest.raises(ckpt.CheckpointError, match="not a checkpoint"):
         ckpt.load_model(tmp_path)

@@ -93,6 +93,20 @@ def test_openai_hub_layout_without_prefix_and_with_mask_buffers(hf_model, tokens
         torch.testing.assert_close(ours(tokens)[0][..., :50257], hf_model(tokens).logits, atol=1e-5, rtol=0)
 
 
+def test_sharded_hf_dir_loads_through_load_model(hf_model, tokens, tmp_path):
+    """A dir with model.safetensors.index.json and shards (no model.safetensors) is an HF-format dir too."""
+    from model.checkpoint import load_model, resolve_checkpoint
+
+    hf_model.save_pretrained(tmp_path, max_shard_size="5MB")  # wte alone is 12.9 MB: several shards
+    assert not (tmp_path / "model.safetensors").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert resolve_checkpoint(tmp_path) == tmp_path
+    ours = load_model(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens)[0][..., :50257], hf_model(tokens).logits, atol=1e-5, rtol=0)
+
+
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(HFFormatError, match="not a Hugging Face checkpoint"):
         load_hf(tmp_path)
