@@ -182,8 +182,8 @@ def compare(recipe: Recipe, counts=(1, 8), **kwargs) -> list[Estimate]:
 
     rows = []
     for gpu in known_gpus():
-        if default_price(gpu) is None and kwargs.get("price") is None:
-            continue
+        if gpu == "CPU" or (default_price(gpu) is None and kwargs.get("price") is None):
+            continue  # CPU ranks are for local runs, not something to rent for GPT-2
         for n in counts:
             rows.append(estimate(recipe, gpu_type=gpu, gpus_per_node=n, check_batch=False, **kwargs))
     return sorted(rows, key=lambda e: (not e.fits, e.cost_usd))

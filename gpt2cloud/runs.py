@@ -24,6 +24,7 @@ from gpt2cloud.hardware import parse_gpus
 from gpt2cloud.recipes import load_recipe
 
 LOCAL = "local"
+CPU = "CPU"  # the hardware table's entry for CPU ranks (local runs only)
 ANY = "any"
 
 
@@ -100,6 +101,9 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
                         "many idle minutes)")
     if max_cost is not None and max_cost <= 0:
         raise UserError(f"--max-cost {max_cost}: a budget must be more than $0")
+    if gpu_type == CPU and infra != LOCAL:
+        raise UserError(f"--gpus {gpus}: CPU ranks are for --infra local; on a cloud pick a GPU type "
+                        "(`gpt2cloud estimate RECIPE --compare` ranks them)")
     if infra == LOCAL:
         if nodes != 1:
             raise UserError("--infra local runs one node; drop --nodes (or launch on a cloud)")
@@ -143,8 +147,10 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
 
     _, sha = build_wheel(workdir)
     train_cfg = r.to_train_config(
-        steps=steps, micro_batch=micro_batch, tokens_per_step=tokens_per_step, max_cost_usd=max_cost or 0.0, price_per_gpu_hour=est.price_per_gpu_hour,
-        peak_flops_per_gpu=0.0 if infra == LOCAL else est.peak_tflops_per_gpu * 1e12,
+        steps=steps, micro_batch=micro_batch, tokens_per_step=tokens_per_step, max_cost_usd=max_cost or 0.0,
+        price_per_gpu_hour=est.price_per_gpu_hour,
+        # MFU in the metrics needs the real peak: a local run of `--gpus H100:2` on CPU ranks has none
+        peak_flops_per_gpu=0.0 if infra == LOCAL and gpu_type != CPU else est.peak_tflops_per_gpu * 1e12,
     )
     (workdir / tasks.CONFIG_NAME).write_text(train_cfg.to_json())
 

@@ -11,6 +11,7 @@ validate, score HellaSwag, sample and checkpoint. A plain `python -m model.train
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import math
@@ -263,10 +264,18 @@ def run(args, t_start: float) -> None:
     # ---- the loop ----
     if start_step >= cfg.steps:
         log(f"nothing to do: {latest.name} is at step {start_step} of {cfg.steps}")
-    step, last_dt, saved_step = start_step, 0.0, (start_step if latest is not None else None)
+    step, saved_step = start_step, (start_step if latest is not None else None)
+    # wall time of recent loop iterations (step + val + sample + checkpoint): the budget check
+    # predicts the next one from the slowest, with a 50% margin for a busier host
+    recent_iters, iter_start = collections.deque(maxlen=10), None
     while step < cfg.steps:
+        now = time.time()
+        if iter_start is not None:
+            recent_iters.append(now - iter_start)
+        iter_start = now
         if budget:  # stop before a step that would take the cost past the cap; rank 0 decides for all
-            stop = torch.tensor(int(cost_usd(elapsed() + last_dt, world, cfg.price_per_gpu_hour) > cfg.max_cost_usd),
+            next_step = 1.5 * max(recent_iters, default=0.0)
+            stop = torch.tensor(int(cost_usd(elapsed() + next_step, world, cfg.price_per_gpu_hour) > cfg.max_cost_usd),
                                 device=device)
             if ddp:
                 dist.broadcast(stop, 0)
@@ -288,7 +297,6 @@ def run(args, t_start: float) -> None:
             loss_t /= world
         loss = loss_t.item()  # waits for the device, so dt below is the real step time
         dt = time.perf_counter() - t0
-        last_dt = dt
         step += 1
         tokens_seen += cfg.tokens_per_step
         tok_s = cfg.tokens_per_step / dt

@@ -24,8 +24,8 @@ gpt2cloud data prepare "$DEMO/corpus.jsonl" --out "$DEMO/shards" --shard-tokens 
 gpt2cloud data upload "$DEMO/shards" "$BUCKET/data"
 
 echo
-echo "== gpt2cloud launch gpt2-tiny --infra local --gpus H100:2 ... (2 CPU ranks stand in for the GPUs)"
-gpt2cloud launch gpt2-tiny --infra local --gpus H100:2 --steps 30 --max-cost 1 \
+echo "== gpt2cloud launch gpt2-tiny --infra local --gpus CPU:2 ... (2 CPU ranks, as SkyPilot would run one node)"
+gpt2cloud launch gpt2-tiny --infra local --gpus CPU:2 --steps 30 --max-cost 1 \
   --data "$BUCKET/data" --bucket "$BUCKET/runs" --name "$RUN" --push-every 5 --yes
 sleep 20
 echo
@@ -47,3 +47,16 @@ gpt2cloud sample "$CKPT" --max-new-tokens 24
 echo
 echo "== gpt2cloud runs"
 gpt2cloud runs
+
+echo
+echo "== gpt2cloud eval $CKPT --val $DEMO/shards   (val loss on the val shard)"
+gpt2cloud eval "$CKPT" --val "$DEMO/shards"
+echo
+echo "== gpt2cloud report $RUN   (estimate vs actual, losses, samples, and the plot)"
+gpt2cloud report "$RUN" --out "$DEMO/report.md"
+sed -n '1,40p' "$DEMO/report.md"
+echo
+echo "== gpt2cloud export $CKPT --hf $DEMO/hf   (a directory transformers' GPT2LMHeadModel loads)"
+gpt2cloud export "$CKPT" --hf "$DEMO/hf"
+echo
+echo "Done. The plot: $DEMO/report.png; the report: $DEMO/report.md"

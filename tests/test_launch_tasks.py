@@ -8,6 +8,7 @@ reaches a cloud, an API server or a bucket.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -155,6 +156,7 @@ def test_dry_run_prints_yaml_only(sky_mod, env):
     (dict(infra="lambda", recipe="gpt2-1558m", gpus="A10:8"), "does not fit even at micro-batch 1"),
     (dict(infra="lambda", bucket="gs://x/y"), "use s3://BUCKET/PREFIX"),
     (dict(infra="local", nodes=2), "--infra local runs one node"),
+    (dict(infra="lambda", recipe="gpt2-tiny", gpus="CPU:2"), "CPU ranks are for --infra local"),
 ])
 def test_launch_errors_before_anything_is_provisioned(sky_mod, env, kw, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
@@ -176,3 +178,15 @@ def test_loopback_endpoint_is_refused_for_a_cloud(sky_mod, env, monkeypatch):
         _plan(infra="lambda")
     p = _plan(infra="local", gpus="H100:2", recipe="gpt2-tiny")
     assert p.cfg["envs"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+
+
+def test_local_cpu_ranks_get_a_cpu_estimate_and_their_peak_for_mfu(sky_mod, env):
+    p = _plan(infra="local", gpus="CPU:2", recipe="gpt2-tiny", data="file:///tmp/d", bucket="file:///tmp/b")
+    assert p.est.gpu_type == "CPU" and p.est.gpus == 2 and p.est.fits
+    assert "gpt2cloud train gpt2-tiny, 2 CPU ranks" in p.est.mfu_source  # the measured calibration point
+    cfg = json.loads((Path(p.cfg["workdir"]) / tasks.CONFIG_NAME).read_text())
+    assert cfg["peak_flops_per_gpu"] == pytest.approx(p.est.peak_tflops_per_gpu * 1e12)
+    stand_in = _plan(infra="local", gpus="H100:2", recipe="gpt2-tiny", data="file:///tmp/d", bucket="file:///tmp/b",
+                     name="g2")
+    cfg = json.loads((Path(stand_in.cfg["workdir"]) / tasks.CONFIG_NAME).read_text())
+    assert cfg["peak_flops_per_gpu"] == 0.0  # CPU ranks standing in for H100s: no meaningful MFU
