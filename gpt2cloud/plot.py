@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from gpt2cloud.rundata import RunData
+from gpt2cloud.units import usd
 
 # OpenAI's released checkpoints (shared notes, gpt2-reference.md).
 GPT2_124M_VAL_LOSS = 3.2924  # FineWeb-Edu val shard
@@ -54,7 +55,7 @@ def title_lines(data: RunData) -> tuple[str, str]:
     head = f"{data.run_id}: {data.recipe} on {data.hardware}"
     steps = f"step {data.last_step:,}" + (f" of {data.total_steps:,}" if data.total_steps else "")
     parts = [steps, f"{human(data.tokens_seen)} tokens", duration(data.wall_seconds),
-             f"{data.gpu_hours:,.2f} GPU-h", f"${cost:,.2f}" if cost is not None else "cost unknown (no price)"]
+             f"{data.gpu_hours:,.2f} GPU-h", usd(cost) if cost is not None else "cost unknown (no price)"]
     if not data.finished:
         parts.append("in progress")
     return head, " | ".join(parts)
@@ -147,10 +148,10 @@ def plot_run(data: RunData, out: str | Path, log_x: bool = False, estimate: Opti
     steps = [r["step"] for r in data.train]
     if data.train and data.train[-1].get("cost_usd") is not None:
         ax_cost.plot(steps, [r.get("cost_usd", 0) for r in data.train], color="tab:green",
-                     label=f"spent ${data.cost_usd:,.2f}")
+                     label=f"spent {usd(data.cost_usd)}")
         if estimate:
             ax_cost.axhline(estimate["cost_usd"], color="tab:red", linestyle="--", linewidth=1,
-                            label=f"estimated total ${estimate['cost_usd']:,.2f}")
+                            label=f"estimated total {usd(estimate['cost_usd'])}")
         ax_cost.set_ylabel("US dollars")
         ax_cost.set_title("cost")
     elif data.train:

@@ -19,6 +19,7 @@ from gpt2cloud.plot import (
     plot_run,
 )
 from gpt2cloud.rundata import RunData, run_estimate
+from gpt2cloud.units import usd
 
 MAX_SAMPLES = 5
 
@@ -43,7 +44,7 @@ def comparison_rows(data: RunData, est: dict) -> tuple[list[tuple], str]:
     rows = [
         ("wall time", est["wall_hours"] * 3600 * share, data.wall_seconds, duration),
         ("GPU-hours", est["gpu_hours"] * share, data.gpu_hours, lambda v: f"{v:,.2f}"),
-        ("dollars", est["cost_usd"] * share, data.cost_usd, lambda v: f"${v:,.2f}"),
+        ("dollars", est["cost_usd"] * share, data.cost_usd, usd),
         ("tokens/s (all GPUs)", est["tokens_per_second"], data.steady_tokens_per_second(), lambda v: human(v)),
         ("MFU", est["mfu"], measured_mfu(data), lambda v: f"{v:.1%}"),
     ]
@@ -79,7 +80,7 @@ def render_report(data: RunData, est: Optional[dict], est_source: str, plot_path
         ("tokens", f"{data.tokens_seen:,}"),
         ("wall time", duration(data.wall_seconds)),
         ("GPU-hours", f"{data.gpu_hours:,.2f}"),
-        ("dollars", f"${cost:,.2f}" if cost is not None else "unknown (no price per GPU-hour was given)"),
+        ("dollars", usd(cost) if cost is not None else "unknown (no price per GPU-hour was given)"),
         ("run directory", str(data.out_dir)),
     ]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + [""]

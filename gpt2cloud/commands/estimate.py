@@ -21,8 +21,9 @@ def render(e, console: Console) -> None:
     verdict = "[green]fits[/]" if e.fits else "[red]does NOT fit[/]"
     rows = [
         ("recipe", e.recipe),
-        ("hardware", f"{e.nodes} x {e.gpus_per_node} x {e.gpu_type} = {e.gpus} GPUs "
-                     f"({e.peak_tflops_per_gpu:g} TFLOPS bf16 peak each)"),
+        ("hardware", f"{e.nodes} x {e.gpus_per_node} x {e.gpu_type} = {e.gpus} "
+                     + ("CPU ranks (measured fp32 peak" if e.gpu_type == "CPU" else "GPUs (dense bf16 peak")
+                     + f" {e.peak_tflops_per_gpu:g} TFLOPS each)"),
         ("parameters", f"{e.params:,}"),
         ("FLOPs per token", f"{e.flops_per_token:.3e}  ({e.flops_formula})"),
         ("tokens", f"{e.tokens:,} = {e.steps:,} steps x {e.tokens_per_step:,}"),

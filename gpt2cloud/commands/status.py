@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from gpt2cloud.units import usd
 
 
 def _hours(h: Optional[float]) -> str:
@@ -17,6 +18,10 @@ def _hours(h: Optional[float]) -> str:
 
 def _num(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def _money(x) -> str:
+    return "-" if x is None else usd(x)
 
 
 def run_status(record) -> dict:
@@ -67,8 +72,8 @@ def render_one(d: dict, console: Console) -> None:
         ("speed", f"{_num(d['tokens_per_second'], ',.0f')} tokens/s, {_num(d['step_seconds'], '.3f')} s/step, "
                   f"MFU {'-' if d['mfu'] is None else format(d['mfu'], '.1%')}"),
         ("time", f"{_hours(d['elapsed_hours'])} so far, ETA {_hours(d['eta_hours'])}"),
-        ("cost", f"${d['cost_so_far_usd']:,.2f} so far, ~${_num(d['cost_projected_usd'], ',.2f')} projected{cap}  "
-                 f"[dim](${d['price_per_gpu_hour']:.2f}/GPU-hour; estimate ${_num(d['cost_estimated_usd'], ',.2f')})[/]"),
+        ("cost", f"{usd(d['cost_so_far_usd'])} so far, ~{_money(d['cost_projected_usd'])} projected{cap}  "
+                 f"[dim](${d['price_per_gpu_hour']:.2f}/GPU-hour; estimate {_money(d['cost_estimated_usd'])})[/]"),
         ("bucket", d["run_url"]),
     ]
     if d.get("restarts"):
