@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Optional
 
 import typer
@@ -63,11 +64,8 @@ def upload_command(
     from gpt2cloud.storage import open_store
     from gpt2cloud.transfer import upload_dir
 
-    store = open_store(url, endpoint_url=endpoint_url)
-    try:
+    with closing(open_store(url, endpoint_url=endpoint_url)) as store:
         r = upload_dir(local_dir, store, progress=not as_json)
-    finally:
-        store.close()
     if as_json:
         print_json(r)
         return
@@ -90,11 +88,8 @@ def download_command(
     from gpt2cloud.storage import open_store
     from gpt2cloud.transfer import download_dir
 
-    store = open_store(url, endpoint_url=endpoint_url)
-    try:
+    with closing(open_store(url, endpoint_url=endpoint_url)) as store:
         r = download_dir(store, "", local_dir, progress=not as_json)
-    finally:
-        store.close()
     if as_json:
         print_json(r)
         return
