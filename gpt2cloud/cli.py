@@ -67,41 +67,29 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-# ---- commands (one module each) ----
-from gpt2cloud.commands import estimate as _estimate  # noqa: E402
+# ---- commands, one module each, in the order of the flow (and of `--help`) ----
+from gpt2cloud.commands import data, down, estimate, export, fetch, launch, logs  # noqa: E402
+from gpt2cloud.commands import eval as evaluate  # noqa: E402  (not shadowing the builtin)
+from gpt2cloud.commands import plot, report, runs, sample, status, train  # noqa: E402
 
-register(app, "estimate", _estimate.estimate_command)
-from gpt2cloud.commands import train as _train  # noqa: E402
-from gpt2cloud.commands import sample as _sample  # noqa: E402
-
-register(app, "train", _train.train_command)
-register(app, "sample", _sample.sample_command)
-from gpt2cloud.commands import data as _data  # noqa: E402
-
+register(app, "estimate", estimate.estimate_command)
 data_app = typer.Typer(help="Prepare token shards and move them to and from object storage.", no_args_is_help=True)
-register(data_app, "prepare", _data.prepare_command)
-register(data_app, "upload", _data.upload_command)
-register(data_app, "download", _data.download_command)
+register(data_app, "prepare", data.prepare_command)
+register(data_app, "upload", data.upload_command)
+register(data_app, "download", data.download_command)
 app.add_typer(data_app, name="data")
-from gpt2cloud.commands import eval as _eval  # noqa: E402
-from gpt2cloud.commands import plot as _plot  # noqa: E402
-from gpt2cloud.commands import report as _report  # noqa: E402
-from gpt2cloud.commands import export as _export  # noqa: E402
-
-register(app, "eval", _eval.eval_command)
-register(app, "plot", _plot.plot_command)
-register(app, "report", _report.report_command)
-register(app, "export", _export.export_command)
-
-from gpt2cloud.commands import launch as _launch, status as _status, logs as _logs  # noqa: E402
-from gpt2cloud.commands import down as _down, runs as _runs, fetch as _fetch  # noqa: E402
-
-register(app, "launch", _launch.launch_command)
-register(app, "status", _status.status_command)
-register(app, "logs", _logs.logs_command)
-register(app, "down", _down.down_command)
-register(app, "runs", _runs.runs_command)
-register(app, "fetch", _fetch.fetch_command)
+register(app, "train", train.train_command)
+register(app, "sample", sample.sample_command)
+register(app, "launch", launch.launch_command)
+register(app, "status", status.status_command)
+register(app, "logs", logs.logs_command)
+register(app, "fetch", fetch.fetch_command)
+register(app, "down", down.down_command)
+register(app, "runs", runs.runs_command)
+register(app, "eval", evaluate.eval_command)
+register(app, "plot", plot.plot_command)
+register(app, "report", report.report_command)
+register(app, "export", export.export_command)
 
 
 def main():
