@@ -6,7 +6,6 @@ import functools
 import importlib.resources
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +76,9 @@ def parse_gpus(text: str) -> tuple[str, int]:
 
 def user_calibration_path() -> Path:
     """Calibration points learned from this user's finished runs (one JSON object per line)."""
-    home = Path(os.environ.get("GPT2CLOUD_HOME", Path.home() / ".gpt2cloud"))
-    return home / "calibration.jsonl"
+    from gpt2cloud.registry import home
+
+    return home() / "calibration.jsonl"
 
 
 def calibration_points() -> list[dict]:
