@@ -25,7 +25,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
-from gpt2cloud.storage import _TMP_MARK, StorageError, Store, _clean_key, _join, _tmp_path, sha256_file
+from gpt2cloud.storage import (_TMP_MARK, NoSuchObject, StorageError, Store, _clean_key, _join, _tmp_path,
+                               sha256_file)
 
 MANIFEST_NAME = "manifest.json"
 FILE_WORKERS = 4  # files moved at once; each large file is also split into parallel parts on S3
@@ -164,8 +165,7 @@ def upload_dir(local_dir, store: Store, prefix: str = "", manifest_name: str = M
             in_place[f["name"]] = store.sha256(key) or published.get(f["name"])
     # With a manifest, an object that already matches it needs no local work at all (fast reruns).
     todo = [f for f in files if not (f["sha256"] and in_place.get(f["name"]) == f["sha256"])]
-    if hasattr(store, "abort_incomplete_uploads"):
-        store.abort_incomplete_uploads([_join(prefix, f["name"]) for f in todo])  # a killed run's leftovers
+    store.abort_incomplete_uploads([_join(prefix, f["name"]) for f in todo])  # a killed run's leftovers
 
     lock = threading.Lock()
     unpublished = []
@@ -246,9 +246,7 @@ def download_dir(store: Store, prefix: str, local_dir, manifest_name: str = MANI
     manifest_key = _join(prefix, manifest_name)
     try:
         manifest_bytes = store.get_bytes(manifest_key)
-    except StorageError as e:
-        if not str(e).endswith("no such object"):
-            raise
+    except NoSuchObject:
         raise StorageError(
             f"{store.url_for(manifest_key)}: no manifest there; the set was never uploaded or its upload did "
             "not finish: run `gpt2cloud data upload` (again), or check the URL"

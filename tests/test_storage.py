@@ -9,7 +9,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from gpt2cloud.errors import UserError
-from gpt2cloud.storage import StorageError, open_store, s3_error, sha256_file
+from gpt2cloud.s3store import s3_error
+from gpt2cloud.storage import NoSuchObject, StorageError, open_store, sha256_file
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -21,7 +22,7 @@ def store(request, tmp_path):
     return open_store(f"s3://{bucket}/some/prefix", endpoint_url=endpoint)
 
 
-def test_bytes_list_exists_delete(store):
+def test_bytes_list_exists_delete(store, tmp_path):
     store.put_bytes("a.txt", b"alpha")
     store.put_bytes("dir/b.txt", b"beta!")
     assert store.get_bytes("a.txt") == b"alpha"
@@ -31,8 +32,10 @@ def test_bytes_list_exists_delete(store):
     store.delete("a.txt")
     store.delete("a.txt")  # deleting twice is fine
     assert [o.key for o in store.list()] == ["dir/b.txt"]
-    with pytest.raises(StorageError, match="no such object"):
+    with pytest.raises(NoSuchObject, match="no such object"):
         store.get_bytes("a.txt")
+    with pytest.raises(NoSuchObject, match="no such object"):
+        store.get_file("a.txt", tmp_path / "a.txt")
 
 
 def test_files_round_trip_with_sha256(store, tmp_path):
@@ -146,7 +149,7 @@ def test_file_store_ignores_temporary_files(tmp_path):
 
 def test_storage_imports_only_the_standard_library_at_top():
     # The GPU node imports these before training: no boto3 until an s3:// URL, never typer/rich/pydantic.
-    code = ("import sys, gpt2cloud.storage, gpt2cloud.transfer\n"
+    code = ("import sys, gpt2cloud.storage, gpt2cloud.s3store, gpt2cloud.transfer\n"
             "gpt2cloud.storage.open_store('file:///tmp')\n"
             "print([m for m in ('boto3', 'botocore', 'typer', 'rich', 'pydantic', 'numpy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -156,9 +159,9 @@ def test_storage_imports_only_the_standard_library_at_top():
 def test_s3_clients_are_reused_per_environment(s3_server, s3_bucket, monkeypatch):
     """open_store reuses one boto3 session and client per (endpoint, region, AWS_* environment); a store
     opened after the environment changed gets a client made from the new one."""
-    from gpt2cloud import storage
+    from gpt2cloud import s3store
 
-    storage.clear_client_cache()
+    s3store.clear_client_cache()
     first = open_store(f"s3://{s3_bucket}/a", endpoint_url=s3_server)
     second = open_store(f"s3://{s3_bucket}/b", endpoint_url=s3_server)
     assert second.client is first.client
