@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 from pathlib import Path
 from typing import Optional
@@ -103,10 +104,8 @@ class Recipe(_Strict):
             checkpoint_every=e.checkpoint_every, keep_checkpoints=e.keep_checkpoints,
             hellaswag_every=e.hellaswag_every,
         )
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(cfg, key, value)
-        return cfg
+        # replace() rejects a misspelt key; None means "keep the recipe's value"
+        return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _bundled_dir():

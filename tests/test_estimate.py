@@ -98,8 +98,10 @@ def test_all_bundled_recipes_load_and_tiny_is_cpu_sized():
     r = load_recipe("gpt2-124m")
     assert (r.train.tokens_per_step, r.train.micro_batch, r.train.steps) == (524288, 64, 19073)
     assert (r.optimizer.lr, r.optimizer.warmup_steps, r.optimizer.min_lr_ratio) == (6e-4, 715, 0.1)
-    cfg = r.to_train_config(steps=10)
-    assert cfg.steps == 10 and cfg.beta2 == 0.95 and cfg.model.n_layer == 12
+    cfg = r.to_train_config(steps=10, micro_batch=None)
+    assert cfg.steps == 10 and cfg.micro_batch == 64 and cfg.beta2 == 0.95 and cfg.model.n_layer == 12
+    with pytest.raises(TypeError):
+        r.to_train_config(stpes=10)  # a misspelt override is an error, not a silent no-op
 
 
 def _run(*args):
