@@ -39,7 +39,11 @@ def build_manifest(local_dir, manifest_name: str = MANIFEST_NAME) -> dict:
     """A manifest for every regular file under local_dir (except the manifest and temporary files)."""
     local_dir = Path(local_dir)
     names = _local_names(local_dir, manifest_name)
-    return {"format": "gpt2cloud-files", "version": 1, "files": [file_entry(local_dir, n) for n in names]}
+    return _files_manifest([file_entry(local_dir, n) for n in names])
+
+
+def _files_manifest(files: list[dict]) -> dict:
+    return {"format": "gpt2cloud-files", "version": 1, "files": files}
 
 
 def file_entry(local_dir, name: str) -> dict:
@@ -168,15 +172,15 @@ def upload_dir(local_dir, store: Store, prefix: str = "", manifest_name: str = M
     store.abort_incomplete_uploads([_join(prefix, f["name"]) for f in todo])  # a killed run's leftovers
 
     lock = threading.Lock()
-    unpublished = []
 
     def unpublish(name: str, sha: str) -> None:
         # Before an object of the published set is replaced, the old manifest goes: a reader never
-        # finds a manifest whose objects are changing under it.
+        # finds a manifest whose objects are changing under it. (The new manifest differs from it,
+        # so it is published at the end.)
         with lock:
-            if not unpublished and name in published and published[name] != sha:
+            if published.get(name, sha) != sha:
                 store.delete(manifest_key)
-                unpublished.append(True)
+                published.clear()  # gone: once is enough
 
     def upload(f: dict) -> bool:
         path = local_dir / f["name"]
@@ -195,9 +199,8 @@ def upload_dir(local_dir, store: Store, prefix: str = "", manifest_name: str = M
     with _bar(progress, sum(f["size"] for f in todo), f"upload {len(todo)} files") as advance:
         sent = [f for f, up in zip(todo, _run_all(store, todo, upload)) if up]
     if manifest_bytes is None:
-        manifest_bytes = (json.dumps({"format": "gpt2cloud-files", "version": 1, "files": files}, indent=2)
-                          + "\n").encode()
-    publish = remote_manifest != manifest_bytes or bool(unpublished)
+        manifest_bytes = (json.dumps(_files_manifest(files), indent=2) + "\n").encode()
+    publish = remote_manifest != manifest_bytes
     if publish:
         store.put_bytes(manifest_key, manifest_bytes)  # last: now the set is visible, and complete
     seconds = time.monotonic() - t0
