@@ -85,6 +85,8 @@ def evaluate(checkpoint: str, hellaswag: Optional[str] = None, val: Optional[str
         raise UserError("nothing to evaluate: pass --hellaswag FILE (HellaSwag JSONL) and/or --val DIR_OR_URL")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be a positive number of examples")
+    if val and (val_steps < 1 or val_batch < 1):
+        raise UserError(f"--val-steps {val_steps} --val-batch {val_batch}: both must be positive")
     device = pick_device(device)
     model, resolved, step = load_checkpoint(checkpoint, device)
     result = {"checkpoint": str(resolved), "step": step, "params": model.num_params(), "device": device}

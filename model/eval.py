@@ -24,23 +24,14 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from model.hf import unwrap
 from model.tokenizer import EOT_TOKEN, encode
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-# OpenAI's checkpoints, completion-style acc_norm on the validation split (see module docstring).
-HELLASWAG_GPT2_124M = 0.2955
-HELLASWAG_GPT2_1558M = 0.4893
 
 
 class EvalDataError(ValueError):
     """An evaluation file that cannot be used; the message names the file, line and problem."""
-
-
-def _config(model):
-    """The GPTConfig under DDP (.module) or torch.compile (._orig_mod) wrappers."""
-    while not hasattr(model, "config"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model.config
 
 
 def _device_of(device) -> torch.device:
@@ -114,7 +105,7 @@ def render_example(example: dict, block_size: int):
 @torch.no_grad()
 def ending_logprobs(model, example: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per ending: (sum of log-probs of its tokens, number of its tokens)."""
-    config = _config(model)
+    config = unwrap(model).config
     tokens, mask, _ = render_example(example, config.block_size)
     tokens, mask = tokens.to(device), mask.to(device)
     with _autocast(device):
@@ -170,28 +161,24 @@ def val_loss(model, shard_dir_or_files, steps: int, batch: int, T: int, device,
              rank: int = 0, world_size: int = 1) -> float:
     """Mean cross-entropy over `steps` batches of `batch` x `T` tokens read in order from the shards.
 
-    Rank r reads batches r, r + world_size, ... (as the trainer's loader strides); average the
-    result over ranks. Stops early, averaging what it read, if the shards run out.
+    The batches come from the trainer's TokenLoader (model/data.py): rank r reads batches
+    r, r + world_size, ...; average the result over ranks. Stops early, averaging what it read, if
+    the shards run out (the loader would wrap around and read them again).
     """
-    from model.shards import read_shard
+    from model.data import TokenLoader
+    from model.shards import read_header
 
-    config = _config(model)
-    span = batch * T
-    total, done = 0.0, 0
-    for path in val_shard_files(shard_dir_or_files):
-        tokens = read_shard(path)
-        pos = rank * span
-        while done < steps and pos + span + 1 <= len(tokens):
-            buf = torch.from_numpy(tokens[pos: pos + span + 1].astype("int64"))
-            x, y = buf[:-1].view(batch, T).to(device), buf[1:].view(batch, T).to(device)
-            with _autocast(device):
-                logits, _ = model(x)
-            logits = logits[..., : config.vocab_size].float()
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
-            done += 1
-            pos += span * world_size
-        if done >= steps:
-            break
-    if not done:
-        raise EvalDataError(f"validation shards hold fewer than {span + 1} tokens per rank; lower the batch or T")
-    return total / done
+    config = unwrap(model).config
+    loader = TokenLoader(val_shard_files(shard_dir_or_files), batch, T, rank, world_size, accum=1,
+                         log=lambda *a: None)
+    available = sum((read_header(p) - 1) // loader.step_tokens for p in loader.shards)
+    steps = min(steps, available)
+    total = 0.0
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device), y.to(device)
+        with _autocast(device):
+            logits, _ = model(x)
+        logits = logits[..., : config.vocab_size].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+    return total / steps

@@ -127,8 +127,8 @@ def load_hf(path: str | Path) -> GPT:
     return model.eval()
 
 
-def _unwrap(model) -> GPT:
-    """DDP wraps in .module, torch.compile in ._orig_mod; export the plain GPT underneath."""
+def unwrap(model) -> GPT:
+    """The plain GPT under DDP (.module) and torch.compile (._orig_mod) wrappers."""
     while not isinstance(model, GPT):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
@@ -171,7 +171,7 @@ def save_hf(model, path: str | Path) -> Path:
     """Write config.json + model.safetensors in GPT2LMHeadModel's layout (fp32, unpadded vocab)."""
     from safetensors.torch import save_file
 
-    gpt = _unwrap(model)
+    gpt = unwrap(model)
     config = gpt.config
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

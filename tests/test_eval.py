@@ -19,7 +19,7 @@ from model.eval import (  # noqa: E402
     val_loss,
 )
 from model.gpt import GPT  # noqa: E402
-from model.shards import write_shard  # noqa: E402
+from model.shards import ShardError, write_shard  # noqa: E402
 from model.tokenizer import encode  # noqa: E402
 
 THE = 262  # " the"
@@ -172,13 +172,18 @@ def test_val_loss_certain_and_by_hand(tmp_path):
     two = [val_loss(model, [tmp_path / "y.bin"], steps=2, batch=1, T=32, device="cpu", rank=r, world_size=2)
            for r in (0, 1)]
     assert np.mean(two) == pytest.approx(one, rel=1e-5)
+    # 300 tokens hold 4 batches of 2 x 32 (+1 target): asking for more averages those 4, never wraps around.
+    assert val_loss(model, [tmp_path / "y.bin"], steps=10, batch=2, T=32, device="cpu") == pytest.approx(
+        val_loss(model, [tmp_path / "y.bin"], steps=4, batch=2, T=32, device="cpu"), rel=1e-6)
+    assert val_loss(model, [tmp_path / "y.bin"], steps=10, batch=2, T=32, device="cpu") != pytest.approx(
+        val_loss(model, [tmp_path / "y.bin"], steps=3, batch=2, T=32, device="cpu"), rel=1e-6)
 
 
 def test_val_loss_errors(tmp_path):
     with pytest.raises(EvalDataError, match="no validation shard"):
         val_loss(tiny_gpt(), tmp_path, steps=1, batch=1, T=8, device="cpu")
     write_shard(tmp_path / "small_val_000000.bin", np.arange(5, dtype=np.uint16))
-    with pytest.raises(EvalDataError, match="fewer than"):
+    with pytest.raises(ShardError, match="at least one step of tokens"):
         val_loss(tiny_gpt(), tmp_path, steps=1, batch=1, T=8, device="cpu")
 
 
