@@ -208,17 +208,14 @@ class _ShardWriter:
             self._close(end=(self.docs, 0), text_bytes=self.text_bytes)
 
     def _close(self, end: tuple[int, int], text_bytes: int) -> None:
+        from gpt2cloud.transfer import file_entry
         from model.shards import write_shard
-        from gpt2cloud.storage import sha256_file
 
         split = "val" if self.index == 0 else "train"
         path = self.out / f"{self.name}_{split}_{self.index:06d}.bin"
         write_shard(path, self.buf[:self.fill])
-        self.shards.append({
-            "name": path.name, "split": split, "index": self.index, "tokens": self.fill,
-            "size": path.stat().st_size, "sha256": sha256_file(path),
-            "end": list(end), "text_bytes": text_bytes,
-        })
+        self.shards.append({**file_entry(self.out, path.name), "split": split, "index": self.index,
+                            "tokens": self.fill, "end": list(end), "text_bytes": text_bytes})
         self.index += 1
         self.fill = 0
         self.on_shard(self.shards)
@@ -240,6 +237,7 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
             progress: bool = True, chunk_bytes: int = CHUNK_BYTES, on_shard=None) -> dict:
     """Tokenize `source` into shards in out_dir; return a summary (see the module docstring)."""
     from gpt2cloud.sources import open_source
+    from model import shards as shard_format
     from model.tokenizer import RANKS_SHA256, VOCAB_SIZE, EOT_TOKEN, get_encoding
 
     t0 = time.monotonic()
@@ -287,7 +285,7 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
 
     writer = _ShardWriter(out, name, val_tokens, shard_tokens, limit_tokens, done, record)
     skip_docs, skip_tokens = done[-1]["end"] if done else (0, 0)
-    stats = {"src_bytes": 0, "text_bytes": 0, "tokens": 0}
+    stats = {"src_bytes": 0, "text_bytes": 0}
 
     with _Progress(progress, src.total_bytes, limit_tokens) as bar:
         def on_skip(nbytes):
@@ -322,7 +320,8 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
     shards = [{k: s[k] for k in ("name", "split", "index", "tokens", "size", "sha256")} for s in writer.shards]
     manifest = {
         "format": FORMAT, "version": VERSION, "name": name,
-        "shard_format": {"magic": 20240520, "version": 1, "header_bytes": 1024, "dtype": "uint16"},
+        "shard_format": {"magic": shard_format.MAGIC, "version": shard_format.VERSION,
+                         "header_bytes": shard_format.HEADER_BYTES, "dtype": "uint16"},
         "tokenizer": {"name": "gpt2", "ranks_sha256": RANKS_SHA256, "vocab_size": VOCAB_SIZE,
                       "eot_token": EOT_TOKEN, "document_prefix": "<|endoftext|>"},
         "source": {"spec": source, "kind": src.kind, "files": len(src.files), "bytes": src.total_bytes},
@@ -351,21 +350,24 @@ def _run_pool(workers: int, chunks, consume, full) -> None:
     # fork: workers inherit the built tokenizer (no re-import, no re-parse); nothing is threaded yet.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ctx.Pool(workers, initializer=_worker_init)
-    try:
-        pending = deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.apply_async(tokenize_chunk, (chunk.docs,))))
-            # Pool.imap would read the whole source ahead of the workers: bound what is in flight.
-            if len(pending) >= 2 * workers + 1:
-                done, res = pending.popleft()
-                consume(done, res.get)
-                if full():
-                    return
-        while pending:
+    pending = deque()
+
+    def drain(in_flight: int) -> bool:
+        """Consume results, oldest first, until at most in_flight chunks are pending; True once full."""
+        while len(pending) > in_flight:
             done, res = pending.popleft()
             consume(done, res.get)
             if full():
+                return True
+        return False
+
+    try:
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(tokenize_chunk, (chunk.docs,))))
+            # Pool.imap would read the whole source ahead of the workers: bound what is in flight.
+            if drain(2 * workers):
                 return
+        drain(0)
     finally:
         pool.terminate()
         pool.join()

@@ -47,6 +47,16 @@ def corpus(tmp_path_factory):
 KW = dict(shard_tokens=1500, val_tokens=1000, chunk_bytes=2000, progress=False)
 
 
+def interrupt_after(n_shards, src, out, workers):
+    """Run prepare and stop it (as Ctrl-C would) once n_shards shards are finished."""
+    def crash(shards):
+        if len(shards) == n_shards:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), out, workers=workers, on_shard=crash, **KW)
+
+
 def test_jsonl_to_valid_shards(corpus, tmp_path):
     docs, src = corpus
     r = prepare(str(src), tmp_path / "out", workers=1, **KW)
@@ -83,13 +93,7 @@ def test_resume_after_interruption_is_byte_identical(corpus, tmp_path):
     _, src = corpus
     prepare(str(src), tmp_path / "clean", workers=1, **KW)
     out = tmp_path / "resumed"
-
-    def crash_after_3(shards):
-        if len(shards) == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        prepare(str(src), out, workers=2, on_shard=crash_after_3, **KW)
+    interrupt_after(3, src, out, workers=2)
     assert len(list(out.glob("*.bin"))) == 3 and not (out / "manifest.json").exists()
     (out / "corpus_train_000003.bin.tmp").write_bytes(b"half a shard")  # a write killed midway
     r = prepare(str(src), out, workers=2, **KW)
@@ -110,13 +114,7 @@ def test_resume_after_interruption_is_byte_identical(corpus, tmp_path):
 def test_resume_rewrites_a_corrupt_finished_shard(corpus, tmp_path, monkeypatch):
     _, src = corpus
     out = tmp_path / "out"
-
-    def crash(shards):
-        if len(shards) == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        prepare(str(src), out, workers=1, on_shard=crash, **KW)
+    interrupt_after(4, src, out, workers=1)
     good = shard_bytes(out)
     victim = out / "corpus_train_000002.bin"
     victim.write_bytes(victim.read_bytes()[:-2])
