@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from gpt2cloud.errors import UserError
+from gpt2cloud.progress import parse_metrics
 
 METRICS = "metrics.jsonl"
 WARMUP_FRACTION = 0.1  # tokens/s of the first steps (compilation, cold caches) is not representative
@@ -150,8 +151,6 @@ def from_records(rows: list[dict], out_dir: str | Path, record=None) -> RunData:
     """A RunData from already-parsed metrics lines (e.g. what `gpt2cloud status` read from the bucket)."""
     data = RunData(out_dir=Path(out_dir), record=record)
     for row in rows:
-        if not isinstance(row, dict):
-            continue
         if "event" in row:
             data.events.append(row)
         elif "loss" in row:
@@ -173,13 +172,7 @@ def read_metrics(out_dir: str | Path, record=None) -> RunData:
     path = out_dir / METRICS
     if not path.is_file():
         raise UserError(f"{path}: not found; give a run's OUT directory (it holds {METRICS}) or a registry run id")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return from_records(rows, out_dir, record)
+    return from_records(parse_metrics(path.read_text(encoding="utf-8")), out_dir, record)
 
 
 def _record_for_dir(path: Path):
