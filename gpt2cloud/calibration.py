@@ -89,11 +89,9 @@ def record_calibration(data: RunData) -> tuple[Optional[dict], str]:
 
 def calibrate_from_metrics(record, metrics_rows: list[dict]) -> tuple[Optional[dict], str]:
     """record_calibration for a registry record and its parsed metrics.jsonl lines (for `gpt2cloud
-    status`, which has read them from the bucket already); skipped at once if already recorded."""
+    status`, which has read them from the bucket already)."""
     from gpt2cloud.rundata import from_records
 
-    if _already_recorded(source_for(record.run_id)):
-        return None, f"already in {user_calibration_path()}"
     return record_calibration(from_records(metrics_rows, ".", record))
 
 

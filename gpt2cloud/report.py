@@ -133,8 +133,7 @@ def render_report(data: RunData, est: Optional[dict], est_source: str, plot_path
     return "\n".join(lines)
 
 
-def write_report(data: RunData, out: Optional[str | Path] = None, with_plot: bool = True,
-                 calibrate: bool = True) -> tuple[Path, Optional[Path]]:
+def write_report(data: RunData, out: Optional[str | Path] = None, calibrate: bool = True) -> tuple[Path, Optional[Path]]:
     """Write the Markdown report (default OUT/report.md) and its plot next to it; return both paths."""
     from gpt2cloud.calibration import record_calibration
 
@@ -142,7 +141,7 @@ def write_report(data: RunData, out: Optional[str | Path] = None, with_plot: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     # The estimate first: a computed one must not already include this run's own calibration point.
     est, est_source = run_estimate(data)
-    plot_path = plot_run(data, out.with_suffix(".png"), estimate=est) if with_plot and data.train else None
+    plot_path = plot_run(data, out.with_suffix(".png"), estimate=est) if data.train else None
     if calibrate:
         _, calibration_note = record_calibration(data)
     else:
