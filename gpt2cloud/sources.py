@@ -19,6 +19,7 @@ from gpt2cloud.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 HF_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+Document = tuple[str | bytes, int, tuple]  # (text or raw .jsonl line, source bytes consumed, (path, line))
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Source:
         p = Path(self.spec)
         return p if p.is_dir() else p.parent
 
-    def documents(self) -> Iterator[tuple[str | bytes, int, tuple]]:
+    def documents(self) -> Iterator[Document]:
         """Yield (document, source bytes consumed, (path, line)) for every document, in a fixed order.
 
         A document is its text, or for .jsonl the raw line (bytes): document_text() decodes it in the
@@ -118,7 +119,7 @@ def document_text(doc: str | bytes) -> str:
     return text
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[bytes, int, tuple]]:
+def _read_jsonl(path: Path) -> Iterator[Document]:
     try:
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -128,7 +129,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[bytes, int, tuple]]:
         raise UserError(f"{path}: unreadable: {e.strerror}") from None
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, int]]:
+def _read_parquet(path: Path) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -148,7 +149,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, int]]:
             yield text or "", int(per_row), (path, f"row {row}")
 
 
-def _hf_documents(spec: str) -> Iterator[tuple[str, int]]:
+def _hf_documents(spec: str) -> Iterator[Document]:
     name, _, config = spec.partition(":")
     try:
         import datasets

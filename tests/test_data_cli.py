@@ -84,7 +84,7 @@ def test_corrupt_object_fails_download_with_exit_2(s3_server, s3_bucket, tmp_pat
 def test_upload_killed_with_sigkill_is_finished_by_a_rerun(s3_server, s3_bucket, tmp_path):
     d = tmp_path / "set"
     d.mkdir()
-    (d / "a_small.bin").write_bytes(b"small")  # uploads in milliseconds, beside three big ones
+    (d / "a_small.bin").write_bytes(b"small")  # uploads in milliseconds, beside five big ones
     for i in range(5):
         (d / f"big{i}.bin").write_bytes(os.urandom(12 * 1024 * 1024))
     url = f"s3://{s3_bucket}/killed"
