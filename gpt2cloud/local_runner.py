@@ -38,10 +38,6 @@ exit "$RC"
 """
 
 
-def node_dir(run_id: str) -> Path:
-    return registry.home() / "local" / run_id
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -69,7 +65,7 @@ def start(run_id: str, cfg: dict, secrets: dict, gpus_per_node: int) -> tuple[in
     A relaunch of a run id starts a fresh node (like a new cloud VM): everything it knows comes
     back from the bucket.
     """
-    d = node_dir(run_id)
+    d = registry.local_node_dir(run_id)
     previous = read_pid(d)
     if previous and processes.alive(*previous):
         raise UserError(f"run '{run_id}' is still running locally (PID {previous[0]}); stop it with "
@@ -126,8 +122,7 @@ def state(d: Path) -> str:
 
 def stop(record: registry.RunRecord, graceful_seconds: float = 10.0) -> bool:
     """Kill a local run's whole tree; False if it was not running."""
-    d = Path(record.local_dir) if record.local_dir else node_dir(record.run_id)
-    ident = read_pid(d)
+    ident = read_pid(record.node_dir)
     if not ident or not processes.alive(*ident):
         return False
     processes.kill_process_tree(ident[0], graceful_seconds=graceful_seconds, create_time=ident[1])

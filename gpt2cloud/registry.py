@@ -29,6 +29,11 @@ def runs_dir() -> Path:
     return home() / "runs"
 
 
+def local_node_dir(run_id: str) -> Path:
+    """Where an `--infra local` run's node lives (gpt2cloud/local_runner.py)."""
+    return home() / "local" / run_id
+
+
 @dataclass
 class RunRecord:
     run_id: str
@@ -61,6 +66,11 @@ class RunRecord:
     @property
     def gpus(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    @property
+    def node_dir(self) -> Path:
+        """A local run's node directory: where it was started (local_dir), else where it would be now."""
+        return Path(self.local_dir) if self.local_dir else local_node_dir(self.run_id)
 
     def to_dict(self) -> dict:
         return asdict(self)

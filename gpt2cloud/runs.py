@@ -197,33 +197,16 @@ def preflight(p: Plan) -> None:
         raise UserError(f"--bucket {p.bucket}: the node could not write there ({e})") from None
 
 
-def _running(record: registry.RunRecord) -> bool:
-    """Best effort: is this run id still running somewhere?"""
-    if record.kind == "local":
-        from gpt2cloud import local_runner
-
-        return local_runner.state(Path(record.local_dir or local_runner.node_dir(record.run_id))) == "RUNNING"
-    from gpt2cloud import sky_sdk
-
-    try:
-        if record.kind == "managed-job" and record.job_id is not None:
-            return (sky_sdk.managed_job_status(record.job_id) or "") in (
-                "PENDING", "SUBMITTED", "STARTING", "RUNNING", "RECOVERING")
-        if record.cluster:
-            status = sky_sdk.cluster_status(record.cluster)
-            if status != "UP":
-                return False
-            return (sky_sdk.cluster_job_status(record.cluster, record.job_id) or "") in (
-                "INIT", "PENDING", "SETTING_UP", "RUNNING")
-    except Exception:  # noqa: BLE001 - unknown: let the launch go on; SkyPilot reuses a live cluster
-        return False
-    return False
+# What state_of says while a run is (still) under way: SkyPilot's job and managed-job states, and the
+# local node's RUNNING. A cluster that is up but has no live job (CLUSTER_*, UP) is not, nor is an
+# UNKNOWN state: the launch goes on, and SkyPilot reuses a live cluster.
+ACTIVE_STATES = {"INIT", "PENDING", "SUBMITTED", "STARTING", "SETTING_UP", "RUNNING", "RECOVERING"}
 
 
 def start(p: Plan) -> registry.RunRecord:
     """Launch, recording the run first (so `down` finds it even if the launch is interrupted)."""
     old = registry.find(p.run_id)
-    if old is not None and _running(old):
+    if old is not None and state_of(old) in ACTIVE_STATES:
         raise UserError(f"run '{p.run_id}' is still running; watch it with `gpt2cloud status {p.run_id}`, "
                         f"or stop it with `gpt2cloud down {p.run_id}` before launching it again")
     record = registry.RunRecord(
@@ -269,12 +252,10 @@ def start(p: Plan) -> registry.RunRecord:
 
 def state_of(record: registry.RunRecord) -> str:
     """The run's state as SkyPilot (or the local process table) sees it now; never raises."""
-    if record.state == "LAUNCH_FAILED" and record.kind != "local" and record.job_id is None:
-        return "LAUNCH_FAILED"
     if record.kind == "local":
         from gpt2cloud import local_runner
 
-        s = local_runner.state(Path(record.local_dir or local_runner.node_dir(record.run_id)))
+        s = local_runner.state(record.node_dir)
         return "DOWN" if record.state == "DOWN" and s == "STOPPED" else s
     from gpt2cloud import clouds, sky_sdk
 
@@ -286,7 +267,7 @@ def state_of(record: registry.RunRecord) -> str:
                 return sky_sdk.managed_job_status(record.job_id) or "UNKNOWN"
             cluster = sky_sdk.cluster_status(record.cluster or record.run_id)
             if cluster is None:
-                return "DOWN" if record.state == "DOWN" else "TERMINATED"
+                return record.state if record.state in ("DOWN", "LAUNCH_FAILED") else "TERMINATED"
             if cluster != "UP":
                 return f"CLUSTER_{cluster}"
             return sky_sdk.cluster_job_status(record.cluster or record.run_id, record.job_id) or "UP"

@@ -206,6 +206,22 @@ def test_launch_error_through_the_cli(cloud):
     assert registry.get("r1").state == "LAUNCH_FAILED"  # recorded, so `down` can still find it
 
 
+def test_relaunch_waits_for_the_running_job(cloud):
+    """The same run id launches again (and resumes) only once SkyPilot says its job is no longer running."""
+    assert launch("--infra", "lambda", "--yes").exit_code == 0
+    r = launch("--infra", "lambda", "--yes")
+    assert r.exit_code == 2 and "still running" in r.output
+    cloud.job = "SUCCEEDED"
+    r = launch("--infra", "lambda", "--yes")
+    assert r.exit_code == 0, r.output
+    assert registry.get("r1").launches == 2 and [c[0] for c in cloud.calls].count("launch_cluster") == 2
+    cloud.fail["launch_cluster"] = _exc("no-cloud")[0]
+    assert launch("--infra", "lambda", "--yes").exit_code == 2
+    cloud.cluster = None  # it never came up
+    d = json.loads(CliRunner().invoke(app, ["status", "r1", "--json"]).stdout)
+    assert d["state"] == "LAUNCH_FAILED"
+
+
 def test_data_without_manifest(cloud):
     r = CliRunner().invoke(app, ["launch", "gpt2-124m", "--infra", "lambda", "--data", f"s3://{BUCKET}/nothing",
                                  "--bucket", f"s3://{BUCKET}/runs", "--yes"])

@@ -51,7 +51,7 @@ def logs_command(
     if record.kind == "local":
         from gpt2cloud import local_runner
 
-        d = Path(record.local_dir or local_runner.node_dir(record.run_id))
+        d = record.node_dir
         log = d / "driver.log"
         if not log.is_file():
             if _from_bucket(record):
