@@ -68,11 +68,11 @@ def fetch(run_or_url: str, dest: Optional[Path] = None, step: Optional[int] = No
                         "downloaded": got["downloaded"], "skipped": got["skipped"], "bytes": got["bytes"]})
     out = {"run": run_id, "url": url, "dest": str(dest), "checkpoint": fetched[-1]["path"] if fetched else None,
            "checkpoints": fetched, "available_steps": [s for s, _ in complete], "metrics": None, "logs": []}
-    for key in (METRICS, "run.json"):
-        if store.exists(key):
-            store.get_file(key, dest / key)
-            if key == METRICS:
-                out["metrics"] = str(dest / key)
+    if has_metrics:
+        store.get_file(METRICS, dest / METRICS)
+        out["metrics"] = str(dest / METRICS)
+    if store.exists("run.json"):  # the run's GPUs and price, for plot and report on a DIR fetched elsewhere
+        store.get_file("run.json", dest / "run.json")
     if logs:
         for obj in store.list("logs/"):
             store.get_file(obj.key, dest / obj.key)

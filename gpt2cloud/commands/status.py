@@ -63,7 +63,7 @@ def render_one(d: dict, console: Console) -> None:
     t.add_column()
     pct = f" ({d['step'] / d['total_steps']:.0%})" if d["step"] is not None and d["total_steps"] else ""
     done = " [green]finished[/]" if d["finished"] else " [yellow]stopped at the budget cap[/]" if d["budget_stopped"] else ""
-    cap = f" of a ${d['max_cost_usd']:,.2f} cap" if d["max_cost_usd"] else " (no budget cap)"
+    cap = f" of a {usd(d['max_cost_usd'])} cap" if d["max_cost_usd"] else " (no budget cap)"
     rows = [
         ("run", f"{d['run']}  [dim]{d['kind']} on {d['infra']}, {d['gpus']}, {d['recipe']}[/]"),
         ("state", f"{d['state']}{done}"),
@@ -91,12 +91,12 @@ def render_one(d: dict, console: Console) -> None:
 
 def render_many(rows: list[dict], console: Console) -> None:
     t = Table(title="gpt2cloud runs")
-    for col in ("run", "state", "step", "loss", "tok/s", "ETA", "$ so far", "$ projected", "cap"):
+    for col in ("run", "state", "step", "loss", "tok/s", "ETA", "so far", "projected", "cap"):
         t.add_column(col, no_wrap=col in ("run", "step"))
     for d in rows:
         t.add_row(d["run"], d["state"], f"{_num(d['step'], 'd')}/{d['total_steps']}", _num(d["loss"], ".3f"),
-                  _num(d["tokens_per_second"], ",.0f"), _hours(d["eta_hours"]), f"{d['cost_so_far_usd']:,.2f}",
-                  _num(d["cost_projected_usd"], ",.2f"), _num(d["max_cost_usd"], ",.0f"))
+                  _num(d["tokens_per_second"], ",.0f"), _hours(d["eta_hours"]), usd(d["cost_so_far_usd"]),
+                  _money(d["cost_projected_usd"]), _money(d["max_cost_usd"]))
     console.print(t)
 
 
