@@ -37,7 +37,7 @@ class StorageError(UserError):
 
 
 class NoSuchObject(StorageError):
-    """The object (or the bucket holding it) is not there."""
+    """No object under that key (a missing S3 bucket is a plain StorageError that says so)."""
 
 
 @dataclass(frozen=True)
