@@ -19,8 +19,9 @@ import gpt2cloud
 NAME = "gpt2cloud"
 SKIP_DIRS = {"__pycache__"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".tmp")
-# What the node needs besides the wheel (skypilot is deliberately absent).
-NODE_REQUIREMENTS = ("numpy", "tiktoken", "boto3")
+# What the node needs besides the wheel and torch (skypilot is deliberately absent): the node's setup
+# (gpt2cloud/tasks.py) installs exactly these.
+NODE_REQUIREMENTS = ("numpy", "tiktoken", "safetensors", "boto3")
 
 
 def _files_of(package: str, arc_prefix: str) -> list[tuple[str, bytes]]:

@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from gpt2cloud.package import NODE_REQUIREMENTS
 from gpt2cloud.tasks import SETUP_SCRIPT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +40,8 @@ def test_model_package_imports_only_what_the_node_installs():
     assert not unknown, f"model/ imports {unknown}: install them in the node setup and list them here"
     missing = {NODE_MODULES[m] for m in third_party} - installed
     assert not missing, f"the node setup does not install {missing}"
+    # the wheel's metadata names the same packages (pip runs with --no-deps, but the wheel must not lie)
+    assert installed == {"torch", *NODE_REQUIREMENTS}
 
 
 def test_node_side_gpt2cloud_modules_stay_light():
