@@ -16,6 +16,7 @@ draw a progress bar), so the GPU node can use it.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -272,6 +273,10 @@ def download_dir(store: Store, prefix: str, local_dir, manifest_name: str = MANI
                 verified.add(f["name"])
     todo = [f for f in files if f["name"] not in verified]
     skipped = len(verified)
+    for f in todo:  # what a download killed midway (kill -9) left under a temporary name
+        path = local_dir / f["name"]
+        for stale in path.parent.glob(glob.escape(f".{path.name}{_TMP_MARK}") + "*"):
+            stale.unlink(missing_ok=True)
 
     total = sum(f["size"] for f in todo)
     with _bar(progress, total, f"download {len(todo)} files") as advance:

@@ -105,9 +105,12 @@ def test_download_resumes_and_replaces_bad_local_files(store, local_set, tmp_pat
     dst.mkdir()
     (dst / "a.bin").write_bytes((local_set / "a.bin").read_bytes())  # finished before the interruption
     (dst / "b.bin").write_bytes(b"x" * 1000)  # right size, wrong content
+    (dst / "sub").mkdir()
+    (dst / "sub" / ".c.bin.gpt2cloud-tmp-999-dead").write_bytes(b"par")  # a killed download's partial file
     r = download_dir(store, "", dst, progress=False)
     assert (r["downloaded"], r["skipped"]) == (2, 1)
     assert (dst / "b.bin").read_bytes() == (local_set / "b.bin").read_bytes()
+    assert sorted(p.name for p in (dst / "sub").iterdir()) == ["c.bin"]
 
 
 def test_upload_missing_or_empty_dir(store, tmp_path):
