@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from gpt2cloud.errors import UserError
+from gpt2cloud.units import usd
 
 
 def _print_plan(p, console: Console) -> None:
@@ -25,8 +26,8 @@ def _print_plan(p, console: Console) -> None:
         console.print(f"[bold]teardown[/]       autostop after {p.idle_minutes} idle minutes, then down "
                       "(nothing keeps billing)")
     if p.max_cost_usd:
-        console.print(f"[bold]budget[/]         the trainer stops before ${p.max_cost_usd:,.2f} "
-                      f"(estimate: ${p.est.cost_usd:,.2f})")
+        console.print(f"[bold]budget[/]         the trainer stops before {usd(p.max_cost_usd)} "
+                      f"(estimate: {usd(p.est.cost_usd)})")
     if p.secrets:
         console.print(f"[bold]secrets[/]        {', '.join(sorted(p.secrets))} (passed as SkyPilot secrets, "
                       "never written or printed)")
@@ -90,7 +91,7 @@ def launch_command(
     if not yes:
         if not sys.stdin.isatty():
             raise UserError("not launching without confirmation: add --yes (stdin is not a terminal)")
-        if not typer.confirm(f"Launch {p.run_id} (estimated ${p.est.cost_usd:,.2f})?", default=False, err=True):
+        if not typer.confirm(f"Launch {p.run_id} (estimated {usd(p.est.cost_usd)})?", default=False, err=True):
             raise UserError("not launched (answered no)")
     record = runs.start(p)
     if as_json:

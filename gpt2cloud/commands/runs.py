@@ -30,7 +30,7 @@ def runs_command(as_json: bool = typer.Option(False, "--json", help="Print the r
         where = f"{r.kind} / {r.infra}" + (" spot" if r.spot else "")
         t.add_row(r.run_id, where, f"{r.nodes}x{r.gpu_type}:{r.gpus_per_node}", r.recipe,
                   time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at)), f"{r.price_per_gpu_hour:.2f}",
-                  usd(r.estimate.get('cost_usd', 0)), f"{r.max_cost_usd:,.0f}" if r.max_cost_usd else "-",
+                  usd(r.estimate.get('cost_usd', 0)), usd(r.max_cost_usd) if r.max_cost_usd else "-",
                   r.history[-1]["event"] if r.history else r.state, r.run_url)
     console.print(t)
     console.print("live state and progress: `gpt2cloud status`", style="dim")
