@@ -61,9 +61,13 @@ class TokenLoader:
                 log(f"note: skipping {p.name}: fewer than {self.step_tokens + 1} tokens (one step)")
         if not self.shards:
             raise ShardError(
-                f"no shard holds at least one step of tokens ({self.step_tokens + 1}); "
-                f"shards: {', '.join(str(p) for p in shards)}"
+                f"no shard holds at least one step of tokens ({self.step_tokens + 1}); prepare more data "
+                f"or use a smaller tokens_per_step (shards: {', '.join(str(p) for p in shards)})"
             )
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Back to the first step of the first shard (validation reads the same batches every time)."""
         self.set_state({"shard": self.shards[0].name, "position": 0})
 
     def state(self) -> dict:

@@ -86,22 +86,20 @@ def train_step(model, optimizer, scaler, loader, grad_accum, amp, grad_clip, lr,
 
 
 @torch.no_grad()
-def evaluate(model, val_shards, cfg, rank, world, amp, device, ddp) -> float:
-    """Mean loss over the first val_steps micro-batches of the val shard, split over the ranks.
+def evaluate(model, loader, world, amp, device, ddp) -> float:
+    """Mean loss over the val shard's first micro-batches (val_steps // world on each rank).
 
-    The val loader reads the same batches whatever the world size (rank r takes every world-th
-    one), so val loss is comparable between runs with different numbers of processes.
+    The loader rewinds first, so every evaluation reads the same batches; rank r takes every
+    world-th one, so val loss is comparable between runs with different numbers of processes.
     """
-    per_rank = max(1, cfg.val_steps // world)
-    loader = TokenLoader(val_shards, cfg.micro_batch, cfg.model.block_size, rank, world, per_rank,
-                         log=lambda *a: None)
+    loader.rewind()
     model.eval()
     total = torch.zeros((), device=device)
-    for _ in range(per_rank):
+    for _ in range(loader.accum):
         x, y = loader.next_batch()
         with amp():
             _, loss = model(x.to(device), y.to(device))
-        total += loss.detach() / (per_rank * world)
+        total += loss.detach() / (loader.accum * world)
     model.train()
     if ddp:
         dist.all_reduce(total)  # each rank holds its share of the mean: the sum is the mean
@@ -151,12 +149,12 @@ def run(args, t_start: float) -> None:
     # ---- data ----
     train_shards, val_shards = find_shards(args.data)
     train_loader = TokenLoader(train_shards, B, T, rank, world, grad_accum, log=log)
-    if val_shards:
+    val_loader = None
+    if val_shards and cfg.val_every > 0:
         try:
-            TokenLoader(val_shards, B, T, rank, world, max(1, cfg.val_steps // world), log=log)
+            val_loader = TokenLoader(val_shards, B, T, rank, world, max(1, cfg.val_steps // world), log=log)
         except ShardError as e:
             log(f"note: no validation loss: {e}")
-            val_shards = []
 
     # ---- HellaSwag every hellaswag_every steps: --hellaswag FILE, or DATA/hellaswag_val.jsonl if present ----
     hellaswag = None
@@ -308,8 +306,8 @@ def run(args, t_start: float) -> None:
         metrics.write(record)
         log(console_line(step, cfg.steps, loss, lr, record["grad_norm"], tok_s, dt))
 
-        if val_shards and cfg.val_every > 0 and (step % cfg.val_every == 0 or step == cfg.steps):
-            val_loss = evaluate(eval_model, val_shards, cfg, rank, world, amp, device, ddp)
+        if val_loader is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            val_loss = evaluate(eval_model, val_loader, world, amp, device, ddp)
             metrics.write({"step": step, "val_loss": val_loss})
             log(f"step {step}/{cfg.steps} | val loss {val_loss:.4f}")
         # sampling needs the GPT-2 vocabulary (tests use tiny ones); the raw module also works when compiled

@@ -78,6 +78,9 @@ def test_state_resumes_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(after, [fresh.next_batch()[0] for _ in range(6)]))
     with pytest.raises(ShardError, match="d_train_000009.bin"):
         fresh.set_state({"shard": "d_train_000009.bin", "position": 0})
+    fresh.rewind()  # what validation does before each evaluation: the first step again
+    assert fresh.state() == {"shard": "d_train_000001.bin", "position": 0}
+    assert fresh.next_batch()[0].flatten().tolist() == list(range(8))
 
 
 def test_short_shards_are_skipped_or_refused(tmp_path):
