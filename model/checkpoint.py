@@ -14,8 +14,6 @@ Public helpers other parts call: latest_checkpoint, verify_checkpoint, load_mode
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt2cloud.storage import sha256_file  # the storage layer: the one module model/ may import
 from model import hf
 from model.config import GPTConfig
 from model.gpt import GPT
@@ -74,14 +73,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_checkpoint(path: str | Path, only: list[str] | None = None) -> dict:
     """Check every file (or those named in `only`) against the manifest's size and sha256.
 
@@ -98,7 +89,7 @@ def verify_checkpoint(path: str | Path, only: list[str] | None = None) -> dict:
         size = f.stat().st_size
         if size != entry["size"]:
             raise CheckpointError(f"{f}: {size} bytes, the manifest says {entry['size']} (truncated or altered)")
-        if _sha256(f) != entry["sha256"]:
+        if sha256_file(f) != entry["sha256"]:
             raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupt file)")
     return manifest
 
@@ -174,14 +165,14 @@ def write_checkpoint(out_dir: str | Path, step: int, raw_model: GPT, optimizer_s
     path.mkdir(parents=True)
     save_file(weights_state_dict(raw_model), str(path / WEIGHTS), metadata={"format": "pt"})
     torch.save(optimizer_state, path / "optimizer.pt")
-    _fsync_write(path / "trainer_state.json", json.dumps(trainer_state, indent=2).encode())
+    (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     for r, s in enumerate(rng_states):
         torch.save(s, path / f"rng_rank{r}.pt")
     files = []
     for f in sorted(path.iterdir()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())  # the data must be on disk before the manifest vouches for it
-        files.append({"name": f.name, "size": f.stat().st_size, "sha256": _sha256(f)})
+        files.append({"name": f.name, "size": f.stat().st_size, "sha256": sha256_file(f)})
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": len(rng_states),
                 "recipe": config.get("recipe_name"), "config": config, "files": files}
     tmp = path / (MANIFEST + ".tmp")
@@ -232,25 +223,20 @@ def load_model(path: str | Path, device="cpu", verify: bool = True) -> GPT:
     The weights of our checkpoints are verified against the manifest first (verify=False skips it).
     """
     path = resolve_checkpoint(path)
-    if not (path / MANIFEST).exists():
-        if hf.is_hf_dir(path):  # config.json + model.safetensors or its shard index (.safetensors.index.json)
-            return hf.load_hf(path).to(device)
-        raise CheckpointError(f"{path / MANIFEST}: missing; {path} is not a complete checkpoint")
+    if not (path / MANIFEST).exists():  # resolve_checkpoint found an HF-format dir
+        return hf.load_hf(path).to(device)
     manifest = verify_checkpoint(path, only=[WEIGHTS]) if verify else _read_manifest(path)
     model = GPT(GPTConfig(**manifest["config"]["model"]))
     _load_weights(path, model, "cpu")
     return model.to(device)
 
 
-def load_training_state(path: Path, raw_model: GPT, optimizer, scaler, rank: int, device,
-                        verify: bool = True) -> dict:
-    """Restore weights, optimizer, scaler and this rank's RNG from a verified checkpoint.
+def load_training_state(path: Path, raw_model: GPT, optimizer, scaler, rank: int, device) -> dict:
+    """Restore weights, optimizer, scaler and this rank's RNG from a checkpoint (verify_checkpoint it first).
 
     Returns the trainer state plus `rng_restored` (False when the checkpoint came from fewer
     ranks than this run has: this rank then keeps its seeded RNG).
     """
-    if verify:
-        verify_checkpoint(path)
     _load_weights(path, raw_model, device)
     opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
@@ -262,7 +248,3 @@ def load_training_state(path: Path, raw_model: GPT, optimizer, scaler, rank: int
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state
-
-
-def config_dict(config) -> dict:
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)

@@ -206,7 +206,7 @@ def run(args, t_start: float) -> None:
         if saved["config"]["model"] != dataclasses.asdict(cfg.model):
             raise TrainError(f"{latest} holds a model of shape {saved['config']['model']}, but the config asks for "
                              f"{dataclasses.asdict(cfg.model)}; use a new --out for a different model")
-        state = ckpt.load_training_state(latest, raw_model, optimizer, scaler, rank, device, verify=False)
+        state = ckpt.load_training_state(latest, raw_model, optimizer, scaler, rank, device)
         train_loader.set_state(state["data"])
         start_step, elapsed_before = state["step"], state["elapsed_seconds"]
         tokens_seen, loss = state["tokens_seen"], state["loss"]

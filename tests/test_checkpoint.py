@@ -51,7 +51,8 @@ def test_layout_manifest_and_roundtrip(tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied after loading
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    assert ckpt.load_model(tmp_path) is not None  # a run's OUT dir: its newest checkpoint
+    newest = ckpt.load_model(tmp_path)  # a run's OUT dir: its newest checkpoint
+    assert torch.equal(newest.transformer.wte.weight, model.transformer.wte.weight)
 
     # the training state: optimizer moments and every file through torch.load(weights_only=True)
     fresh = GPT(tiny_config().model)
