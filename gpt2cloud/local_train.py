@@ -8,8 +8,8 @@ by PID first and then end every process in it; see gpt2cloud.processes.kill_proc
 
 from __future__ import annotations
 
-import json
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -17,34 +17,34 @@ from typing import TextIO
 
 from gpt2cloud.errors import UserError
 from gpt2cloud.processes import kill_process_tree
+from gpt2cloud.progress import parse_metrics
 from gpt2cloud.recipes import load_recipe
 
 
 def check_inputs(cfg, data: Path, out: Path, nproc: int, resume: str) -> None:
     """Everything we can check before paying for torchrun's start; UserError with the fix."""
     from model.checkpoint import latest_checkpoint
-    from model.data import find_shards
-    from model.shards import ShardError, read_header
+    from model.data import TokenLoader, find_shards
+    from model.shards import ShardError
 
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: the number of processes must be at least 1")
     if resume not in ("auto", "never"):
         raise UserError(f"--resume {resume}: expected auto or never")
-    per_micro_step = cfg.micro_batch * cfg.model.block_size * nproc
-    if cfg.tokens_per_step % per_micro_step:
+    if cfg.max_cost_usd > 0 and cfg.price_per_gpu_hour <= 0:
+        raise UserError(f"--max-cost {cfg.max_cost_usd:g} needs --price USD_PER_GPU_HOUR (the cap counts GPU-hours x price)")
+    B, T = cfg.micro_batch, cfg.model.block_size
+    if cfg.tokens_per_step % (B * T * nproc):
         raise UserError(
             f"tokens_per_step {cfg.tokens_per_step} is not a multiple of micro_batch x block_size x nproc "
-            f"({cfg.micro_batch} x {cfg.model.block_size} x {nproc}); pick another --nproc"
+            f"({B} x {T} x {nproc}); pick another --nproc"
         )
     try:
         train, _ = find_shards(data)
+        # the trainer's own loader: it refuses data without a shard that holds one step of tokens
+        TokenLoader(train, B, T, 0, nproc, cfg.tokens_per_step // (B * T * nproc), log=lambda *a: None)
     except (FileNotFoundError, ShardError) as e:
         raise UserError(str(e)) from None
-    if not any(read_header(p) > cfg.tokens_per_step for p in train):
-        raise UserError(
-            f"no training shard in {data} holds one step of tokens ({cfg.tokens_per_step + 1}); "
-            "prepare more data or use a recipe with a smaller tokens_per_step"
-        )
     latest = latest_checkpoint(out)
     if latest is not None and resume == "never":
         raise UserError(f"{out} already holds checkpoints (newest {latest.name}); use --resume auto to continue "
@@ -99,14 +99,8 @@ def summarize(out: Path) -> dict:
     """What the run left in OUT: steps done, final loss, last val loss, last complete checkpoint."""
     from model.checkpoint import latest_checkpoint
 
-    records = []
     path = out / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+    records = parse_metrics(path.read_text()) if path.exists() else []
     steps = [r for r in records if "loss" in r]
     vals = [r for r in records if "val_loss" in r]
     end = next((r for r in reversed(records) if r.get("event") in ("end", "budget_stop")), None)
@@ -120,7 +114,7 @@ def summarize(out: Path) -> dict:
         "metrics": str(path),
         "tokens_seen": steps[-1]["tokens_seen"] if steps else 0,
         "elapsed_seconds": steps[-1]["elapsed_seconds"] if steps else None,
-        "tokens_per_second": (sorted(r["tokens_per_second"] for r in steps)[len(steps) // 2] if steps else None),
+        "tokens_per_second": statistics.median(r["tokens_per_second"] for r in steps) if steps else None,
         "cost_usd": steps[-1].get("cost_usd") if steps else None,
         "budget_stop": bool(end and end.get("event") == "budget_stop"),
     }

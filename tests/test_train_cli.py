@@ -68,6 +68,11 @@ def test_train_refuses_bad_input_in_one_line(tmp_path, recipe):
     for bad_nproc, why in [("0", "at least 1"), ("3", "not a multiple")]:
         _one_line_error(runner.invoke(app, ["train", str(recipe), "--data", str(data), "--out", str(out),
                                             "--nproc", bad_nproc]), why)
+    _one_line_error(runner.invoke(app, ["train", str(recipe), "--data", str(data), "--out", str(out),
+                                        "--max-cost", "5"]), "--max-cost 5 needs --price")
+    short = make_shards(tmp_path / "short", train_tokens=(200, 256))  # a step reads 256 + 1 tokens
+    _one_line_error(runner.invoke(app, ["train", str(recipe), "--data", str(short), "--out", str(out)]),
+                    "one step of tokens (257)", "tokens_per_step")
     corrupt = data / "tiny_train_000002.bin"
     corrupt.write_bytes(b"\x01\x02\x03\x04" + corrupt.read_bytes()[4:])
     _one_line_error(runner.invoke(app, ["train", str(recipe), "--data", str(data), "--out", str(out)]),
