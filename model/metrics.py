@@ -11,7 +11,11 @@ from model.config import GPTConfig
 
 
 def flops_per_token(model: GPTConfig, n_params: int) -> int:
-    """Training FLOPs per token, 6N + 12*L*d*T (nanoGPT/PaLM convention; N at the real vocabulary)."""
+    """Training FLOPs per token, 6N + 12*L*d*T (nanoGPT/PaLM convention; N at the real vocabulary).
+
+    The same formula as gpt2cloud/estimate.py, which a node cannot import (pydantic); here N is the
+    built model's count, so the MFU the trainer logs and the one `gpt2cloud estimate` predicts agree.
+    """
     return 6 * n_params + 12 * model.n_layer * model.n_embd * model.block_size
 
 
