@@ -2,8 +2,8 @@
 exceptions turned into one-line errors with the fix.
 
 - enabled_clouds(): the clouds `sky check` enabled (SkyPilot's cached credential check);
-- check_infra(): spot where the cloud has none (Lambda, Kubernetes, ...), a GPU type or count the
-  cloud's catalog does not offer;
+- check_infra(): an unknown cloud, spot where the cloud has none (Lambda, Kubernetes, ...), a GPU type
+  or count the cloud's catalog does not offer;
 - sky_errors(): a context manager mapping NoCloudAccessError, ResourcesUnavailableError, ... to UserError.
 
 Needs `sky` (imported inside the functions); the catalogs are SkyPilot's cached CSVs, downloaded by
@@ -121,7 +121,9 @@ def offered_counts(infra: str, gpu: str) -> list[int]:
 
 
 def check_infra(infra: str, gpu: str, count: int, spot: bool) -> None:
-    """Raise UserError for a launch this infra cannot run: spot where it has none, a GPU it lacks."""
+    """Raise UserError for a launch this infra cannot run: an unknown cloud, spot where it has none, a GPU
+    it lacks."""
+    _cloud(infra)
     if spot and not supports_spot(infra):
         raise UserError(f"--spot: {infra} has no spot instances; drop --spot (on-demand with autostop) or pick "
                         "a cloud with spot, e.g. --infra aws --spot")

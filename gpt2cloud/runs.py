@@ -89,7 +89,7 @@ def normalize_infra(infra: Optional[str]) -> str:
 def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, spot: bool = False,
          data: str = "", bucket: str = "", name: Optional[str] = None, steps: Optional[int] = None,
          max_cost: Optional[float] = None, idle_minutes: int = 10, price: Optional[float] = None,
-         push_every: int = 60, check_clouds: bool = True, offline: bool = False,
+         push_every: int = 60, offline: bool = False,
          micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None) -> Plan:
     infra = normalize_infra(infra)
     r = load_recipe(recipe)
@@ -122,21 +122,19 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
             f"{r.name} --compare`)" + (f" or a recipe whose micro-batch is at most {est.max_micro_batch}"
                                        if est.max_micro_batch else " (it does not fit even at micro-batch 1)"))
 
-    clouds: list[str] = []
-    if infra not in (LOCAL, ANY) and check_clouds:
+    clouds: list[str] = []  # with --infra any: the enabled clouds that can serve this launch (any_of)
+    if infra != LOCAL:
         from gpt2cloud import clouds as cl
 
-        cl._cloud(infra)  # unknown names fail here, with the list of known ones
-        cl.check_infra(infra, gpu_type, count, spot)
-    elif infra == ANY and check_clouds:
-        from gpt2cloud import clouds as cl
-
-        try:
-            clouds = cl.choose_clouds(gpu_type, count, spot)
-        except UserError as e:
-            if not offline or e.args[0] != cl.NO_CLOUD:
-                raise
-            clouds = []  # a dry run without `sky check`: no infra, SkyPilot picks any enabled cloud at launch
+        if infra != ANY:
+            cl.check_infra(infra, gpu_type, count, spot)
+        else:
+            try:
+                clouds = cl.choose_clouds(gpu_type, count, spot)
+            except UserError as e:
+                if not offline or e.args[0] != cl.NO_CLOUD:
+                    raise
+                # a dry run without `sky check`: no infra, SkyPilot picks any enabled cloud at launch
 
     run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
     run_url = f"{bucket}/{run_id}"
