@@ -211,14 +211,11 @@ def _record_for_dir(path: Path):
 def run_dir_candidates(record) -> list[Path]:
     """Where a registry run's OUT may be on this machine: where `gpt2cloud fetch` last put it (the
     record's fetched_dir), then fetch's default --dest under the current dir, then a local run's node."""
-    from gpt2cloud import registry
-
-    local = Path(record.local_dir) if record.local_dir else registry.home() / "local" / record.run_id
-    fetched = getattr(record, "fetched_dir", None)
+    fetched = record.fetched_dir
     candidates = [
         *([Path(fetched)] if fetched else []),  # `gpt2cloud fetch RUN --dest DIR`, as the registry noted it
         Path.cwd() / "runs" / record.run_id,  # `gpt2cloud fetch RUN`'s default --dest
-        local / "node" / "out",  # an --infra local run's node (gpt2cloud/local_runner.py)
+        record.node_dir / "node" / "out",  # an --infra local run's node (gpt2cloud/local_runner.py)
     ]
     return list(dict.fromkeys(candidates))
 

@@ -49,7 +49,7 @@ def test_node_side_gpt2cloud_modules_stay_light():
 
     (transfer.py imports rich inside its progress bar, which the node never turns on.)
     """
-    for name in ("storage.py", "transfer.py", "errors.py", "__init__.py"):
+    for name in ("storage.py", "s3store.py", "transfer.py", "errors.py", "__init__.py"):
         top = imported_top_level(REPO / "gpt2cloud" / name, module_level_only=True)
         heavy = top & {"typer", "pydantic", "sky", "rich", "yaml", "boto3", "botocore"}
         assert not heavy, f"gpt2cloud/{name} imports {heavy}, which a node does not install"
