@@ -19,7 +19,9 @@ install: $(VENV)/.installed
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
+# The import rules (pyproject.toml [tool.importlinter]) first: a broken layer fails fast.
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests
 
 bench: install

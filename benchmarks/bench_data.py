@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="repetitions (tokenize: best; transfer: median)")
     ap.add_argument("--no-transfer", action="store_true", help="tokenization only")
     args = ap.parse_args()
-    from gpt2cloud.prepare import prepare
+    from gpt2cloud.data.prepare import prepare
 
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))

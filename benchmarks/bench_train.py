@@ -5,8 +5,8 @@
 
 One process, random tokens (the data loader is not what is measured), warm-up steps excluded
 (torch.compile compiles during them). Prints tokens/s, step time, MFU, peak memory, and a point in
-the form of gpt2cloud/tables/calibration.yaml. MFU = tokens/s x (6N + 12*L*d*T) / peak dense BF16
-FLOPS, N at vocabulary 50257; the peak comes from gpt2cloud/tables/gpus.yaml (--gpu, or guessed from
+the form of gpt2cloud/cost/tables/calibration.yaml. MFU = tokens/s x (6N + 12*L*d*T) / peak dense BF16
+FLOPS, N at vocabulary 50257; the peak comes from gpt2cloud/cost/tables/gpus.yaml (--gpu, or guessed from
 the CUDA device name), so it is empty on a CPU unless --peak-tflops is given.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import resource
 import statistics
 import sys
@@ -25,11 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from gpt2cloud.hardware import gpu_spec, known_gpus  # noqa: E402
-from gpt2cloud.recipes import load_recipe  # noqa: E402
-from model.gpt import GPT  # noqa: E402
-from model.metrics import flops_per_token  # noqa: E402
-from model.train import pick_dtype, train_step  # noqa: E402
+from gpt2cloud.cost.hardware import gpu_spec, known_gpus  # noqa: E402
+from gpt2cloud.cost.recipes import load_recipe  # noqa: E402
+from model.train import setup_training, train_step  # noqa: E402
 
 
 class RandomBatches:
@@ -52,12 +49,12 @@ def guess_gpu(device: str) -> str | None:
         return None
     name = torch.cuda.get_device_name(device).upper()
     memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    for gpu in sorted(known_gpus(), key=len, reverse=True):  # longest first: GH200 before H200
-        base = gpu.split("-")[0].upper()
-        if base in name:
-            if gpu == "A100" and memory_gib > 60:
-                return "A100-80GB"
-            return gpu
+    # Plain chip names only (H100-MEGA is a cloud's networking variant, not a device name), longest
+    # first so that GH200 wins over H200 and A100 is told apart by its memory.
+    plain = sorted((g for g in known_gpus() if "-" not in g and g != "CPU"), key=len, reverse=True)
+    for gpu in plain:
+        if gpu.upper() in name.split() or gpu.upper() in name.replace("-", " ").split():
+            return "A100-80GB" if gpu == "A100" and memory_gib > 60 else gpu
     return None
 
 
@@ -75,23 +72,17 @@ def main(argv=None) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the peak (e.g. for a CPU)")
     a = p.parse_args(argv)
 
-    cfg = load_recipe(a.recipe).to_train_config(micro_batch=a.micro_batch)
+    cfg = load_recipe(a.recipe).to_train_config(micro_batch=a.micro_batch, compile=a.compile, dtype=a.dtype)
     B, T = cfg.micro_batch, cfg.model.block_size
     device, device_type = a.device, "cuda" if a.device.startswith("cuda") else "cpu"
-    torch.manual_seed(cfg.seed)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    raw_model = GPT(cfg.model).to(device)
-    model = torch.compile(raw_model) if a.compile else raw_model
-    dtype = pick_dtype(a.dtype, device_type)
-    amp = functools.partial(torch.autocast, device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    optimizer = raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
+    s = setup_training(cfg, device)  # exactly what the trainer builds
+    raw_model, dtype = s.raw_model, s.dtype
     data = RandomBatches(B, T, cfg.model.vocab_size)
 
     def step():
         t0 = time.perf_counter()
-        loss, _ = train_step(model, optimizer, scaler, data, a.accum, amp, cfg.grad_clip, cfg.lr, False, device)
+        loss, _ = train_step(s.model, s.optimizer, s.scaler, data, a.accum, s.amp, cfg.grad_clip, cfg.lr, False,
+                             device)
         loss.item()  # waits for the device
         return time.perf_counter() - t0
 
@@ -107,7 +98,7 @@ def main(argv=None) -> None:
     dt = statistics.median(times)
     tok_s = tokens / dt
     n_params = raw_model.num_params()
-    fpt = flops_per_token(cfg.model, n_params)
+    fpt = cfg.model.flops_per_token()
     gpu = a.gpu or guess_gpu(device)
     peak = a.peak_tflops * 1e12 if a.peak_tflops else (gpu_spec(gpu).peak_bf16_tflops * 1e12 if gpu else None)
     mfu = tok_s * fpt / peak if peak else None
@@ -134,7 +125,7 @@ def main(argv=None) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    print("\n# calibration point (gpt2cloud/tables/calibration.yaml)")
+    print("\n# calibration point (gpt2cloud/cost/tables/calibration.yaml)")
     print(f"  - gpu: {gpu or ('cpu' if device_type == 'cpu' else 'unknown')}")
     print(f"    params: {n_params}")
     print(f"    mfu: {round(mfu, 3) if mfu is not None else 'null'}")

@@ -17,24 +17,23 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gpt2cloud.storage import sha256_file  # the storage layer: the one module model/ may import
+from gpt2cloud.store import StorageError, atomic_write  # the one part of gpt2cloud model/ imports
+from gpt2cloud.store.layout import CHECKPOINTS, MANIFEST, STEP_DIR, local_checkpoints, step_dir
+from gpt2cloud.store.transfer import check_files, file_entry
 from model import hf
 from model.config import GPTConfig
 from model.gpt import GPT
 
 FORMAT = "gpt2cloud-checkpoint"
 VERSION = 1
-MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 TIED = "lm_head.weight"  # same tensor as transformer.wte.weight; stored once
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -57,14 +56,8 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    root = out_dir / "checkpoints" if (out_dir / "checkpoints").is_dir() else out_dir
-    found = []
-    if root.is_dir():
-        for d in root.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and d.is_dir() and (d / MANIFEST).is_file():
-                found.append((int(m.group(1)), d))
-    return sorted(found)
+    """Of a run's OUT dir, or of its checkpoints dir itself."""
+    return local_checkpoints(out_dir.parent if out_dir.name == CHECKPOINTS else out_dir)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -80,17 +73,10 @@ def verify_checkpoint(path: str | Path, only: list[str] | None = None) -> dict:
     """
     path = Path(path)
     manifest = _read_manifest(path)
-    for entry in manifest["files"]:
-        if only is not None and entry["name"] not in only:
-            continue
-        f = path / entry["name"]
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (listed in the manifest)")
-        size = f.stat().st_size
-        if size != entry["size"]:
-            raise CheckpointError(f"{f}: {size} bytes, the manifest says {entry['size']} (truncated or altered)")
-        if sha256_file(f) != entry["sha256"]:
-            raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupt file)")
+    try:
+        check_files(path, [f for f in manifest["files"] if only is None or f["name"] in only])
+    except StorageError as e:
+        raise CheckpointError(str(e)) from None
     return manifest
 
 
@@ -101,14 +87,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: no such file or directory")
     if (path / MANIFEST).exists():
         return path
-    if (path / "checkpoints").is_dir():
+    if (path / CHECKPOINTS).is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise CheckpointError(f"{path}/checkpoints: no complete checkpoint (none has a {MANIFEST}) yet")
+            raise CheckpointError(f"{path}/{CHECKPOINTS}: no complete checkpoint (none has a {MANIFEST}) yet")
         return latest
     if hf.is_hf_dir(path):
         return path
-    if _STEP_DIR.match(path.name):
+    if STEP_DIR.match(path.name):
         raise CheckpointError(f"{path / MANIFEST}: missing; {path} is an incomplete checkpoint")
     raise CheckpointError(f"{path}: not a checkpoint ({MANIFEST}), a run directory (checkpoints/) "
                           "or an HF-format directory (config.json + model.safetensors or its shard index)")
@@ -146,20 +132,12 @@ def weights_state_dict(raw_model: torch.nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in raw_model.state_dict().items() if k != TIED}
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_checkpoint(out_dir: str | Path, step: int, raw_model: GPT, optimizer_state: dict,
                      trainer_state: dict, rng_states: list[dict], config: dict, keep: int) -> Path:
     """Write one checkpoint (rank 0 only), manifest last, then prune to the newest `keep`."""
     from safetensors.torch import save_file
 
-    root = Path(out_dir) / "checkpoints"
-    path = root / f"step_{step:06d}"
+    path = Path(out_dir) / CHECKPOINTS / step_dir(step)
     if path.exists():
         shutil.rmtree(path)  # an incomplete attempt at this step (a killed run): start it over
     path.mkdir(parents=True)
@@ -172,12 +150,10 @@ def write_checkpoint(out_dir: str | Path, step: int, raw_model: GPT, optimizer_s
     for f in sorted(path.iterdir()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())  # the data must be on disk before the manifest vouches for it
-        files.append({"name": f.name, "size": f.stat().st_size, "sha256": sha256_file(f)})
+        files.append(file_entry(path, f.name))
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": len(rng_states),
                 "recipe": config.get("recipe_name"), "config": config, "files": files}
-    tmp = path / (MANIFEST + ".tmp")
-    _fsync_write(tmp, json.dumps(manifest, indent=2).encode())
-    os.replace(tmp, path / MANIFEST)
+    atomic_write(path / MANIFEST, json.dumps(manifest, indent=2))
     prune_checkpoints(out_dir, keep)
     return path
 
@@ -185,7 +161,7 @@ def write_checkpoint(out_dir: str | Path, step: int, raw_model: GPT, optimizer_s
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; drop older ones and incomplete leftovers
     (a killed run's half-written directory) older than the newest complete one."""
-    root = Path(out_dir) / "checkpoints"
+    root = Path(out_dir) / CHECKPOINTS
     complete = _complete_checkpoints(Path(out_dir))
     if not complete:
         return
@@ -193,7 +169,7 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
     newest = complete[-1][0]
     for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
+        m = STEP_DIR.match(d.name)
         if m and d.is_dir() and not (d / MANIFEST).exists() and int(m.group(1)) < newest:
             shutil.rmtree(d, ignore_errors=True)
 

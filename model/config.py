@@ -20,6 +20,25 @@ class GPTConfig:
     vocab_size: int = 50257  # real tokens; the embedding is padded to padded_vocab_size
     padded_vocab_size: int = 50304  # a multiple of 64 runs faster; padded logits are never targets
 
+    def param_count(self, padded: bool = False) -> int:
+        """V*d + T*d + L*(12*d^2 + 13*d) + 2*d, the tied embedding counted once (V: the real vocabulary,
+        or the padded one the embedding really has)."""
+        V = self.padded_vocab_size if padded else self.vocab_size
+        d, L, T = self.n_embd, self.n_layer, self.block_size
+        return V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, forward and backward: 6N + 12*L*d*T (nanoGPT/PaLM convention,
+        N at the real vocabulary). `gpt2cloud estimate` predicts with it and the trainer logs MFU with it."""
+        return 6 * self.param_count() + 12 * self.n_layer * self.n_embd * self.block_size
+
+
+FLOPS_FORMULA = "6N + 12*L*d*T"
+
+
+class BatchError(ValueError):
+    """tokens_per_step does not split into whole micro-batches over the ranks."""
+
 
 @dataclass
 class TrainConfig:
@@ -54,6 +73,15 @@ class TrainConfig:
     peak_flops_per_gpu: float = 0.0  # for MFU in metrics; 0 means "unknown"
     max_cost_usd: float = 0.0  # 0: no budget cap
     price_per_gpu_hour: float = 0.0
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-steps per optimizer step: tokens_per_step / (micro_batch x block_size x world_size)."""
+        per_micro_step = self.micro_batch * self.model.block_size * world_size
+        if self.tokens_per_step % per_micro_step:
+            raise BatchError(
+                f"tokens per step ({self.tokens_per_step:,}) is not divisible by micro-batch x sequence length x "
+                f"ranks ({self.micro_batch} x {self.model.block_size} x {world_size} = {per_micro_step:,})")
+        return self.tokens_per_step // per_micro_step
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

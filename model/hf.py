@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2cloud.store import atomic_write
 from model.config import GPTConfig
 from model.gpt import GPT
 
@@ -190,7 +191,5 @@ def save_hf(model, path: str | Path) -> Path:
     tmp_weights = path / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
     tmp_weights.replace(path / WEIGHTS_FILE)
-    tmp_config = path / (CONFIG_FILE + ".tmp")
-    tmp_config.write_text(json.dumps(hf_config(config), indent=2) + "\n")
-    tmp_config.replace(path / CONFIG_FILE)
+    atomic_write(path / CONFIG_FILE, json.dumps(hf_config(config), indent=2) + "\n")
     return path

@@ -1,22 +1,32 @@
-"""What a run reports: `OUT/metrics.jsonl` (one JSON object per line), the console line, FLOPs and cost."""
+"""A run's metrics: `OUT/metrics.jsonl`, its one writer (the trainer) and its one reader (everyone else).
+
+One JSON object a line:
+- per step: step, loss, lr, grad_norm, step_seconds, tokens_per_second (all GPUs), mfu, tokens_seen,
+  elapsed_seconds, cost_usd (when a price was given);
+- {"step", "val_loss"}, {"step", "hellaswag_acc_norm", ...}, {"step", "sample"};
+- events: {"event": "start", "world_size", "config", ...}, "checkpoint", "budget_stop", "end".
+A resumed run appends another "start"; lines a killed run wrote past its checkpoint are dropped by
+the trainer (truncate_after), and the reader keeps the last line of a step in any case.
+
+`RunMetrics` is what `gpt2cloud status`, `train`, `plot` and `report` read: one steady tokens/s, one
+cost, one last step, so a finished run shows the same figures everywhere.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from model.config import GPTConfig
+from gpt2cloud.store import atomic_write
 
-
-def flops_per_token(model: GPTConfig, n_params: int) -> int:
-    """Training FLOPs per token, 6N + 12*L*d*T (nanoGPT/PaLM convention; N at the real vocabulary).
-
-    The same formula as gpt2cloud/estimate.py, which a node cannot import (pydantic); here N is the
-    built model's count, so the MFU the trainer logs and the one `gpt2cloud estimate` predicts agree.
-    """
-    return 6 * n_params + 12 * model.n_layer * model.n_embd * model.block_size
+# tokens/s of the first steps (compilation, cold caches) is not representative
+WARMUP_FRACTION = 0.1
+MIN_WARMUP_STEPS = 5
 
 
 def mfu(tokens_per_second: float, flops_token: int, peak_flops_per_gpu: float, world_size: int):
@@ -28,6 +38,9 @@ def mfu(tokens_per_second: float, flops_token: int, peak_flops_per_gpu: float, w
 
 def cost_usd(elapsed_seconds: float, world_size: int, price_per_gpu_hour: float) -> float:
     return elapsed_seconds / 3600 * world_size * price_per_gpu_hour
+
+
+# ---------------------------------------------------------------- writing
 
 
 class MetricsLog:
@@ -63,19 +76,178 @@ def truncate_after(path: str | Path, step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the kill
-        if record.get("step") is None or record["step"] <= step:
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    kept = [r for r in parse_metrics(path.read_text(encoding="utf-8")) if r.get("step") is None or r["step"] <= step]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def console_line(step: int, steps: int, loss: float, lr: float, norm: float, tok_s: float, dt: float) -> str:
     return (f"step {step}/{steps} | loss {loss:.4f} | lr {lr:.1e} | norm {norm:.2f} | "
             f"{tok_s:,.0f} tok/s | {dt:.2f} s")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def parse_metrics(text: str) -> list[dict]:
+    """The JSON objects of metrics.jsonl text; a line cut short (an upload in progress, a kill) is skipped."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _median(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+@dataclass
+class RunMetrics:
+    """metrics.jsonl read back: the lines by kind, and the figures every command shows."""
+
+    train: list = field(default_factory=list)  # per-step lines, one per step (the last written wins), by step
+    val: list = field(default_factory=list)
+    hellaswag: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+    warm_steps: set = field(default_factory=set)  # the first step after each (re)start: it pays for warm-up
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "RunMetrics":
+        m = cls()
+        steps: dict[int, dict] = {}
+        after_start = False
+        for r in rows:
+            if "event" in r:
+                m.events.append(r)
+                after_start = after_start or r["event"] == "start"
+            elif "loss" in r and "step" in r:
+                steps[int(r["step"])] = r
+                if after_start:
+                    m.warm_steps.add(int(r["step"]))
+                    after_start = False
+            elif "val_loss" in r:
+                m.val.append(r)
+            elif "hellaswag_acc_norm" in r:
+                m.hellaswag.append(r)
+            elif "sample" in r:
+                m.samples.append(r)
+        m.train = [steps[k] for k in sorted(steps)]
+        for rows_ in (m.val, m.hellaswag, m.samples):
+            rows_.sort(key=lambda r: r.get("step", 0))
+        return m
+
+    @classmethod
+    def from_text(cls, text: str) -> "RunMetrics":
+        return cls.from_rows(parse_metrics(text))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunMetrics":
+        path = Path(path)
+        return cls.from_text(path.read_text(encoding="utf-8")) if path.is_file() else cls()
+
+    # ---- what the run was ----
+    @property
+    def start(self) -> dict:
+        """The first start event (the run's config and world size)."""
+        return next((e for e in self.events if e.get("event") == "start"), {})
+
+    @property
+    def config(self) -> dict:
+        return self.start.get("config", {})
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        """The steps of the newest start's config (a resume may have extended the run)."""
+        starts = [e for e in self.events if e.get("event") == "start" and isinstance(e.get("config"), dict)]
+        return int(starts[-1]["config"]["steps"]) if starts and starts[-1]["config"].get("steps") else None
+
+    @property
+    def restarts(self) -> int:
+        return max(0, sum(1 for e in self.events if e.get("event") == "start") - 1)
+
+    @property
+    def end(self) -> Optional[dict]:
+        return next((e for e in reversed(self.events) if e.get("event") in ("end", "budget_stop")), None)
+
+    @property
+    def finished(self) -> bool:
+        return self.end is not None
+
+    @property
+    def budget_stopped(self) -> bool:
+        """The run's latest stop was the budget cap's (a resume with a higher cap may have gone on)."""
+        return self.end is not None and self.end.get("event") == "budget_stop"
+
+    @property
+    def completed(self) -> bool:
+        """The run trained all its steps (its latest stop was the end, not the budget cap)."""
+        return self.end is not None and self.end.get("event") == "end"
+
+    # ---- where it got ----
+    @property
+    def last_step(self) -> int:
+        return int(self.train[-1]["step"]) if self.train else int((self.end or {}).get("step") or 0)
+
+    @property
+    def last_loss(self) -> Optional[float]:
+        if self.end and self.end.get("final_loss") is not None:
+            return self.end["final_loss"]
+        return self.train[-1]["loss"] if self.train else None
+
+    @property
+    def last_val_loss(self) -> Optional[float]:
+        return self.val[-1]["val_loss"] if self.val else None
+
+    @property
+    def last_sample(self) -> Optional[str]:
+        return self.samples[-1]["sample"] if self.samples else None
+
+    @property
+    def tokens_seen(self) -> int:
+        return int(self.train[-1].get("tokens_seen", 0)) if self.train else 0
+
+    @property
+    def elapsed_seconds(self) -> Optional[float]:
+        """Wall time over all restarts, as the trainer counts it for its budget."""
+        return float(self.train[-1].get("elapsed_seconds", 0.0)) if self.train else None
+
+    def cost_usd(self, world_size: int, price_per_gpu_hour: float) -> Optional[float]:
+        """Dollars so far: the trainer's own cost_usd (what its cap uses), else elapsed x GPUs x price;
+        a budget stop's cost if higher (a stop before the first step still cost money)."""
+        cost = None
+        if self.train and self.train[-1].get("cost_usd") is not None:
+            cost = float(self.train[-1]["cost_usd"])
+        elif price_per_gpu_hour:
+            cost = (self.elapsed_seconds or 0.0) / 3600 * world_size * price_per_gpu_hour
+        stop_cost = [float(e["cost_usd"]) for e in self.events
+                     if e.get("event") == "budget_stop" and e.get("cost_usd") is not None]
+        if stop_cost:
+            cost = max(cost or 0.0, *stop_cost)
+        return cost
+
+    # ---- how fast: medians over the steady steps ----
+    def steady_steps(self) -> list[dict]:
+        """The steps after warm-up: the first 10% (at least 5) and the first step of every restart are
+        skipped; a run too short for that keeps its second half."""
+        skip = max(MIN_WARMUP_STEPS, int(len(self.train) * WARMUP_FRACTION))
+        steady = [r for r in self.train[skip:] if int(r["step"]) not in self.warm_steps]
+        return steady or self.train[len(self.train) // 2:]
+
+    def tokens_per_second(self) -> Optional[float]:
+        """Median tokens/s over all GPUs after warm-up: the one throughput every command shows."""
+        return _median([r.get("tokens_per_second") for r in self.steady_steps()])
+
+    def step_seconds(self) -> Optional[float]:
+        return _median([r.get("step_seconds") for r in self.steady_steps()])
+
+    def mfu(self) -> Optional[float]:
+        return _median([r.get("mfu") for r in self.steady_steps()])

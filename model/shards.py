@@ -5,10 +5,11 @@ Both `gpt2cloud data prepare` (writer) and the trainer's data loader (reader) us
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from gpt2cloud.store import atomic_write
 
 MAGIC = 20240520
 VERSION = 1
@@ -28,13 +29,7 @@ def write_shard(path: str | Path, tokens) -> None:
         raise ValueError("token ids must fit in uint16")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, header.tobytes(), memoryview(np.ascontiguousarray(tokens, dtype="<u2")).cast("B"))
 
 
 def read_header(path: str | Path) -> int:

@@ -4,70 +4,40 @@
     python -m model.sync pull URL OUT [--rank R]     # newest complete checkpoint (+ metrics) for --resume auto
     python -m model.sync data URL DIR                # the token shards, sha256-verified against their manifest
 
-Bucket layout under URL (= <bucket>/<run id>):
-    checkpoints/step_NNNNNN/...   each checkpoint directory, its manifest.json uploaded last
-    metrics.jsonl                 the trainer's metrics (head node)
-    logs/node-R.log               console output of node R
+Bucket layout under URL (= <bucket>/<run id>): the same tree as OUT (gpt2cloud/store/layout.py), each
+checkpoint directory's manifest.json uploaded last, metrics.jsonl from the head node, logs/node-R.log
+from node R.
 
 A checkpoint is complete once its manifest is there; a reader ignores a directory without one. The
 newest complete local checkpoint is pushed as soon as the trainer finishes writing it (its manifest
 exists), so a preempted or failed node loses at most the steps since its last checkpoint.
 
-Imports only the standard library at the top; the storage layer (and boto3 for s3://) is imported
-when used. Never imports typer, pydantic or skypilot.
+Imports only the standard library and gpt2cloud's store package (boto3 is imported when an s3:// URL
+is opened). Never imports typer, pydantic or skypilot.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
-MANIFEST = "manifest.json"
-STEP_DIR = re.compile(r"^step_(\d+)$")
+from gpt2cloud.store import StorageError, open_store
+from gpt2cloud.store.layout import (CHECKPOINTS, LOGS, MANIFEST, METRICS, local_checkpoints, node_log,
+                                    remote_checkpoints)
+from gpt2cloud.store.transfer import download_dir, upload_dir
+
+# Exit codes: the node's run script passes them on (gpt2cloud/launch/task.py renders them into it).
+EXIT_DATA = 3  # could not download the shards from --data
+EXIT_BUCKET = 4  # could not reach the run's bucket
 
 
 def log(msg: str) -> None:
     print(f"gpt2cloud sync: {msg}", file=sys.stderr, flush=True)
-
-
-def _store(url: str):
-    from gpt2cloud.storage import open_store
-
-    return open_store(url)
-
-
-# ---- what is where ----
-
-def local_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """Complete local checkpoints (manifest present), oldest first."""
-    d = Path(out) / CHECKPOINTS
-    found = []
-    if d.is_dir():
-        for p in d.iterdir():
-            m = STEP_DIR.match(p.name)
-            if m and (p / MANIFEST).is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def remote_checkpoints(store) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-    """(complete, incomplete) remote checkpoint directory names, oldest first."""
-    dirs: dict[str, bool] = {}
-    for obj in store.list(f"{CHECKPOINTS}/"):
-        parts = obj.key.split("/")
-        if len(parts) >= 3 and parts[0] == CHECKPOINTS and STEP_DIR.match(parts[1]):
-            dirs[parts[1]] = dirs.get(parts[1], False) or (len(parts) == 3 and parts[2] == MANIFEST)
-    complete = sorted((int(STEP_DIR.match(n).group(1)), n) for n, ok in dirs.items() if ok)
-    incomplete = sorted((int(STEP_DIR.match(n).group(1)), n) for n, ok in dirs.items() if not ok)
-    return complete, incomplete
 
 
 def delete_remote_dir(store, name: str) -> None:
@@ -85,7 +55,7 @@ class Pusher:
 
     def __init__(self, out: str | Path, url: str, rank: int = 0, keep: int = 0):
         self.out, self.url, self.rank, self.keep = Path(out), url, rank, keep
-        self.store = _store(url)
+        self.store = open_store(url)
         self.pushed_checkpoints: set[str] = set()
         self.file_state: dict[str, tuple[int, int]] = {}
         if rank == 0:
@@ -93,18 +63,18 @@ class Pusher:
             self.pushed_checkpoints = {name for _, name in complete}
 
     def _push_file(self, path: Path, key: str) -> None:
+        """Push a file the trainer keeps appending to (metrics, log) as a snapshot of its bytes: an
+        upload streamed from the growing file would send more bytes than its Content-Length."""
         if not path.is_file():
             return
         st = path.stat()
         sig = (st.st_size, st.st_mtime_ns)
         if self.file_state.get(key) == sig:
             return
-        self.store.put_file(path, key)
+        self.store.put_bytes(key, path.read_bytes())
         self.file_state[key] = sig
 
     def push_checkpoint(self) -> None:
-        from gpt2cloud.transfer import upload_dir
-
         ckpts = local_checkpoints(self.out)
         if not ckpts:
             return
@@ -138,12 +108,10 @@ class Pusher:
         if self.rank == 0:
             self.push_checkpoint()
             self._push_file(self.out / METRICS, METRICS)
-        self._push_file(self.out / "logs" / f"node-{self.rank}.log", f"logs/node-{self.rank}.log")
+        self._push_file(self.out / node_log(self.rank), node_log(self.rank))
 
 
 def push_loop(out: str, url: str, every: float, rank: int, keep: int, once: bool = False) -> int:
-    from gpt2cloud.storage import StorageError
-
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
@@ -152,7 +120,7 @@ def push_loop(out: str, url: str, every: float, rank: int, keep: int, once: bool
         pusher = Pusher(out, url, rank=rank, keep=keep)
     except StorageError as e:
         log(f"cannot reach the bucket: {e}")
-        return 4
+        return EXIT_BUCKET
     failures = 0
     while True:
         final = once or stop.is_set() or os.getppid() != parent
@@ -167,7 +135,7 @@ def push_loop(out: str, url: str, every: float, rank: int, keep: int, once: bool
                     time.sleep(2)
                     continue
                 log("final push failed; the bucket keeps what the earlier pushes put there")
-                return 4
+                return EXIT_BUCKET
         if final:
             log("final push done")
             return 0
@@ -178,18 +146,15 @@ def push_loop(out: str, url: str, every: float, rank: int, keep: int, once: bool
 
 def pull(url: str, out: str | Path, rank: int = 0) -> int:
     """Fetch the newest complete, verified checkpoint (and metrics, and this node's log) into OUT."""
-    from gpt2cloud.storage import StorageError
-    from gpt2cloud.transfer import download_dir
-
     out = Path(out)
     try:
-        store = _store(url)
+        store = open_store(url)
         complete, _ = remote_checkpoints(store)
     except StorageError as e:
         log(f"cannot reach the bucket {url}: {e}")
-        return 4
+        return EXIT_BUCKET
     (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / LOGS).mkdir(parents=True, exist_ok=True)
     got = None
     for step, name in reversed(complete):
         try:
@@ -198,7 +163,7 @@ def pull(url: str, out: str | Path, rank: int = 0) -> int:
             break
         except StorageError as e:  # a damaged or half-deleted set: fall back to the one before
             log(f"checkpoint {name} unusable ({e}); trying an older one")
-    for key, dest in ((METRICS, out / METRICS), (f"logs/node-{rank}.log", out / "logs" / f"node-{rank}.log")):
+    for key, dest in ((METRICS, out / METRICS), (node_log(rank), out / node_log(rank))):
         if (key == METRICS and rank != 0) or dest.exists():
             continue
         try:
@@ -214,15 +179,12 @@ def pull(url: str, out: str | Path, rank: int = 0) -> int:
 
 
 def data(url: str, dest: str | Path) -> int:
-    from gpt2cloud.storage import StorageError
-    from gpt2cloud.transfer import download_dir
-
     t0 = time.monotonic()
     try:
-        result = download_dir(_store(url), "", dest, progress=False)
+        result = download_dir(open_store(url), "", dest, progress=False)
     except StorageError as e:
         log(f"cannot fetch the data: {e}")
-        return 3
+        return EXIT_DATA
     log(f"data: {result['files']} files, {result['bytes'] / 1e6:.1f} MB downloaded "
         f"({result['skipped']} already there) in {time.monotonic() - t0:.1f} s, all sha256-verified")
     return 0

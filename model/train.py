@@ -26,12 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2cloud.store.layout import CHECKPOINTS, METRICS
 from model import checkpoint as ckpt
-from model.config import TrainConfig
+from model.config import BatchError, TrainConfig
 from model.data import TokenLoader, find_shards
 from model.eval import EvalDataError, hellaswag_scores, load_hellaswag
 from model.gpt import GPT
-from model.metrics import MetricsLog, console_line, cost_usd, flops_per_token, mfu, truncate_after
+from model.metrics import MetricsLog, console_line, cost_usd, mfu, truncate_after
 from model.sample import generate_text
 from model.shards import ShardError
 from model.tokenizer import VOCAB_SIZE
@@ -59,6 +60,37 @@ def pick_dtype(setting: str, device_type: str) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
+
+
+@dataclasses.dataclass
+class Setup:
+    """The model and what trains it, as the trainer and benchmarks/bench_train.py both build them."""
+
+    raw_model: GPT  # what is saved and sampled from: never compiled, never DDP-wrapped
+    model: torch.nn.Module  # raw_model, compiled when cfg.compile
+    dtype: torch.dtype
+    amp: functools.partial  # autocast context for the forward passes
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    optimizer: torch.optim.Optimizer
+
+
+def setup_training(cfg: TrainConfig, device: str) -> Setup:
+    """Seed, precision, model, optimizer (the same seed on every rank: identical initial weights)."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32
+        torch.backends.cudnn.allow_tf32 = True
+    raw_model = GPT(cfg.model).to(device)
+    dtype = pick_dtype(cfg.dtype, device_type)
+    amp = functools.partial(torch.autocast, device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    optimizer = raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
+    # compiled lazily, at the first forward: loading a checkpoint into raw_model first is fine
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    return Setup(raw_model, model, dtype, amp, scaler, optimizer)
 
 
 def train_step(model, optimizer, scaler, loader, grad_accum, amp, grad_clip, lr, ddp, device):
@@ -141,10 +173,10 @@ def run(args, t_start: float) -> None:
 
     # ---- batch: micro_batch x block_size tokens per rank per micro-step, accumulated to tokens_per_step ----
     B, T = cfg.micro_batch, cfg.model.block_size
-    if cfg.tokens_per_step % (B * T * world):
-        raise TrainError(f"tokens_per_step {cfg.tokens_per_step} is not a multiple of micro_batch x block_size x "
-                         f"ranks = {B} x {T} x {world}; choose another number of processes or micro-batch")
-    grad_accum = cfg.tokens_per_step // (B * T * world)
+    try:
+        grad_accum = cfg.grad_accum(world)
+    except BatchError as e:
+        raise TrainError(f"{e}; choose another number of processes or micro-batch") from None
 
     # ---- data ----
     train_shards, val_shards = find_shards(args.data)
@@ -170,18 +202,9 @@ def run(args, t_start: float) -> None:
             except EvalDataError as e:
                 raise TrainError(str(e)) from None
 
-    # ---- model, precision, optimizer (the same seed on every rank: identical initial weights) ----
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32
-        torch.backends.cudnn.allow_tf32 = True
-    raw_model = GPT(cfg.model).to(device)
-    dtype = pick_dtype(cfg.dtype, device_type)
-    amp = functools.partial(torch.autocast, device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    optimizer = raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
+    # ---- model, precision, optimizer ----
+    s = setup_training(cfg, device)
+    raw_model, dtype, amp, scaler, optimizer = s.raw_model, s.dtype, s.amp, s.scaler, s.optimizer
 
     # ---- resume: weights, optimizer, schedule position, data position, RNG ----
     out = Path(args.out)
@@ -190,7 +213,7 @@ def run(args, t_start: float) -> None:
     if ddp:  # rank 0 chooses; every rank must see that same checkpoint (shared or synced OUT on every node)
         chosen = [latest.name if latest is not None else None]
         dist.broadcast_object_list(chosen, src=0)
-        latest = out / "checkpoints" / chosen[0] if chosen[0] else None
+        latest = out / CHECKPOINTS / chosen[0] if chosen[0] else None
         if latest is not None and not (latest / ckpt.MANIFEST).exists():
             raise TrainError(f"rank {rank} cannot see {latest}: --out must be on a filesystem every node "
                              "shares, or be copied to every node before resuming")
@@ -217,14 +240,13 @@ def run(args, t_start: float) -> None:
             torch.manual_seed(cfg.seed + 1000 * rank + start_step)
         log(f"resuming from {latest} (step {start_step})")
 
-    # ---- compile and wrap; the raw module is what we save and sample from ----
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    eval_model = model
+    # ---- wrap; the raw module is what we save and sample from ----
+    model = eval_model = s.model
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
     # ---- metrics ----
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / METRICS
     if master:
         if latest is not None:
             truncate_after(metrics_path, start_step)  # steps the killed run logged after its checkpoint
@@ -235,7 +257,7 @@ def run(args, t_start: float) -> None:
                    "resumed_from": start_step if latest is not None else None, "device": device_type,
                    "dtype": str(dtype).removeprefix("torch."), "grad_accum": grad_accum,
                    "params": raw_model.num_params()})
-    flops_tok = flops_per_token(cfg.model, raw_model.num_params())
+    flops_tok = cfg.model.flops_per_token()
     budget = cfg.max_cost_usd > 0 and cfg.price_per_gpu_hour > 0
 
     def elapsed() -> float:  # seconds of this run so far, over all its restarts

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
-from gpt2cloud import registry
+from gpt2cloud.runs import registry
 
 
 def fake_checkpoint(out: Path, step: int, complete: bool = True, size: int = 2048) -> Path:
@@ -36,15 +37,18 @@ def metrics_lines(steps: int, total: int, start: int = 1, price: float = 3.0, gp
 
 
 def local_record(tmp_path: Path, run_id: str = "loc1", **kw) -> registry.RunRecord:
-    """A registry record of a local run whose bucket is a file:// directory under tmp_path."""
+    """A registry record of a local run whose bucket is a file:// directory under tmp_path; keyword
+    arguments set fields of the spec or of the record."""
     run_url = (tmp_path / "bucket" / run_id).as_uri()
-    fields = dict(
+    spec = dict(
         run_id=run_id, kind="local", infra="local", run_url=run_url, bucket=run_url.rsplit("/", 1)[0],
         data_url=(tmp_path / "data").as_uri(), recipe="gpt2-tiny", gpu_type="H100", gpus_per_node=2, nodes=1,
-        spot=False, price_per_gpu_hour=3.0, total_steps=20, started_at=1.0, estimate={"cost_usd": 0.01},
-        local_dir=str(tmp_path / "node"), state="LAUNCHED",
+        spot=False, price_per_gpu_hour=3.0, total_steps=20, estimate=None,
     )
-    fields.update(kw)
-    rec = registry.RunRecord(**fields)
+    record = dict(started_at=1.0, local_dir=str(tmp_path / "node"), state="LAUNCHED")
+    spec_fields = {f.name for f in dataclasses.fields(registry.RunSpec)}
+    for k, v in kw.items():
+        (spec if k in spec_fields else record)[k] = v
+    rec = registry.RunRecord(spec=registry.RunSpec(**spec), **record)
     registry.save(rec)
     return rec

@@ -1,4 +1,4 @@
-"""gpt2cloud.prepare: llm.c shards from local text, identical for any worker count and after a resume."""
+"""gpt2cloud.data.prepare: llm.c shards from local text, identical for any worker count and after a resume."""
 
 import json
 import random
@@ -6,9 +6,10 @@ import random
 import numpy as np
 import pytest
 
-import gpt2cloud.prepare
+import gpt2cloud.data.prepare
 from gpt2cloud.errors import UserError
-from gpt2cloud.prepare import STATE, prepare
+from gpt2cloud.store.base import TMP_MARK
+from gpt2cloud.data.prepare import STATE, prepare
 from model.shards import read_header, read_shard
 from model.tokenizer import EOT_TOKEN, decode, encode
 
@@ -95,11 +96,12 @@ def test_resume_after_interruption_is_byte_identical(corpus, tmp_path):
     out = tmp_path / "resumed"
     interrupt_after(3, src, out, workers=2)
     assert len(list(out.glob("*.bin"))) == 3 and not (out / "manifest.json").exists()
-    (out / "corpus_train_000003.bin.tmp").write_bytes(b"half a shard")  # a write killed midway
+    half = out / f".corpus_train_000003.bin{TMP_MARK}123-abcd"  # a write killed midway (store.atomic_write's name)
+    half.write_bytes(b"half a shard")
     r = prepare(str(src), out, workers=2, **KW)
     assert r["resumed_shards"] == 3
     assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
-    assert not list(out.glob("*.tmp"))
+    assert not half.exists() and not [p for p in out.iterdir() if TMP_MARK in p.name]
     clean = json.loads((tmp_path / "clean" / "manifest.json").read_text())
     resumed = json.loads((out / "manifest.json").read_text())
     for key in ("shards", "files", "tokens", "documents", "text_bytes", "fingerprint"):
@@ -119,8 +121,8 @@ def test_resume_rewrites_a_corrupt_finished_shard(corpus, tmp_path, monkeypatch)
     victim = out / "corpus_train_000002.bin"
     victim.write_bytes(victim.read_bytes()[:-2])
     tokenized = []
-    real = gpt2cloud.prepare.tokenize_chunk
-    monkeypatch.setattr(gpt2cloud.prepare, "tokenize_chunk", lambda texts: (tokenized.extend(texts), real(texts))[1])
+    real = gpt2cloud.data.prepare.tokenize_chunk
+    monkeypatch.setattr(gpt2cloud.data.prepare, "tokenize_chunk", lambda texts: (tokenized.extend(texts), real(texts))[1])
     r = prepare(str(src), out, workers=1, **KW)
     assert r["resumed_shards"] == 2  # shards after the bad one are redone too
     assert 0 < len(tokenized) <= len(corpus[0]) - 20  # documents of the kept shards are skipped, not re-tokenized

@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from gpt2cloud.cli import app
 from gpt2cloud.errors import UserError
-from gpt2cloud.estimate import compare, estimate, flops_per_token, max_micro_batch, memory_per_gpu, param_count
-from gpt2cloud.hardware import default_mfu
-from gpt2cloud.recipes import known_recipes, load_recipe
+from gpt2cloud.cost.estimate import compare, estimate, max_micro_batch, memory_per_gpu
+from gpt2cloud.cost.hardware import default_mfu
+from gpt2cloud.cost.recipes import known_recipes, load_recipe
 
 runner = CliRunner()
 
@@ -24,9 +24,9 @@ runner = CliRunner()
     ],
 )
 def test_parameter_counts_match_gpt2(name, params, padded):
-    m = load_recipe(name).model
-    assert param_count(m) == params
-    assert param_count(m, padded=True) == padded
+    m = load_recipe(name).model.config()
+    assert m.param_count() == params
+    assert m.param_count(padded=True) == padded
 
 
 def test_parameter_count_matches_the_torch_model():
@@ -34,13 +34,13 @@ def test_parameter_count_matches_the_torch_model():
 
     r = load_recipe("gpt2-tiny")
     model = GPT(r.to_train_config().model)
-    assert model.num_params() == param_count(r.model)
-    assert model.num_params(padded=True) == param_count(r.model, padded=True)
+    assert model.num_params() == r.model.config().param_count()
+    assert model.num_params(padded=True) == r.model.config().param_count(padded=True)
 
 
 def test_flops_per_token_match_reference():
-    assert flops_per_token(load_recipe("gpt2-124m").model) == pytest.approx(8.60e8, rel=2e-3)
-    assert flops_per_token(load_recipe("gpt2-1558m").model) == pytest.approx(1.029e10, rel=1e-3)
+    assert load_recipe("gpt2-124m").model.config().flops_per_token() == pytest.approx(8.60e8, rel=2e-3)
+    assert load_recipe("gpt2-1558m").model.config().flops_per_token() == pytest.approx(1.029e10, rel=1e-3)
 
 
 def test_llmc_1558m_on_8xh100_at_half_mfu_is_about_a_day():
@@ -77,7 +77,7 @@ def test_default_mfu_interpolates_and_names_its_source():
 
 
 def test_memory_verdicts():
-    xl, small = load_recipe("gpt2-1558m").model, load_recipe("gpt2-124m").model
+    xl, small = load_recipe("gpt2-1558m").model.config(), load_recipe("gpt2-124m").model.config()
     assert memory_per_gpu(xl, 64).total_gib > 80  # needs recomputation at micro-batch 64
     assert memory_per_gpu(xl, 16).total_gib <= 80  # llm.c's micro-batch 16 fits
     assert memory_per_gpu(small, 64).total_gib <= 80
@@ -94,7 +94,7 @@ def test_all_bundled_recipes_load_and_tiny_is_cpu_sized():
         assert r.source
     tiny = load_recipe("gpt2-tiny")
     assert tiny.model.vocab_size == 50257 and tiny.eval.checkpoint_every == 5
-    assert param_count(tiny.model) < 5_000_000
+    assert tiny.model.config().param_count() < 5_000_000
     r = load_recipe("gpt2-124m")
     assert (r.train.tokens_per_step, r.train.micro_batch, r.train.steps) == (524288, 64, 19073)
     assert (r.optimizer.lr, r.optimizer.warmup_steps, r.optimizer.min_lr_ratio) == (6e-4, 715, 0.1)
@@ -185,11 +185,11 @@ def test_recipe_yaml_syntax_error(tmp_path):
         (("micro_batch: 64", "micro_batch: 64, bogus: 1"), "train.bogus: Extra inputs are not permitted"),
         (("n_head: 12", "n_head: 7"), "divisible by n_head"),
         (("lr: 6.0e-4", "lr: fast"), "optimizer.lr"),
-        (("tokens_per_step: 524288", "tokens_per_step: 524289"), "multiple of micro_batch x block_size"),
+        (("tokens_per_step: 524288", "tokens_per_step: 524289"), "train.tokens_per_step: tokens per step (524,289) is not divisible"),
     ],
 )
 def test_wrong_recipe_field_names_its_path(tmp_path, change, needle):
-    from gpt2cloud.recipes import _bundled_dir
+    from gpt2cloud.cost.recipes import _bundled_dir
 
     text = (_bundled_dir() / "gpt2-124m.yaml").read_text()
     assert change[0] in text

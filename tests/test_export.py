@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from typer.testing import CliRunner  # noqa: E402
 
 from gpt2cloud.cli import app  # noqa: E402
-from gpt2cloud.hf_tokenizer import bytes_to_unicode, vocab_and_merges  # noqa: E402
+from gpt2cloud.checkpoints.hf_tokenizer import bytes_to_unicode, vocab_and_merges  # noqa: E402
 from model.config import GPTConfig, TrainConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.tokenizer import encode, get_encoding  # noqa: E402

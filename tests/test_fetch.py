@@ -9,8 +9,8 @@ from run_helpers import fake_checkpoint, local_record, metrics_lines
 from typer.testing import CliRunner
 
 from gpt2cloud.cli import app
-from gpt2cloud.storage import open_store
-from gpt2cloud.transfer import upload_dir
+from gpt2cloud.store import open_store
+from gpt2cloud.store.transfer import upload_dir
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def run(tmp_path, monkeypatch):
     """A run in the registry whose bucket holds checkpoints 5 and 10, a partial 15, metrics and a log."""
     monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
     rec = local_record(tmp_path, "f1")
-    store = open_store(rec.run_url)
+    store = open_store(rec.spec.run_url)
     src = tmp_path / "src"
     for step in (5, 10):
         upload_dir(fake_checkpoint(src, step), store, f"checkpoints/step_{step:06d}", progress=False)
@@ -45,7 +45,7 @@ def test_latest_by_run_id(run):
     assert not (tmp / "dl" / "checkpoints" / "step_000005").exists()
     assert (tmp / "dl" / "metrics.jsonl").read_text() == metrics_lines(15, 20)
     assert out["logs"] == []
-    from gpt2cloud.transfer import verify_dir
+    from gpt2cloud.store.transfer import verify_dir
 
     verify_dir(out["checkpoint"])  # every file matches the trainer's manifest
 
@@ -54,7 +54,7 @@ def test_step_all_logs_and_url(run):
     rec, store, tmp = run
     out = json.loads(fetch("f1", "--step", "5", "--dest", str(tmp / "a"), "--json").stdout)
     assert out["checkpoint"].endswith("step_000005")
-    out = json.loads(fetch(rec.run_url, "--all", "--logs", "--dest", str(tmp / "b"), "--json").stdout)
+    out = json.loads(fetch(rec.spec.run_url, "--all", "--logs", "--dest", str(tmp / "b"), "--json").stdout)
     assert [c["step"] for c in out["checkpoints"]] == [5, 10] and out["run"] == "f1"
     assert (tmp / "b" / "logs" / "node-0.log").read_text() == "step 15/20\n"
     r = fetch("f1", "--step", "15", "--dest", str(tmp / "c"))
@@ -75,7 +75,7 @@ def test_interrupted_download_resumes(run):
     out = json.loads(fetch("f1", "--dest", str(dest), "--json").stdout)
     (entry,) = out["checkpoints"]
     assert entry["downloaded"] == 2 and entry["skipped"] == 1
-    from gpt2cloud.transfer import verify_dir
+    from gpt2cloud.store.transfer import verify_dir
 
     verify_dir(ck)
 
@@ -96,8 +96,8 @@ def test_nothing_there(tmp_path, monkeypatch):
 
 def test_registry_remembers_where_fetch_put_the_run(run, monkeypatch):
     """`fetch RUN --dest DIR` notes DIR in the run's record; plot/report then find the run by its id."""
-    from gpt2cloud import registry
-    from gpt2cloud.rundata import load_run, run_dir_candidates
+    from gpt2cloud.runs import registry
+    from gpt2cloud.runs.rundata import load_run, run_dir_candidates
 
     rec, store, tmp = run
     monkeypatch.chdir(tmp)
@@ -111,7 +111,7 @@ def test_registry_remembers_where_fetch_put_the_run(run, monkeypatch):
     data = load_run("f1")
     assert data.out_dir == dest and data.record.run_id == "f1" and data.last_step == 15
     # fetching by the run's bucket URL is the same run: noted too
-    assert fetch(rec.run_url, "--dest", str(tmp / "by-url")).exit_code == 0
+    assert fetch(rec.spec.run_url, "--dest", str(tmp / "by-url")).exit_code == 0
     assert registry.get("f1").fetched_dir == str((tmp / "by-url").resolve())
     # a failed fetch leaves the record as it was
     assert fetch("f1", "--step", "15", "--dest", str(tmp / "bad")).exit_code == 2

@@ -1,6 +1,6 @@
 """launch / status / logs / down through the SkyPilot SDK wrapper, with the wrapper as the only fake.
 
-The fake (FakeSky) replaces gpt2cloud/sky_sdk.py's functions and raises SkyPilot's real exception
+The fake (FakeSky) replaces gpt2cloud/backends/sky_sdk.py's functions and raises SkyPilot's real exception
 classes, so gpt2cloud's error handling runs for real. Storage is real S3 semantics (moto in-process,
 no endpoint), the task is a real sky.Task, the registry is a temp GPT2CLOUD_HOME.
 """
@@ -14,14 +14,16 @@ import pytest
 from sky_offline import sky_home, sky_mod  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
-from gpt2cloud import registry, sky_sdk
+from gpt2cloud import home
+from gpt2cloud.backends import sky_sdk
+from gpt2cloud.runs import registry
 from gpt2cloud.cli import app
 
 BUCKET = "gpt2-test-bucket"
 
 
 class FakeSky:
-    """Stands in for gpt2cloud.sky_sdk: records calls; `fail[name] = exc` makes a call raise exc."""
+    """Stands in for gpt2cloud.backends.sky_sdk: records calls; `fail[name] = exc` makes a call raise exc."""
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple] = []
@@ -97,7 +99,7 @@ def cloud(fake, monkeypatch):
     with mock_aws():
         import boto3
 
-        from gpt2cloud.storage import open_store
+        from gpt2cloud.store import open_store
 
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
         store = open_store(f"s3://{BUCKET}/data")
@@ -109,14 +111,15 @@ def cloud(fake, monkeypatch):
 def record(tmp_path, kind="cluster", **kw):
     """A registry record as `launch` writes it, with its bucket on file:// (status/logs/down tests)."""
     run_url = (tmp_path / "bucket" / "r1").as_uri()
-    rec = registry.RunRecord(
+    spec = registry.RunSpec(
         run_id="r1", kind=kind, infra="lambda" if kind == "cluster" else "aws", run_url=run_url,
         bucket=run_url.rsplit("/", 1)[0], data_url="s3://b/data", recipe="gpt2-124m", gpu_type="H100",
         gpus_per_node=8, nodes=1, spot=kind == "managed-job", price_per_gpu_hour=3.0, total_steps=10,
-        started_at=1.0, estimate={"cost_usd": 240.0}, cluster="r1" if kind == "cluster" else None,
-        job_id=1 if kind == "cluster" else 7, state="LAUNCHED", **kw)
+        estimate=None, **kw)
+    rec = registry.RunRecord(spec=spec, started_at=1.0, cluster="r1" if kind == "cluster" else None,
+                             job_id=1 if kind == "cluster" else 7, state="LAUNCHED")
     registry.save(rec)
-    from gpt2cloud.storage import open_store
+    from gpt2cloud.store import open_store
 
     return rec, open_store(run_url)
 
@@ -142,20 +145,22 @@ def test_launch_cluster_records_the_run(cloud, tmp_path):
     assert res.autostop_config.down and res.autostop_config.idle_minutes == 7
     rec_text = registry.path_for("r1").read_text()
     rec = json.loads(rec_text)
-    assert rec["cluster"] == "r1" and rec["infra"] == "lambda" and rec["bucket"] == f"s3://{BUCKET}/runs"
-    assert rec["recipe"] == "gpt2-124m" and rec["gpu_type"] == "H100" and rec["gpus_per_node"] == 8
-    assert rec["estimate"]["cost_usd"] > 0 and rec["price_per_gpu_hour"] > 0 and rec["started_at"] > 0
-    assert rec["max_cost_usd"] == 40 and rec["state"] == "LAUNCHED"
+    spec = rec["spec"]
+    assert rec["cluster"] == "r1" and spec["infra"] == "lambda" and spec["bucket"] == f"s3://{BUCKET}/runs"
+    assert spec["recipe"] == "gpt2-124m" and spec["gpu_type"] == "H100" and spec["gpus_per_node"] == 8
+    assert spec["estimate"]["cost_usd"] > 0 and spec["price_per_gpu_hour"] > 0 and rec["started_at"] > 0
+    assert spec["max_cost_usd"] == 40 and rec["state"] == "LAUNCHED"
     assert secret not in rec_text and key_id not in rec_text and secret not in r.output
-    shipped = registry.home() / "builds" / "r1"
+    shipped = home.build_dir("r1")
     names = sorted(p.name for p in shipped.iterdir())
     assert len(names) == 3 and names[0] == "config.json" and names[1].endswith("-py3-none-any.whl")
     assert names[2] == "task.yaml"
     assert secret not in (shipped / "task.yaml").read_text() and secret not in (shipped / "config.json").read_text()
-    from gpt2cloud.storage import open_store
+    from gpt2cloud.store import open_store
 
     run_json = json.loads(open_store(f"s3://{BUCKET}/runs/r1").get_bytes("run.json"))
     assert run_json["total_steps"] == 19073 and secret not in json.dumps(run_json)
+    assert run_json == spec  # one spec, serialized once: the bucket's run.json and the registry agree
 
 
 def test_spot_launches_a_managed_job(cloud):
@@ -165,7 +170,7 @@ def test_spot_launches_a_managed_job(cloud):
     (_, (task, name), _), = [c for c in cloud.calls if c[0] == "launch_managed_job"]
     assert name == "r1" and all(res.use_spot and res.job_recovery for res in task.resources)
     rec = registry.get("r1")
-    assert rec.kind == "managed-job" and rec.job_id == 7 and rec.spot
+    assert rec.spec.kind == "managed-job" and rec.job_id == 7 and rec.spec.spot
 
 
 def _exc(name):
@@ -186,7 +191,7 @@ def _exc(name):
 
 @pytest.mark.parametrize("case", ["no-cloud", "unavailable", "spot", "cloud", "network", "server"])
 def test_sdk_errors_become_one_line_with_the_fix(fake, case):
-    from gpt2cloud.clouds import sky_errors
+    from gpt2cloud.backends.sky_errors import sky_errors
     from gpt2cloud.errors import UserError
 
     exc, message = _exc(case)

@@ -15,7 +15,9 @@ import yaml
 from sky_offline import enable, sky_home, sky_mod  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
-from gpt2cloud import runs, tasks
+from gpt2cloud.backends.skypilot import to_sky_task
+from gpt2cloud.launch import task as tasks
+from gpt2cloud.launch.plan import plan
 from gpt2cloud.cli import app
 from gpt2cloud.errors import UserError
 
@@ -37,7 +39,7 @@ def env(tmp_path, monkeypatch):
 def _plan(**kw):
     args = dict(recipe="gpt2-124m", gpus="H100:8", data="s3://bkt/fineweb", bucket="s3://bkt/runs", name="g124")
     args.update(kw)
-    return runs.plan(**args)
+    return plan(**args)
 
 
 def _optimize(sky, task):
@@ -55,7 +57,7 @@ def _clean(cfg: dict) -> dict:
 def test_h100x8_on_lambda(sky_mod, env):
     sky = sky_mod
     p = _plan(infra="lambda", max_cost=50.0)
-    task = tasks.to_sky_task(p.cfg, p.secrets)
+    task = to_sky_task(p.task_cfg, p.secrets)
     assert isinstance(task, sky.Task) and task.num_nodes == 1 and task.name == "g124"
     (res,) = list(task.resources)
     assert res.accelerators == {"H100": 8} and str(res.cloud) == "Lambda" and not res.use_spot
@@ -71,14 +73,14 @@ def test_h100x8_on_lambda(sky_mod, env):
     assert '"$GPT2CLOUD_TORCH_SPEC" numpy tiktoken safetensors boto3' in task.setup
     best = _optimize(sky, task)
     assert best.instance_type == "gpu_8x_h100_sxm5"
-    config = json.loads((env / "g2" / "builds" / "g124" / "config.json").read_text())
+    config = json.loads(p.train_cfg.to_json())  # what start.py writes to the workdir
     assert config["max_cost_usd"] == 50.0 and config["price_per_gpu_hour"] == p.est.price_per_gpu_hour
     assert config["peak_flops_per_gpu"] == 989e12 and config["steps"] == 19073
 
 
 def test_two_nodes_torchrun_over_all_nodes(sky_mod, env):
     p = _plan(infra="lambda", nodes=2, micro_batch=32)
-    task = tasks.to_sky_task(p.cfg, p.secrets)
+    task = to_sky_task(p.task_cfg, p.secrets)
     assert task.num_nodes == 2
     run = task.run
     assert 'MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"' in run
@@ -87,14 +89,14 @@ def test_two_nodes_torchrun_over_all_nodes(sky_mod, env):
         assert flag in run
     assert "model.sync pull" in run and "model.sync push" in run and "model.sync data" in run
     assert run.index("model.sync pull") < run.index("torch.distributed.run")
-    assert p.est.gpus == 16 and json.loads((env / "g2/builds/g124/config.json").read_text())["micro_batch"] == 32
+    assert p.est.gpus == 16 and p.train_cfg.micro_batch == 32
     assert _optimize(sky_mod, task).instance_type == "gpu_8x_h100_sxm5"
 
 
 def test_spot_on_aws_is_a_managed_job_with_recovery(sky_mod, env):
     p = _plan(infra="aws", spot=True)
-    assert p.kind == "managed-job"
-    task = tasks.to_sky_task(p.cfg, p.secrets)
+    assert p.spec.kind == "managed-job"
+    task = to_sky_task(p.task_cfg, p.secrets)
     (res,) = list(task.resources)
     assert res.use_spot and str(res.cloud) == "AWS"
     assert res.job_recovery["strategy"] == tasks.JOB_RECOVERY["strategy"]
@@ -104,15 +106,15 @@ def test_spot_on_aws_is_a_managed_job_with_recovery(sky_mod, env):
 
 def test_any_of_over_enabled_clouds(sky_mod, env, monkeypatch):
     p = _plan()  # no --infra
-    assert p.infra == "any" and p.spec.clouds == ["aws", "lambda"]
-    assert p.cfg["resources"]["any_of"] == [{"infra": "aws"}, {"infra": "lambda"}]
-    task = tasks.to_sky_task(p.cfg, p.secrets)
+    assert p.spec.infra == "any" and p.node.clouds == ("aws", "lambda")
+    assert p.task_cfg["resources"]["any_of"] == [{"infra": "aws"}, {"infra": "lambda"}]
+    task = to_sky_task(p.task_cfg, p.secrets)
     assert {str(r.cloud) for r in task.resources} == {"AWS", "Lambda"}
     assert str(_optimize(sky_mod, task).cloud) == "Lambda"  # the cheaper one in the fixture
     # spot: Lambda has none, so only AWS is left
-    assert _plan(spot=True).spec.clouds == ["aws"]
+    assert _plan(spot=True).node.clouds == ("aws",)
     # a GPU only Lambda's catalog has
-    assert _plan(recipe="gpt2-tiny", gpus="A10:1").spec.clouds == ["lambda"]
+    assert _plan(recipe="gpt2-tiny", gpus="A10:1").node.clouds == ("lambda",)
 
 
 def test_yaml_round_trips_and_holds_no_secret(sky_mod, env):
@@ -127,7 +129,7 @@ def test_yaml_round_trips_and_holds_no_secret(sky_mod, env):
     parsed = yaml.safe_load(text)
     assert parsed["secrets"] == {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}
     from_file = sky_mod.Task.from_yaml(str(out))
-    built = tasks.to_sky_task(p.cfg)
+    built = to_sky_task(p.task_cfg)
     assert _clean(from_file.to_yaml_config()) == _clean(built.to_yaml_config())
     # `sky launch FILE --secret NAME` fills the values in, exactly as our launch does
     filled = sky_mod.Task.from_yaml_config(yaml.safe_load(text), secrets_overrides=list(p.secrets.items()))
@@ -177,16 +179,35 @@ def test_loopback_endpoint_is_refused_for_a_cloud(sky_mod, env, monkeypatch):
     with pytest.raises(UserError, match="a cloud node cannot reach"):
         _plan(infra="lambda")
     p = _plan(infra="local", gpus="H100:2", recipe="gpt2-tiny")
-    assert p.cfg["envs"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert p.task_cfg["envs"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
 
 
 def test_local_cpu_ranks_get_a_cpu_estimate_and_their_peak_for_mfu(sky_mod, env):
     p = _plan(infra="local", gpus="CPU:2", recipe="gpt2-tiny", data="file:///tmp/d", bucket="file:///tmp/b")
     assert p.est.gpu_type == "CPU" and p.est.gpus == 2 and p.est.fits
     assert "gpt2cloud train gpt2-tiny, 2 CPU ranks" in p.est.mfu_source  # the measured calibration point
-    cfg = json.loads((Path(p.cfg["workdir"]) / tasks.CONFIG_NAME).read_text())
-    assert cfg["peak_flops_per_gpu"] == pytest.approx(p.est.peak_tflops_per_gpu * 1e12)
+    assert p.train_cfg.peak_flops_per_gpu == pytest.approx(p.est.peak_tflops_per_gpu * 1e12)
     stand_in = _plan(infra="local", gpus="H100:2", recipe="gpt2-tiny", data="file:///tmp/d", bucket="file:///tmp/b",
                      name="g2")
-    cfg = json.loads((Path(stand_in.cfg["workdir"]) / tasks.CONFIG_NAME).read_text())
-    assert cfg["peak_flops_per_gpu"] == 0.0  # CPU ranks standing in for H100s: no meaningful MFU
+    assert stand_in.train_cfg.peak_flops_per_gpu == 0.0  # CPU ranks standing in for H100s: no meaningful MFU
+
+
+def test_dry_run_writes_nothing(sky_mod, env):
+    """`launch --dry-run` has no side effects: no build, no registry, nothing under $GPT2CLOUD_HOME."""
+    r = CliRunner().invoke(app, ["launch", "gpt2-tiny", "--gpus", "H100:1", "--infra", "lambda",
+                                 "--data", "s3://bkt/d", "--bucket", "s3://bkt/r", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert not (env / "g2").exists()
+    wheel = yaml.safe_load(r.stdout)["workdir"]
+    assert not Path(wheel).exists()  # --export-yaml writes the build the file names; --dry-run does not
+
+
+def test_node_scripts_use_the_constants_they_name(sky_mod, env):
+    p = _plan(infra="lambda")
+    run, setup = p.task_cfg["run"], p.task_cfg["setup"]
+    assert "@" not in run.replace("$@", "") and "@" not in setup
+    from model.sync import EXIT_BUCKET, EXIT_DATA
+
+    assert f"|| exit {EXIT_BUCKET}" in run and f"|| exit {EXIT_DATA}" in run
+    assert f"--master_port=\"${{GPT2CLOUD_MASTER_PORT:-{tasks.MASTER_PORT}}}\"" in run
+    assert tasks.NODE_HOME_DEFAULT in run and tasks.NODE_HOME_DEFAULT in setup

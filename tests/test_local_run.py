@@ -16,12 +16,13 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from gpt2cloud import local_runner, registry
+from gpt2cloud.backends.local import LocalBackend, node_state
+from gpt2cloud.runs import registry
 from gpt2cloud.cli import app
 from gpt2cloud.processes import alive, kill_process_tree
-from gpt2cloud.progress import parse_metrics
-from gpt2cloud.storage import open_store
+from gpt2cloud.store import open_store
 from model import sync
+from model.metrics import parse_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -38,8 +39,8 @@ def local_env(tmp_path, monkeypatch, s3_server, s3_bucket):
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     yield tmp_path, f"s3://{s3_bucket}"
     for rec in registry.all_runs():  # never leave a run behind
-        if rec.kind == "local":
-            local_runner.stop(rec, graceful_seconds=0)
+        if rec.spec.local:
+            LocalBackend(graceful_seconds=0).stop(rec)
 
 
 def cli(*args):
@@ -58,11 +59,11 @@ def wait_done(run_id: str, timeout: float = TIMEOUT_S) -> str:
     d = Path(rec.local_dir)
     deadline = time.time() + timeout
     while time.time() < deadline:
-        state = local_runner.state(d)
+        state = node_state(d)
         if state != "RUNNING":
             return state
         time.sleep(0.5)
-    local_runner.stop(rec, graceful_seconds=0)
+    LocalBackend(graceful_seconds=0).stop(rec)
     pytest.fail(f"run {run_id} did not finish in {timeout} s; log:\n{(d / 'driver.log').read_text()[-3000:]}")
 
 
@@ -135,7 +136,7 @@ def _losses(bucket: str, run_id: str) -> dict:
 def test_preempted_run_resumes_with_the_same_losses_and_budget_cap_stops(local_env):
     from trainer_helpers import make_shards
 
-    from gpt2cloud.transfer import upload_dir
+    from gpt2cloud.store.transfer import upload_dir
 
     tmp, bucket = local_env
 
@@ -157,13 +158,13 @@ def test_preempted_run_resumes_with_the_same_losses_and_budget_cap_stops(local_e
         complete, _ = sync.remote_checkpoints(store)
         if complete and complete[-1][0] >= 10:
             break
-        assert local_runner.state(Path(registry.get("victim").local_dir)) == "RUNNING", log_of("victim")
+        assert node_state(Path(registry.get("victim").local_dir)) == "RUNNING", log_of("victim")
         time.sleep(0.2)
     rec = registry.get("victim")
     tree = psutil.Process(rec.pid).children(recursive=True)
     assert len([c for c in map(_cmdline, tree) if "model.train" in c and "torch.distributed.run" not in c]) == 2
     kill_process_tree(rec.pid)  # SIGKILL, no goodbye: like a preempted VM
-    assert local_runner.state(Path(rec.local_dir)) == "STOPPED"
+    assert node_state(Path(rec.local_dir)) == "STOPPED"
     assert not [p.pid for p in tree if alive(p.pid, p.create_time())]
     killed_at = max(_losses(bucket, "victim"))
     resumable = sync.remote_checkpoints(store)[0][-1][0]

@@ -9,8 +9,8 @@ import re
 import sys
 from pathlib import Path
 
-from gpt2cloud.package import NODE_REQUIREMENTS
-from gpt2cloud.tasks import SETUP_SCRIPT
+from gpt2cloud.launch.build import NODE_REQUIREMENTS
+from gpt2cloud.launch.task import SETUP_SCRIPT
 
 REPO = Path(__file__).resolve().parent.parent
 # what the node's pip line installs, by import name; gpt2cloud's storage layer ships in the wheel
@@ -45,11 +45,27 @@ def test_model_package_imports_only_what_the_node_installs():
 
 
 def test_node_side_gpt2cloud_modules_stay_light():
-    """model/ may import gpt2cloud's storage layer on the node, which has no typer/pydantic/skypilot.
+    """model/ imports gpt2cloud's store package on the node, which has no typer/pydantic/skypilot.
 
-    (transfer.py imports rich inside its progress bar, which the node never turns on.)
+    (store/transfer.py imports rich inside its progress bar, which the node never turns on.)
     """
-    for name in ("storage.py", "s3store.py", "transfer.py", "errors.py", "__init__.py"):
-        top = imported_top_level(REPO / "gpt2cloud" / name, module_level_only=True)
+    paths = [REPO / "gpt2cloud" / "__init__.py", *sorted((REPO / "gpt2cloud" / "store").glob("*.py"))]
+    assert len(paths) > 3
+    for path in paths:
+        top = imported_top_level(path, module_level_only=True)
         heavy = top & {"typer", "pydantic", "sky", "rich", "yaml", "boto3", "botocore"}
-        assert not heavy, f"gpt2cloud/{name} imports {heavy}, which a node does not install"
+        assert not heavy, f"{path.relative_to(REPO)} imports {heavy}, which a node does not install"
+
+
+def test_the_wheel_holds_only_what_the_node_runs():
+    import io
+    import zipfile
+
+    from gpt2cloud.launch.build import wheel_bytes
+
+    name, data = wheel_bytes()
+    files = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    code = {f for f in files if not f.startswith("gpt2cloud-")}
+    assert {"gpt2cloud/__init__.py", "gpt2cloud/store/__init__.py", "model/train.py", "model/sync.py"} <= code
+    assert all(f.startswith(("model/", "gpt2cloud/store/")) or f == "gpt2cloud/__init__.py" for f in code), code
+    assert wheel_bytes()[1] == data  # reproducible: the same build, byte for byte

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gpt2cloud import registry
-from gpt2cloud.calibration import calibrate_finished_runs, calibrate_from_metrics, measured_mfu, record_calibration
+from gpt2cloud.runs import registry
+from gpt2cloud.runs.calibrate import measured_mfu, record_calibration
 from gpt2cloud.cli import app
-from gpt2cloud.estimate import estimate, flops_per_token, param_count
-from gpt2cloud.hardware import default_mfu, user_calibration_path
-from gpt2cloud.plot import title_lines
-from gpt2cloud.recipes import load_recipe
-from gpt2cloud.report import error_percent
-from gpt2cloud.rundata import load_run, read_metrics, run_estimate
+from gpt2cloud.cost.estimate import estimate
+from gpt2cloud.cost.hardware import default_mfu
+from gpt2cloud.home import user_calibration_path
+from gpt2cloud.runs.plot import title_lines
+from gpt2cloud.cost.recipes import load_recipe
+from gpt2cloud.runs.report import error_percent
+from gpt2cloud.runs.rundata import load_run, read_metrics, run_estimate
 
 runner = CliRunner()
 STEPS, TOKENS_PER_STEP, WORLD = 100, 524288, 8
@@ -59,14 +60,19 @@ def write_metrics(out_dir, steps=STEPS, finished=True, peak=989e12, price=PRICE,
     return elapsed
 
 
-def save_record(run_id, kind="cluster", gpu="H100"):
-    est = estimate(load_recipe("gpt2-124m"), gpu_type=gpu, gpus_per_node=WORLD, price=PRICE, steps=STEPS).to_dict()
-    record = registry.RunRecord(
+def make_spec(run_id, kind="cluster", gpu="H100", price=PRICE):
+    est = estimate(load_recipe("gpt2-124m"), gpu_type=gpu, gpus_per_node=WORLD, price=price, steps=STEPS)
+    return registry.RunSpec(
         run_id=run_id, kind=kind, infra="lambda", run_url=f"s3://b/{run_id}", bucket="s3://b", data_url="s3://b/data",
-        recipe="gpt2-124m", gpu_type=gpu, gpus_per_node=WORLD, nodes=1, spot=False, price_per_gpu_hour=PRICE,
-        total_steps=STEPS, started_at=time.time(), estimate=est)
+        recipe="gpt2-124m", gpu_type=gpu, gpus_per_node=WORLD, nodes=1, spot=False, price_per_gpu_hour=price,
+        total_steps=STEPS, estimate=est)
+
+
+def save_record(run_id, kind="cluster", gpu="H100"):
+    spec = make_spec(run_id, kind, gpu)
+    record = registry.RunRecord(spec=spec, started_at=time.time())
     registry.save(record)
-    return record, est
+    return record, spec.estimate
 
 
 def fetched(run_id):
@@ -75,8 +81,7 @@ def fetched(run_id):
 
 
 def expected_mfu():
-    spec = load_recipe("gpt2-124m").model
-    return STEADY_TOK_S * flops_per_token(spec) / (WORLD * 989e12)
+    return STEADY_TOK_S * load_recipe("gpt2-124m").model.config().flops_per_token() / (WORLD * 989e12)
 
 
 def test_run_data_parsing_and_title(tmp_path):
@@ -122,9 +127,9 @@ def test_report_for_registry_run_compares_estimate_and_calibrates(home):
 
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]]
             for line in md.splitlines() if line.startswith("| ") and line.count("|") == 5}
-    assert rows["wall time"][2] == f"{error_percent(est['wall_hours'] * 3600, elapsed):+.1f}%"
-    assert rows["dollars"][2] == f"{error_percent(est['cost_usd'], elapsed / 3600 * WORLD * PRICE):+.1f}%"
-    assert rows["tokens/s (all GPUs)"][2] == f"{error_percent(est['tokens_per_second'], STEADY_TOK_S):+.1f}%"
+    assert rows["wall time"][2] == f"{error_percent(est.wall_hours * 3600, elapsed):+.1f}%"
+    assert rows["dollars"][2] == f"{error_percent(est.cost_usd, elapsed / 3600 * WORLD * PRICE):+.1f}%"
+    assert rows["tokens/s (all GPUs)"][2] == f"{error_percent(est.tokens_per_second, STEADY_TOK_S):+.1f}%"
     assert rows["MFU"][1] == f"{expected_mfu():.1%}"
     assert f"| val loss (step 100) | {3.4 + 7.6 * math.exp(-100 / 15):.4f} | 3.2924" in md
     assert "HellaSwag acc_norm (step 100) | 0.2600" in md
@@ -136,7 +141,7 @@ def test_report_for_registry_run_compares_estimate_and_calibrates(home):
     assert len(points) == 1
     p = points[0]
     assert (p["gpu"], p["kind"], p["source"]) == ("H100", "measured", "gpt2cloud run gpt2-124m-test")
-    assert p["params"] == param_count(load_recipe("gpt2-124m").model)
+    assert p["params"] == load_recipe("gpt2-124m").model.config().param_count()
     assert p["mfu"] == pytest.approx(expected_mfu(), abs=1e-4)
     cal = default_mfu("H100", p["params"])
     assert cal.mfu == pytest.approx(p["mfu"]) and "gpt2cloud run gpt2-124m-test" in cal.source
@@ -159,44 +164,53 @@ def test_calibration_skips_local_unfinished_and_plain_dirs(tmp_path):
     assert "not a registry run" in record_calibration(load_run(str(tmp_path / "plain")))[1]
     assert measured_mfu(load_run(str(tmp_path / "plain"))) == pytest.approx(expected_mfu())
 
-    results = calibrate_finished_runs()  # for `gpt2cloud status`: every fetched finished run
-    recorded = [run_id for run_id, point, _ in results if point]
-    assert recorded == ["done-run"]
-    assert [r for r in calibrate_finished_runs() if r[1]] == []  # once per run
-
-    # `status` has the metrics lines from the bucket already: no local copy needed.
-    bucket_run, _ = save_record("bucket-run", gpu="H200")
-    write_metrics(tmp_path / "bucket")
-    rows = [json.loads(line) for line in (tmp_path / "bucket" / "metrics.jsonl").read_text().splitlines()[:-1]]
-    point, message = calibrate_from_metrics(bucket_run, rows)
-    assert point["gpu"] == "H200" and point["mfu"] == pytest.approx(expected_mfu(), abs=1e-4)
-    assert calibrate_from_metrics(bucket_run, rows)[0] is None
+    point, message = record_calibration(load_run("done-run"))
+    assert point["gpu"] == "H100" and point["mfu"] == pytest.approx(expected_mfu(), abs=1e-4), message
+    assert record_calibration(load_run("done-run"))[0] is None  # once per run
     # 3M tokens/s of 124M on 8 A100s would be MFU 103%: a wrong record, not a calibration point.
-    a100, _ = save_record("a100-run", gpu="A100-80GB")
-    assert "not plausible" in calibrate_from_metrics(a100, rows)[1]
+    save_record("a100-run", gpu="A100-80GB")
+    write_metrics(fetched("a100-run"))
+    assert "not plausible" in record_calibration(load_run("a100-run"))[1]
+
+
+def test_status_only_reads(tmp_path, monkeypatch):
+    """`gpt2cloud status` of a finished GPU run shows its progress and writes no calibration point."""
+    from gpt2cloud.runs.status import run_status
+
+    spec = make_spec("bucket-run", gpu="H200")
+    write_metrics(tmp_path / "bucket")
+    spec = registry.RunSpec(**{**spec.__dict__, "run_url": (tmp_path / "bucket").as_uri()})
+    record = registry.RunRecord(spec=spec, started_at=time.time(), state="DOWN")
+    monkeypatch.setattr("gpt2cloud.runs.status.state_of", lambda r: "TERMINATED")
+    d = run_status(record)
+    assert d["finished"] and d["step"] == STEPS and d["tokens_per_second"] == pytest.approx(STEADY_TOK_S)
+    assert not user_calibration_path().exists()
 
 
 def test_fetched_dir_elsewhere_is_found_by_its_run_json(tmp_path):
     save_record("done-run")
     write_metrics(tmp_path / "mine")
-    (tmp_path / "mine" / "run.json").write_text(json.dumps({"run_id": "done-run", "gpus": "H100:8"}))
+    (tmp_path / "mine" / "run.json").write_text(json.dumps(make_spec("done-run").to_dict()))
     assert load_run(str(tmp_path / "mine")).record.run_id == "done-run"
     # Launched from another machine: not in this registry, but run.json still names the GPUs and price.
     write_metrics(tmp_path / "theirs", peak=312e12)
-    (tmp_path / "theirs" / "run.json").write_text(json.dumps(
-        {"run_id": "other-run", "recipe": "gpt2-124m", "gpus": "A100-80GB:8", "nodes": 1,
-         "price_per_gpu_hour": 1.5, "total_steps": STEPS, "launched_at": time.time()}))
+    theirs = make_spec("other-run", gpu="A100-80GB", price=1.5).to_dict()
+    (tmp_path / "theirs" / "run.json").write_text(json.dumps({**theirs, "estimate": None}))
     data = load_run(str(tmp_path / "theirs"))
+    assert data.record is None
     assert data.gpu_type == "A100-80GB" and data.hardware == "8 x A100-80GB" and data.price_per_gpu_hour == 1.5
     est, source = run_estimate(data)
-    assert "computed now" in source and est["gpu_type"] == "A100-80GB" and est["price_per_gpu_hour"] == 1.5
+    assert "computed now" in source and est.gpu_type == "A100-80GB" and est.price_per_gpu_hour == 1.5
+    (tmp_path / "theirs" / "run.json").write_text(json.dumps(theirs))
+    est, source = run_estimate(load_run(str(tmp_path / "theirs")))
+    assert "launch-time" in source and est.gpu_type == "A100-80GB"
 
 
 def test_report_for_plain_dirs(tmp_path):
     write_metrics(tmp_path / "gpu")  # the trainer was told the GPUs' peak: an estimate can be computed
     est, source = run_estimate(load_run(str(tmp_path / "gpu")))
-    assert est is not None and "computed now" in source and est["gpu_type"] == "H100" and est["gpus"] == WORLD
-    assert est["tokens"] == STEPS * TOKENS_PER_STEP
+    assert est is not None and "computed now" in source and est.gpu_type == "H100" and est.gpus == WORLD
+    assert est.tokens == STEPS * TOKENS_PER_STEP
 
     write_metrics(tmp_path / "cpu", device="cpu", peak=0, price=0, hellaswag=False)
     out = tmp_path / "reports" / "cpu.md"

@@ -1,4 +1,4 @@
-"""gpt2cloud.storage against a real local S3 server (moto over HTTP) and the file:// store."""
+"""gpt2cloud.store against a real local S3 server (moto over HTTP) and the file:// store."""
 
 import os
 import subprocess
@@ -9,8 +9,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from gpt2cloud.errors import UserError
-from gpt2cloud.s3store import s3_error
-from gpt2cloud.storage import NoSuchObject, StorageError, open_store, sha256_file
+from gpt2cloud.store.s3 import s3_error
+from gpt2cloud.store import NoSuchObject, StorageError, open_store, sha256_file
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -81,8 +81,15 @@ def test_bad_urls(url, match):
         open_store(url)
 
 
-def test_storage_error_is_a_user_error():
-    assert issubclass(StorageError, UserError)
+def test_storage_errors_reach_the_user_as_one_line(tmp_path):
+    """The store imports nothing else of gpt2cloud, so StorageError is not a UserError; the CLI shows it the same."""
+    from typer.testing import CliRunner
+
+    from gpt2cloud.cli import app
+
+    r = CliRunner().invoke(app, ["data", "download", (tmp_path / "nothing").as_uri(), str(tmp_path / "d")])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "no manifest there" in r.output
+    assert r.output.strip().count("\n") == 0 and "Traceback" not in r.output
 
 
 def test_bad_keys_rejected(tmp_path):
@@ -120,7 +127,7 @@ def test_no_credentials(s3_server, s3_bucket, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "empty"), AWS_CONFIG_FILE=str(tmp_path / "empty"),
                AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
-    code = (f"from gpt2cloud.storage import open_store, StorageError\n"
+    code = (f"from gpt2cloud.store import open_store, StorageError\n"
             f"try:\n    open_store('s3://{s3_bucket}', endpoint_url='{s3_server}').list()\n"
             f"except StorageError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
@@ -149,8 +156,8 @@ def test_file_store_ignores_temporary_files(tmp_path):
 
 def test_storage_imports_only_the_standard_library_at_top():
     # The GPU node imports these before training: no boto3 until an s3:// URL, never typer/rich/pydantic.
-    code = ("import sys, gpt2cloud.storage, gpt2cloud.s3store, gpt2cloud.transfer\n"
-            "gpt2cloud.storage.open_store('file:///tmp')\n"
+    code = ("import sys, gpt2cloud.store, gpt2cloud.store.s3, gpt2cloud.store.transfer\n"
+            "gpt2cloud.store.open_store('file:///tmp')\n"
             "print([m for m in ('boto3', 'botocore', 'typer', 'rich', 'pydantic', 'numpy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
@@ -159,7 +166,7 @@ def test_storage_imports_only_the_standard_library_at_top():
 def test_s3_clients_are_reused_per_environment(s3_server, s3_bucket, monkeypatch):
     """open_store reuses one boto3 session and client per (endpoint, region, AWS_* environment); a store
     opened after the environment changed gets a client made from the new one."""
-    from gpt2cloud import s3store
+    from gpt2cloud.store import s3 as s3store
 
     s3store.clear_client_cache()
     first = open_store(f"s3://{s3_bucket}/a", endpoint_url=s3_server)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from run_helpers import fake_checkpoint, metrics_lines
 
-from gpt2cloud.storage import open_store
+from gpt2cloud.store import open_store
 from model import sync
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_pull_newest_verified_checkpoint_falling_back_when_damaged(tmp_path, cap
         fake_checkpoint(src, step)
     (src / "metrics.jsonl").write_text(metrics_lines(12, 20))
     sync.Pusher(src, url, keep=0).push_once()  # pushes the newest, step 10, and the metrics
-    from gpt2cloud.transfer import upload_dir
+    from gpt2cloud.store.transfer import upload_dir
 
     store = open_store(url)
     upload_dir(src / "checkpoints" / "step_000005", store, "checkpoints/step_000005", progress=False)
@@ -88,7 +88,7 @@ def test_data_needs_a_manifest(tmp_path):
     src.mkdir()
     (src / "x_train_000001.bin").write_bytes(b"0" * 100)
     assert sync.data(src.as_uri(), tmp_path / "d1") == 3  # no manifest: refuse
-    from gpt2cloud.transfer import upload_dir
+    from gpt2cloud.store.transfer import upload_dir
 
     upload_dir(src, open_store((tmp_path / "bucket").as_uri()), "data", progress=False)
     assert sync.data((tmp_path / "bucket" / "data").as_uri(), tmp_path / "d2") == 0

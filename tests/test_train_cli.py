@@ -45,7 +45,7 @@ def recipe(tmp_path):
 
 
 def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "gpt2cloud.cli", *map(str, args)]
+    return [sys.executable, "-m", "gpt2cloud", *map(str, args)]
 
 
 def _one_line_error(result, *fragments):
@@ -65,7 +65,7 @@ def test_train_refuses_bad_input_in_one_line(tmp_path, recipe):
     _one_line_error(runner.invoke(app, ["train", str(recipe), "--data", str(empty), "--out", str(out)]),
                     "no .bin token shards")
     data = make_shards(tmp_path / "data")
-    for bad_nproc, why in [("0", "at least 1"), ("3", "not a multiple")]:
+    for bad_nproc, why in [("0", "at least 1"), ("3", "not divisible")]:
         _one_line_error(runner.invoke(app, ["train", str(recipe), "--data", str(data), "--out", str(out),
                                             "--nproc", bad_nproc]), why)
     _one_line_error(runner.invoke(app, ["train", str(recipe), "--data", str(data), "--out", str(out),

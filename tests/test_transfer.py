@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from gpt2cloud.storage import StorageError, open_store
-from gpt2cloud.transfer import build_manifest, download_dir, upload_dir, verify_dir
+from gpt2cloud.store import StorageError, open_store
+from gpt2cloud.store.transfer import build_manifest, download_dir, upload_dir, verify_dir
 
 
 @pytest.fixture(params=["file", "s3"])

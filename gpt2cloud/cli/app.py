@@ -1,0 +1,66 @@
+"""The `gpt2cloud` command: one Typer app; each command lives in its own module beside this one.
+
+Command modules import torch, skypilot or boto3 only inside their functions, so `--help` and
+`estimate` never pay for them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from gpt2cloud.cli.output import handles_errors
+
+app = typer.Typer(
+    name="gpt2cloud",
+    help="Train GPT-2 on rented cloud GPUs: estimate the cost, prepare data, launch, watch, fetch, sample.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def register(typer_app: typer.Typer, name: str, fn) -> None:
+    typer_app.command(name)(handles_errors(fn))
+
+
+def _version(value: bool):
+    if value:
+        from gpt2cloud import __version__
+
+        typer.echo(f"gpt2cloud {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    pass
+
+
+# ---- commands, one module each, in the order of the flow (and of `--help`) ----
+from gpt2cloud.cli import data, down, estimate, export, fetch, launch, logs  # noqa: E402
+from gpt2cloud.cli import eval as evaluate  # noqa: E402  (not shadowing the builtin)
+from gpt2cloud.cli import plot, report, runs, sample, status, train  # noqa: E402
+
+register(app, "estimate", estimate.estimate_command)
+data_app = typer.Typer(help="Prepare token shards and move them to and from object storage.", no_args_is_help=True)
+register(data_app, "prepare", data.prepare_command)
+register(data_app, "upload", data.upload_command)
+register(data_app, "download", data.download_command)
+app.add_typer(data_app, name="data")
+register(app, "train", train.train_command)
+register(app, "sample", sample.sample_command)
+register(app, "launch", launch.launch_command)
+register(app, "status", status.status_command)
+register(app, "logs", logs.logs_command)
+register(app, "fetch", fetch.fetch_command)
+register(app, "down", down.down_command)
+register(app, "runs", runs.runs_command)
+register(app, "eval", evaluate.eval_command)
+register(app, "plot", plot.plot_command)
+register(app, "report", report.report_command)
+register(app, "export", export.export_command)
+
+
+def main():
+    app()
+

@@ -1,0 +1,21 @@
+"""`gpt2cloud down RUN`: stop a run and everything that bills for it (cluster, managed job, local tree)."""
+
+from __future__ import annotations
+
+import typer
+
+from gpt2cloud.cli.output import print_json
+
+
+def down_command(
+    run: str = typer.Argument(..., help="Run id (see `gpt2cloud runs`)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Tear down a run's cluster, cancel its managed job, or kill its local process tree."""
+    from gpt2cloud.runs.logs import stop_run
+
+    r = stop_run(run)
+    if as_json:
+        print_json(r)
+    else:
+        typer.echo(f"{run}: {r['action']}; checkpoints stay in {r['run_url']} (`gpt2cloud fetch {run}`)")

@@ -1,0 +1,112 @@
+"""`gpt2cloud launch`: estimate, confirm, and start a training run on a cloud (SkyPilot) or this machine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from gpt2cloud.cli.output import print_json
+from gpt2cloud.errors import UserError
+from gpt2cloud.units import usd
+
+
+def _print_plan(p, console: Console) -> None:
+    from gpt2cloud.cli.estimate import render
+
+    render(p.est, console)
+    from gpt2cloud.launch.task import ANY, LOCAL
+
+    where = {LOCAL: "this machine (CPU ranks, as SkyPilot would run one node)",
+             ANY: f"the cheapest of {', '.join(p.node.clouds) or 'the enabled clouds'} (SkyPilot any_of)"}
+    s = p.spec
+    console.print(f"[bold]launch[/]         run [bold]{s.run_id}[/] on {where.get(s.infra, s.infra)}"
+                  f"{' (spot, managed job: resumes after preemption)' if s.spot else ''}")
+    console.print(f"[bold]data / bucket[/]  {s.data_url} -> {s.run_url}")
+    if not s.spot and not s.local:
+        console.print(f"[bold]teardown[/]       autostop after {s.idle_minutes} idle minutes, then down "
+                      "(nothing keeps billing)")
+    if s.max_cost_usd:
+        console.print(f"[bold]budget[/]         the trainer stops before {usd(s.max_cost_usd)} "
+                      f"(estimate: {usd(p.est.cost_usd)})")
+    if p.secrets:
+        console.print(f"[bold]secrets[/]        {', '.join(sorted(p.secrets))} (passed as SkyPilot secrets, "
+                      "never written or printed)")
+
+
+def launch_command(
+    recipe: str = typer.Argument(..., help="Recipe name (gpt2-124m, gpt2-tiny, ...) or path to a recipe YAML."),
+    gpus: str = typer.Option("H100:8", "--gpus", help="GPU type and count per node, e.g. H100:8."),
+    nodes: int = typer.Option(1, "--nodes", help="Number of nodes (torchrun over all of them)."),
+    infra: Optional[str] = typer.Option(None, "--infra", help="lambda, aws, gcp, azure, kubernetes, runpod, ... "
+                                        "(optionally /region), or local; default: any enabled cloud."),
+    spot: bool = typer.Option(False, "--spot", help="Spot instances as a managed job (resumes after preemption)."),
+    data: str = typer.Option(..., "--data", help="Token shards with a manifest: s3://... (file:// for local)."),
+    bucket: str = typer.Option(..., "--bucket", help="Where the run's checkpoints, metrics and logs go."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run id (and cluster name); the same id resumes."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override the recipe's steps."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Override the micro-batch per GPU."),
+    tokens_per_step: Optional[int] = typer.Option(None, "--tokens-per-step", help="Override tokens per step."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD: the trainer stops before it."),
+    idle_minutes: int = typer.Option(10, "--idle-minutes", help="Tear the cluster down after this many idle minutes."),
+    price: Optional[float] = typer.Option(None, "--price", help="USD per GPU-hour (default: bundled table)."),
+    push_every: int = typer.Option(60, "--push-every", help="Seconds between syncs of OUT to the bucket."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the SkyPilot YAML (secrets redacted); launch nothing."),
+    export_yaml: Optional[Path] = typer.Option(None, "--export-yaml", help="Write the SkyPilot YAML for `sky launch "
+                                               "FILE` (secrets redacted); launch nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Estimate, confirm and launch a training run: SkyPilot cluster, managed spot job, or this machine."""
+    from gpt2cloud.launch import start, task
+    from gpt2cloud.launch.plan import plan
+
+    offline = dry_run or export_yaml is not None
+    p = plan(recipe, gpus, nodes=nodes, infra=infra, spot=spot, data=data, bucket=bucket, name=name,
+                  steps=steps, max_cost=max_cost, idle_minutes=idle_minutes, price=price, push_every=push_every,
+                  offline=offline, micro_batch=micro_batch, tokens_per_step=tokens_per_step)
+    console = Console(stderr=as_json)
+    if p.spec.infra == task.ANY and not p.node.clouds:
+        Console(stderr=True).print("note: no cloud is enabled here (`sky check`); the task names no infra, so "
+                                   "SkyPilot picks the cheapest enabled cloud at `sky launch`")
+    if offline:
+        if not p.spec.local:
+            from gpt2cloud.backends.skypilot import to_sky_task
+
+            to_sky_task(p.task_cfg)  # SkyPilot's own parser accepts it (or says why not)
+        text = task.to_yaml(p.task_cfg)
+        if export_yaml is not None:
+            start.write_build(p)  # `sky launch FILE` ships the workdir the file names
+            export_yaml.parent.mkdir(parents=True, exist_ok=True)
+            export_yaml.write_text(text)
+        if as_json:
+            print_json({"run": p.run_id, "dry_run": True, "yaml": text, "export_yaml": str(export_yaml or ""),
+                        "estimate": p.est.to_dict()})
+        elif dry_run:
+            sys.stdout.write(text)
+        if export_yaml is not None and not as_json:
+            flags = " ".join(f"--secret {k}" for k in p.node.secret_names)
+            Console(stderr=True).print(f"wrote {export_yaml}; launch it with: sky launch {export_yaml} {flags}".rstrip())
+        return
+
+    start.preflight(p)
+    if not as_json or not yes:
+        _print_plan(p, Console(stderr=True) if as_json else console)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError("not launching without confirmation: add --yes (stdin is not a terminal)")
+        if not typer.confirm(f"Launch {p.run_id} (estimated {usd(p.est.cost_usd)})?", default=False, err=True):
+            raise UserError("not launched (answered no)")
+    record = start.start(p)
+    s = record.spec
+    if as_json:
+        print_json({"run": s.run_id, "kind": s.kind, "infra": s.infra, "run_url": s.run_url,
+                    "cluster": record.cluster, "job_id": record.job_id, "pid": record.pid,
+                    "estimate": p.est.to_dict()})
+        return
+    console.print(f"[green]launched[/] {s.run_id} ({s.kind}); outputs go to {s.run_url}")
+    console.print(f"  gpt2cloud status {record.run_id}     gpt2cloud logs {record.run_id} --follow")
+    console.print(f"  gpt2cloud fetch {record.run_id}      gpt2cloud down {record.run_id}")

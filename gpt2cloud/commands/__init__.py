@@ -1,1 +1,0 @@
-"""One module per CLI command: thin wrappers that parse options and print; the work lives elsewhere."""

@@ -1,0 +1,183 @@
+"""What a recipe costs on given hardware: parameters, FLOPs, time, GPU-hours, dollars and memory.
+
+Plain arithmetic, no torch: `gpt2cloud estimate` must answer instantly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from gpt2cloud.cost.hardware import default_mfu, default_price, gpu_spec, known_gpus
+from gpt2cloud.cost.recipes import Recipe
+from gpt2cloud.errors import UserError
+from model.config import FLOPS_FORMULA, BatchError, GPTConfig, TrainConfig
+
+GIB = 2**30
+# Bytes kept per token per layer for the backward pass, bf16 with flash attention (no T x T scores):
+# Korthikanti et al. 2022 count 34*d per token per layer; GPT-2 here has no dropout masks (-2*d).
+ACTIVATION_BYTES_PER_TOKEN_LAYER = 32
+# Per token of logits: bf16 logits (2) + fp32 copy for the loss (4) + fp32 gradient (4).
+LOGIT_BYTES_PER_TOKEN_VOCAB = 10
+FIXED_OVERHEAD_GIB = 2.0  # CUDA context, NCCL buffers, allocator slack
+
+
+@dataclass
+class Memory:
+    weights_gib: float  # fp32 master weights
+    bf16_weights_gib: float  # autocast's bf16 copies of the weights
+    gradients_gib: float
+    optimizer_gib: float  # AdamW: two fp32 moments
+    activations_gib: float
+    logits_gib: float
+    overhead_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return sum(asdict(self).values())
+
+
+def memory_per_gpu(m: GPTConfig, micro_batch: int) -> Memory:
+    n = m.param_count(padded=True)
+    tokens = micro_batch * m.block_size
+    return Memory(
+        weights_gib=4 * n / GIB,
+        bf16_weights_gib=2 * n / GIB,
+        gradients_gib=4 * n / GIB,
+        optimizer_gib=8 * n / GIB,
+        activations_gib=ACTIVATION_BYTES_PER_TOKEN_LAYER * m.n_layer * m.n_embd * tokens / GIB,
+        logits_gib=LOGIT_BYTES_PER_TOKEN_VOCAB * m.padded_vocab_size * tokens / GIB,
+        overhead_gib=FIXED_OVERHEAD_GIB,
+    )
+
+
+def max_micro_batch(m: GPTConfig, memory_gib: float) -> int:
+    """The largest micro-batch whose memory fits (0 if not even 1 does)."""
+    fixed = memory_per_gpu(m, 0).total_gib
+    per_sample = memory_per_gpu(m, 1).total_gib - fixed
+    return max(0, int((memory_gib - fixed) // per_sample))
+
+
+@dataclass
+class Estimate:
+    recipe: str
+    params: int
+    flops_per_token: int
+    flops_formula: str
+    tokens: int
+    steps: int
+    tokens_per_step: int
+    micro_batch: int
+    grad_accum: int
+    gpu_type: str
+    gpus_per_node: int
+    nodes: int
+    gpus: int
+    peak_tflops_per_gpu: float
+    mfu: float
+    mfu_source: str
+    tokens_per_second: float
+    step_seconds: float
+    total_flops: float
+    wall_hours: float
+    gpu_hours: float
+    price_per_gpu_hour: float
+    price_source: str
+    cost_usd: float
+    memory_gb_per_gpu: float  # GiB
+    gpu_memory_gb: float  # GiB
+    fits: bool
+    max_micro_batch: int
+    memory: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Estimate":
+        return cls(**d)
+
+
+def estimate(
+    recipe: Recipe,
+    gpu_type: str = "H100",
+    gpus_per_node: int = 8,
+    nodes: int = 1,
+    price: float | None = None,
+    mfu: float | None = None,
+    steps: int | None = None,
+    tokens_per_step: int | None = None,
+    micro_batch: int | None = None,
+    check_batch: bool = True,
+) -> Estimate:
+    if nodes < 1:
+        raise UserError(f"--nodes {nodes}: need at least 1 node")
+    if price is not None and price <= 0:
+        raise UserError(f"--price {price}: a price per GPU-hour must be greater than 0")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise UserError(f"--mfu {mfu}: MFU is a fraction in (0, 1], e.g. 0.45")
+    for flag, value in (("--steps", steps), ("--tokens-per-step", tokens_per_step), ("--micro-batch", micro_batch)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be a positive whole number")
+
+    cfg = recipe.to_train_config(steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch)
+    return estimate_config(recipe.name, cfg, gpu_type, gpus_per_node, nodes, price=price, mfu=mfu,
+                           check_batch=check_batch)
+
+
+def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: int, nodes: int = 1,
+                    price: float | None = None, mfu: float | None = None, check_batch: bool = True) -> Estimate:
+    """The estimate of a resolved training config (a recipe with its overrides, or a run's own config)."""
+    spec = gpu_spec(gpu_type)
+    m, steps, tokens_per_step, micro_batch = cfg.model, cfg.steps, cfg.tokens_per_step, cfg.micro_batch
+    gpus = gpus_per_node * nodes
+    try:
+        grad_accum = cfg.grad_accum(gpus)
+    except BatchError as err:
+        if check_batch:
+            raise UserError(f"{err}; change --tokens-per-step, --micro-batch or the GPU count") from None
+        grad_accum = max(1, tokens_per_step // (micro_batch * m.block_size * gpus))
+
+    params = m.param_count()
+    fpt = m.flops_per_token()
+    if mfu is None:
+        cal = default_mfu(spec.name, params)
+        mfu, mfu_source = cal.mfu, cal.source
+    else:
+        mfu_source = "--mfu"
+    if price is None:
+        listed = default_price(spec.name)
+        if listed is None:
+            raise UserError(f"no default price for {spec.name}; pass --price USD_PER_GPU_HOUR")
+        price, price_source = listed.usd_per_gpu_hour, f"{listed.source} ({listed.as_of})"
+    else:
+        price_source = "--price"
+
+    tokens = steps * tokens_per_step
+    tokens_per_second = mfu * spec.peak_bf16_tflops * 1e12 * gpus / fpt
+    wall_seconds = tokens / tokens_per_second
+    gpu_hours = wall_seconds / 3600 * gpus
+    mem = memory_per_gpu(m, micro_batch)
+    return Estimate(
+        recipe=name, params=params, flops_per_token=fpt, flops_formula=FLOPS_FORMULA,
+        tokens=tokens, steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        gpu_type=spec.name, gpus_per_node=gpus_per_node, nodes=nodes, gpus=gpus,
+        peak_tflops_per_gpu=spec.peak_bf16_tflops, mfu=mfu, mfu_source=mfu_source,
+        tokens_per_second=tokens_per_second, step_seconds=tokens_per_step / tokens_per_second,
+        total_flops=float(fpt) * tokens, wall_hours=wall_seconds / 3600, gpu_hours=gpu_hours,
+        price_per_gpu_hour=price, price_source=price_source, cost_usd=gpu_hours * price,
+        memory_gb_per_gpu=round(mem.total_gib, 2), gpu_memory_gb=spec.memory_gib,
+        fits=mem.total_gib <= spec.memory_gib, max_micro_batch=max_micro_batch(m, spec.memory_gib),
+        memory={k: round(v, 3) for k, v in asdict(mem).items()},
+    )
+
+
+def compare(recipe: Recipe, counts=(1, 8), **kwargs) -> list[Estimate]:
+    """Estimates over every GPU type with a known price and the given counts, cheapest first."""
+    rows = []
+    for gpu in known_gpus():
+        if gpu == "CPU" or (default_price(gpu) is None and kwargs.get("price") is None):
+            continue  # CPU ranks are for local runs, not something to rent for GPT-2
+        for n in counts:
+            rows.append(estimate(recipe, gpu_type=gpu, gpus_per_node=n, check_batch=False, **kwargs))
+    return sorted(rows, key=lambda e: (not e.fits, e.cost_usd))

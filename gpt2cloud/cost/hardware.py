@@ -1,0 +1,108 @@
+"""The bundled hardware tables: GPU specs, default prices and the MFU calibration points."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import math
+from dataclasses import dataclass
+
+import yaml
+
+from gpt2cloud.errors import UserError
+from gpt2cloud.home import user_calibration_path
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    peak_bf16_tflops: float
+    memory_gib: float
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Price:
+    usd_per_gpu_hour: float
+    source: str
+    as_of: str
+
+
+@dataclass(frozen=True)
+class Calibration:
+    mfu: float
+    source: str  # where the figure comes from, printed next to every estimate
+
+
+@functools.lru_cache(maxsize=None)
+def _table(name: str) -> dict:
+    return yaml.safe_load((importlib.resources.files("gpt2cloud.cost.tables") / f"{name}.yaml").read_text())
+
+
+def known_gpus() -> list[str]:
+    return list(_table("gpus"))
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    table = _table("gpus")
+    canonical = {k.lower(): k for k in table}.get(name.lower())
+    if canonical is None:
+        raise UserError(f"unknown GPU '{name}'; known GPUs: {', '.join(table)}")
+    return GpuSpec(name=canonical, **table[canonical])
+
+
+def default_price(gpu: str) -> Price | None:
+    row = _table("prices").get(gpu)
+    return Price(**row) if row else None
+
+
+def parse_gpus(text: str) -> tuple[str, int]:
+    """'H100:8' -> ('H100', 8); a bare 'H100' means one GPU, as in SkyPilot."""
+    name, _, count = text.partition(":")
+    if not name:
+        raise UserError(f"--gpus '{text}': expected TYPE:COUNT such as H100:8")
+    if count == "":
+        n = 1
+    else:
+        try:
+            n = int(count)
+        except ValueError:
+            raise UserError(f"--gpus '{text}': the count '{count}' is not a whole number; use e.g. H100:8") from None
+        if n < 1:
+            raise UserError(f"--gpus '{text}': the GPU count must be at least 1; use e.g. {name}:8")
+    return gpu_spec(name).name, n
+
+
+def calibration_points() -> list[dict]:
+    points = list(_table("calibration")["points"])
+    path = user_calibration_path()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                points.append(json.loads(line))
+    return points
+
+
+def default_mfu(gpu: str, params: int) -> Calibration:
+    """MFU for a GPU and model size: interpolated in log(params) between calibration points."""
+    points = calibration_points()
+    own = [p for p in points if p["gpu"] == gpu]
+    borrowed = ""
+    if not own:
+        fallback = _table("calibration")["fallback_gpu"]
+        own = [p for p in points if p["gpu"] == fallback]
+        borrowed = f"no calibration for {gpu}; using {fallback}'s: "
+    own.sort(key=lambda p: p["params"])
+    below = [p for p in own if p["params"] <= params]
+    above = [p for p in own if p["params"] >= params]
+    lo = below[-1] if below else above[0]
+    hi = above[0] if above else below[-1]
+    if lo["params"] == hi["params"]:
+        return Calibration(lo["mfu"], borrowed + f"{lo['source']} ({lo['date']})")
+    w = (math.log(params) - math.log(lo["params"])) / (math.log(hi["params"]) - math.log(lo["params"]))
+    mfu = lo["mfu"] + w * (hi["mfu"] - lo["mfu"])
+    return Calibration(
+        round(mfu, 4),
+        borrowed + f"interpolated between {lo['source']} ({lo['date']}) and {hi['source']} ({hi['date']})",
+    )

@@ -1,0 +1,163 @@
+"""A launch, planned: every check that touches nothing remote, and everything the launch will do.
+
+plan() validates the options (recipe, GPUs, memory fit, infra, URLs), estimates exactly this launch,
+and resolves the run's spec, the trainer's config and the SkyPilot task. It writes nothing, so
+`launch --dry-run` has no side effects; gpt2cloud/launch/start.py does the writing and the launching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import ipaddress
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import urlparse
+
+from gpt2cloud import home
+from gpt2cloud.cost.estimate import Estimate, estimate
+from gpt2cloud.cost.hardware import parse_gpus
+from gpt2cloud.cost.recipes import load_recipe
+from gpt2cloud.errors import UserError
+from gpt2cloud.launch import build, task
+from gpt2cloud.launch.task import ANY, LOCAL
+from gpt2cloud.runs import registry
+from gpt2cloud.runs.registry import CLUSTER, MANAGED_JOB, RunSpec
+from model.config import TrainConfig
+
+CPU = "CPU"  # the hardware table's entry for CPU ranks (local runs only)
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: RunSpec  # the run's identity: registry record and the bucket's run.json
+    est: Estimate
+    train_cfg: TrainConfig  # config.json in the workdir
+    node: task.NodeOptions
+    task_cfg: dict  # the SkyPilot task, secrets redacted (what --dry-run prints)
+    secrets: dict  # values: only in memory, only handed to SkyPilot or the local node's environment
+    wheel: tuple  # (file name, bytes) of this build
+
+    @property
+    def run_id(self) -> str:
+        return self.spec.run_id
+
+
+def torch_spec() -> str:
+    """Pin the node's torch to the version this trainer was built against (CUDA wheel on the node)."""
+    try:
+        version = importlib.metadata.version("torch").split("+")[0]
+    except importlib.metadata.PackageNotFoundError:
+        return "torch"
+    return f"torch=={version}"
+
+
+def _check_url(flag: str, url: str, infra: str) -> str:
+    url = url.strip().rstrip("/")
+    scheme = urlparse(url).scheme
+    if scheme not in ("s3", "file"):
+        raise UserError(f"{flag} {url}: use s3://BUCKET/PREFIX (AWS S3, R2, MinIO via AWS_ENDPOINT_URL)"
+                        " or, with --infra local, file:///PATH")
+    if scheme == "file" and infra != LOCAL:
+        raise UserError(f"{flag} {url}: a cloud node cannot reach a file:// path on this machine; use an "
+                        "s3:// bucket (`gpt2cloud data upload DIR s3://...`) or --infra local")
+    return url
+
+
+def _endpoint_is_local(endpoint: str) -> bool:
+    """An endpoint on this machine's loopback, which no cloud node can reach (a private network may be)."""
+    host = urlparse(endpoint).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_infra(infra: Optional[str]) -> str:
+    if not infra or infra.lower() == ANY:
+        return ANY
+    return infra.strip().lower()
+
+
+def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, spot: bool = False,
+         data: str = "", bucket: str = "", name: Optional[str] = None, steps: Optional[int] = None,
+         max_cost: Optional[float] = None, idle_minutes: int = 10, price: Optional[float] = None,
+         push_every: int = 60, offline: bool = False,
+         micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None) -> Plan:
+    infra = normalize_infra(infra)
+    r = load_recipe(recipe)
+    gpu_type, count = parse_gpus(gpus)
+    if nodes < 1:
+        raise UserError(f"--nodes {nodes}: need at least 1 node")
+    if idle_minutes < 1:
+        raise UserError(f"--idle-minutes {idle_minutes}: use at least 1 (the cluster is torn down after that "
+                        "many idle minutes)")
+    if max_cost is not None and max_cost <= 0:
+        raise UserError(f"--max-cost {max_cost}: a budget must be more than $0")
+    if gpu_type == CPU and infra != LOCAL:
+        raise UserError(f"--gpus {gpus}: CPU ranks are for --infra local; on a cloud pick a GPU type "
+                        "(`gpt2cloud estimate RECIPE --compare` ranks them)")
+    if infra == LOCAL:
+        if nodes != 1:
+            raise UserError("--infra local runs one node; drop --nodes (or launch on a cloud)")
+        if spot:
+            raise UserError("--infra local has no spot instances; drop --spot")
+    data = _check_url("--data", data, infra)
+    bucket = _check_url("--bucket", bucket, infra)
+
+    # The estimate for exactly this launch; a recipe that does not fit in GPU memory is refused.
+    est = estimate(r, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, price=price, steps=steps,
+                   micro_batch=micro_batch, tokens_per_step=tokens_per_step)
+    if not est.fits and infra != LOCAL:
+        raise UserError(
+            f"{r.name} needs ~{est.memory_gb_per_gpu:.1f} GiB per GPU with micro-batch {est.micro_batch}, but "
+            f"{gpu_type} has {est.gpu_memory_gb:g} GiB; pick a GPU with more memory (`gpt2cloud estimate "
+            f"{r.name} --compare`)" + (f" or a recipe whose micro-batch is at most {est.max_micro_batch}"
+                                       if est.max_micro_batch else " (it does not fit even at micro-batch 1)"))
+
+    clouds: list[str] = []  # with --infra any: the enabled clouds that can serve this launch (any_of)
+    if infra != LOCAL:
+        from gpt2cloud.launch import clouds as cl
+
+        if infra != ANY:
+            cl.check_infra(infra, gpu_type, count, spot)
+        else:
+            try:
+                clouds = cl.choose_clouds(gpu_type, count, spot)
+            except UserError as e:
+                if not offline or e.args[0] != cl.NO_CLOUD:
+                    raise
+                # a dry run without `sky check`: no infra, SkyPilot picks any enabled cloud at launch
+
+    run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
+    train_cfg = r.to_train_config(
+        steps=steps, micro_batch=micro_batch, tokens_per_step=tokens_per_step, max_cost_usd=max_cost or 0.0,
+        price_per_gpu_hour=est.price_per_gpu_hour,
+        # MFU in the metrics needs the real peak: a local run of `--gpus H100:2` on CPU ranks has none
+        peak_flops_per_gpu=0.0 if infra == LOCAL and gpu_type != CPU else est.peak_tflops_per_gpu * 1e12,
+    )
+    plain, secrets = task.storage_settings([data, bucket])
+    endpoint = plain.get("AWS_ENDPOINT_URL_S3") or plain.get("AWS_ENDPOINT_URL")
+    if infra != LOCAL and endpoint and _endpoint_is_local(endpoint):
+        raise UserError(f"--bucket {bucket}: the S3 endpoint {endpoint} is on this machine's "
+                        "loopback, which a cloud node cannot reach; use an endpoint the node can reach, or "
+                        "--infra local")
+
+    # This exact build of the trainer, made in memory: start.py writes it into the workdir.
+    wheel = build.wheel_bytes()
+    spec = RunSpec(
+        run_id=run_id, kind=LOCAL if infra == LOCAL else MANAGED_JOB if spot else CLUSTER, infra=infra,
+        run_url=f"{bucket}/{run_id}", bucket=bucket, data_url=data, recipe=r.name, gpu_type=gpu_type,
+        gpus_per_node=count, nodes=nodes, spot=spot, price_per_gpu_hour=est.price_per_gpu_hour,
+        total_steps=est.steps, estimate=est, max_cost_usd=max_cost or 0.0, idle_minutes=idle_minutes,
+        build_sha256=hashlib.sha256(wheel[1]).hexdigest(),
+    )
+    node = task.NodeOptions(
+        workdir=str(home.build_dir(run_id)), clouds=tuple(clouds), push_every=push_every,
+        keep_checkpoints=train_cfg.keep_checkpoints, torch_spec=torch_spec(),
+        plain_envs=tuple(sorted(plain.items())), secret_names=tuple(sorted(secrets)),
+    )
+    return Plan(spec=spec, est=est, train_cfg=train_cfg, node=node, task_cfg=task.build_config(spec, node),
+                secrets=secrets, wheel=wheel)

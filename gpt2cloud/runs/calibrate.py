@@ -1,0 +1,85 @@
+"""Calibration feedback: each finished GPU run teaches `gpt2cloud estimate` the MFU it really got.
+
+Written by `gpt2cloud report` (never by a read command such as status).
+
+For a run in the registry that finished on GPUs of a known type, the measured MFU is
+    median tokens/s after warm-up x FLOPs per token / (GPUs x peak BF16 FLOPS per GPU)
+with the estimator's own FLOPs formula (6N + 12*L*d*T) and peak table, so the figure is directly
+comparable with the bundled points. It is appended to the user calibration file
+(`gpt2cloud.home.user_calibration_path()`, JSON lines), once per run, and `default_mfu` then
+interpolates with it like any published point.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+from gpt2cloud.cost.hardware import gpu_spec
+from gpt2cloud.home import user_calibration_path
+from gpt2cloud.runs.rundata import RunData, model_config
+
+MIN_STEPS = 20  # fewer steps than this say more about warm-up than about steady throughput
+
+
+def source_for(run_id: str) -> str:
+    return f"gpt2cloud run {run_id}"
+
+
+def measured_mfu(data: RunData) -> Optional[float]:
+    """The run's MFU by the estimator's formula, or None if throughput, GPU peak or model is unknown."""
+    tokens_per_second = data.steady_tokens_per_second()
+    model = model_config(data)
+    peak = data.peak_flops_per_gpu
+    if tokens_per_second is None or model is None or not peak:
+        return None
+    return tokens_per_second * model.flops_per_token() / (data.world_size * peak)
+
+
+def _already_recorded(source: str) -> bool:
+    path = user_calibration_path()
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("source") == source:
+                return True
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    return False
+
+
+def record_calibration(data: RunData) -> tuple[Optional[dict], str]:
+    """Append the run's measured MFU to the user calibration file (once per run).
+
+    Returns (the point written, or None; a one-line explanation for the report).
+    """
+    if data.spec is None:
+        return None, "not recorded: not a registry run (GPU type unknown)"
+    if data.gpu_type is None:
+        return None, "not recorded: not a run on GPUs of a known type (a local or CPU run)"
+    if not data.finished:
+        return None, "not recorded yet: the run has not finished"
+    if len(data.train) < MIN_STEPS:
+        return None, f"not recorded: only {len(data.train)} steps (need {MIN_STEPS} for a steady throughput)"
+    source = source_for(data.run_id)
+    if _already_recorded(source):
+        return None, f"already in {user_calibration_path()}"
+    mfu = measured_mfu(data)
+    if mfu is None or not 0 < mfu <= 1:
+        shown = "unknown" if mfu is None else f"{mfu:.1%}"
+        return None, f"not recorded: measured MFU {shown} is not plausible"
+    point = {
+        "gpu": gpu_spec(data.gpu_type).name,
+        "params": model_config(data).param_count(),
+        "mfu": round(mfu, 4),
+        "kind": "measured",
+        "source": source,
+        "date": time.strftime("%Y-%m-%d", time.localtime(data.record.started_at if data.record else time.time())),
+    }
+    path = user_calibration_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:  # one short append: concurrent writers do not interleave
+        f.write(json.dumps(point) + "\n")
+    return point, f"recorded MFU {mfu:.1%} for {point['gpu']} in {path}"

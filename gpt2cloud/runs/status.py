@@ -1,0 +1,71 @@
+"""A run's status, read only: its backend's state plus progress from the bucket's metrics.jsonl.
+
+Dollars are GPU-hours x price over all nodes: the trainer's own `cost_usd` (its elapsed time over all
+restarts x GPUs x price, the figure its budget cap uses) when present, else elapsed x GPUs x price.
+Speed is RunMetrics' steady median, the same figure `train`, `plot` and `report` show.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from gpt2cloud.backends import state_of
+from gpt2cloud.runs.registry import RunRecord
+from gpt2cloud.store import StorageError, open_store
+from gpt2cloud.store.layout import METRICS
+from model.metrics import RunMetrics
+
+
+def progress(m: RunMetrics, total_steps: int, gpus: int, price_per_gpu_hour: float,
+             max_cost_usd: float = 0.0) -> dict:
+    """Step, losses, speed, ETA and dollars of a run from its metrics."""
+    total_steps = m.total_steps or total_steps
+    step_seconds = m.step_seconds()
+    step = m.last_step if m.train else None
+    done = m.finished
+    remaining = 0 if done else max(0, total_steps - (step or 0))
+    eta_hours = remaining * step_seconds / 3600 if step_seconds else (0.0 if done else None)
+    so_far = m.cost_usd(gpus, price_per_gpu_hour) or 0.0
+    projected = so_far + eta_hours * gpus * price_per_gpu_hour if eta_hours is not None else None
+    if max_cost_usd and projected is not None:
+        # the trainer stops before a step would pass the cap (start-up alone may have passed it)
+        projected = max(so_far, min(projected, max_cost_usd))
+    elapsed = m.elapsed_seconds
+    return {
+        "step": step, "total_steps": total_steps, "loss": m.train[-1]["loss"] if m.train else None,
+        "val_loss": m.last_val_loss, "tokens_per_second": m.tokens_per_second(), "mfu": m.mfu(),
+        "step_seconds": step_seconds, "eta_hours": eta_hours,
+        "elapsed_hours": elapsed / 3600 if elapsed is not None else None,
+        "cost_so_far_usd": round(so_far, 4), "cost_projected_usd": round(projected, 4) if projected is not None else None,
+        "finished": m.completed, "budget_stopped": m.budget_stopped,
+        "sample": m.last_sample, "restarts": m.restarts,
+    }
+
+
+def read_run_metrics(run_url: str) -> tuple[RunMetrics, Optional[str]]:
+    """(metrics, problem): the run's metrics from its bucket; problem says why there are none."""
+    try:
+        store = open_store(run_url)
+        if not store.exists(METRICS):
+            return RunMetrics(), "no metrics in the bucket yet (the node is starting, or never reached the bucket)"
+        return RunMetrics.from_text(store.get_bytes(METRICS).decode("utf-8", "replace")), None
+    except StorageError as e:
+        return RunMetrics(), str(e)
+
+
+def run_status(record: RunRecord) -> dict:
+    """One run's status as a dict (the --json object of `gpt2cloud status`)."""
+    spec = record.spec
+    metrics, problem = read_run_metrics(spec.run_url)
+    d = {
+        "run": spec.run_id, "state": state_of(record), "kind": spec.kind, "infra": spec.infra,
+        "gpus": f"{spec.nodes} x {spec.gpu_type}:{spec.gpus_per_node}", "recipe": spec.recipe,
+        "run_url": spec.run_url, "started_at": record.started_at,
+        **progress(metrics, spec.total_steps, spec.gpus, spec.price_per_gpu_hour, spec.max_cost_usd),
+        "price_per_gpu_hour": spec.price_per_gpu_hour,
+        "cost_estimated_usd": spec.estimate.cost_usd if spec.estimate else None,
+        "max_cost_usd": spec.max_cost_usd or None,
+    }
+    if problem:
+        d["note"] = problem
+    return d

@@ -1,0 +1,58 @@
+"""The names of what a run writes, one definition for the trainer, the node's sync and every reader.
+
+A run's OUT directory (on the node, fetched to this machine) and its bucket prefix hold the same tree:
+
+    run.json                      the run's spec, written at launch (gpt2cloud/runs/registry.py RunSpec)
+    config.json                   the TrainConfig the trainer reads (in the node's workdir)
+    metrics.jsonl                 one JSON object a line (model/metrics.py writes and reads it)
+    checkpoints/step_NNNNNN/      one checkpoint; complete only once its manifest.json exists
+    logs/node-R.log               each node's console output
+
+A set of files (prepared shards, one checkpoint) is complete once its MANIFEST exists: it is written last.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+RUN_JSON = "run.json"
+CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir(step: int) -> str:
+    """The checkpoint directory name of a step: step_000250."""
+    return f"step_{step:06d}"
+
+
+def node_log(rank: int) -> str:
+    return f"{LOGS}/node-{rank}.log"
+
+
+def local_checkpoints(out_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints (manifest present) under OUT/checkpoints/, oldest first."""
+    d = Path(out_dir) / CHECKPOINTS
+    found = []
+    if d.is_dir():
+        for p in d.iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / MANIFEST).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def remote_checkpoints(store) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(complete, incomplete) checkpoint directory names in a run's store, oldest first."""
+    dirs: dict[str, bool] = {}
+    for obj in store.list(f"{CHECKPOINTS}/"):
+        parts = obj.key.split("/")
+        if len(parts) >= 3 and parts[0] == CHECKPOINTS and STEP_DIR.match(parts[1]):
+            dirs[parts[1]] = dirs.get(parts[1], False) or (len(parts) == 3 and parts[2] == MANIFEST)
+    complete = sorted((int(STEP_DIR.match(n).group(1)), n) for n, ok in dirs.items() if ok)
+    incomplete = sorted((int(STEP_DIR.match(n).group(1)), n) for n, ok in dirs.items() if not ok)
+    return complete, incomplete
