@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from gpt2cloud.cost.recipes import load_recipe
-from gpt2cloud.errors import UserError
+from gpt2cloud.errors import UserError, positive
 from gpt2cloud.processes import kill_process_tree
 from gpt2cloud.store.layout import CONFIG, METRICS
 from model.config import BatchError
@@ -120,6 +120,8 @@ def train(recipe: str, data: str | Path, out: str | Path, nproc: int = 1, steps:
           max_cost: float | None = None, stream: TextIO | None = None) -> dict:
     """Train a recipe on local data with `nproc` processes; return summarize(out)."""
     data, out = Path(data), Path(out)
+    positive("--price", price, "2.99")
+    positive("--max-cost", max_cost, "5")
     cfg = load_recipe(recipe).to_train_config(steps=steps, compile=compile, price_per_gpu_hour=price,
                                                max_cost_usd=max_cost)
     check_inputs(cfg, data, out, nproc, resume)

@@ -70,9 +70,12 @@ class TrainConfig:
     # execution
     compile: bool = False
     dtype: str = "auto"  # auto: bf16 on CUDA with bf16 support, fp16 on older CUDA, fp32 on CPU
+    device: str = "auto"  # auto: CUDA if torch sees it, else CPU; cuda: refuse to run on CPU (rented GPUs)
     peak_flops_per_gpu: float = 0.0  # for MFU in metrics; 0 means "unknown"
     max_cost_usd: float = 0.0  # 0: no budget cap
     price_per_gpu_hour: float = 0.0
+    max_hours: float = 0.0  # 0: no limit; else stop (with a checkpoint) before the run's wall time passes it
+    stall_minutes: float = 0.0  # 0: off; else exit when no step (or eval, checkpoint) finishes for this long
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-steps per optimizer step: tokens_per_step / (micro_batch x block_size x world_size)."""

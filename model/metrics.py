@@ -24,6 +24,7 @@ from typing import Optional
 
 from gpt2cloud.store import atomic_write
 
+STOPS = ("end", "budget_stop", "time_stop")  # the events a run's trainer ends with
 # tokens/s of the first steps (compilation, cold caches) is not representative
 WARMUP_FRACTION = 0.1
 MIN_WARMUP_STEPS = 5
@@ -176,7 +177,7 @@ class RunMetrics:
 
     @property
     def end(self) -> Optional[dict]:
-        return next((e for e in reversed(self.events) if e.get("event") in ("end", "budget_stop")), None)
+        return next((e for e in reversed(self.events) if e.get("event") in STOPS), None)
 
     @property
     def finished(self) -> bool:
@@ -186,6 +187,11 @@ class RunMetrics:
     def budget_stopped(self) -> bool:
         """The run's latest stop was the budget cap's (a resume with a higher cap may have gone on)."""
         return self.end is not None and self.end.get("event") == "budget_stop"
+
+    @property
+    def time_stopped(self) -> bool:
+        """The run's latest stop was its wall-time limit (max_hours)."""
+        return self.end is not None and self.end.get("event") == "time_stop"
 
     @property
     def completed(self) -> bool:

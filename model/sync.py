@@ -34,6 +34,8 @@ from gpt2cloud.store.transfer import download_dir, upload_dir
 # Exit codes: the node's run script passes them on (gpt2cloud/launch/task.py renders them into it).
 EXIT_DATA = 3  # could not download the shards from --data
 EXIT_BUCKET = 4  # could not reach the run's bucket
+EXIT_FINAL_PUSH = 5  # the final push failed: the last checkpoint is only on the node
+FINAL_TRIES = 5  # the final push's attempts, backing off 1x, 2x, 4x, 8x the retry delay
 
 
 def log(msg: str) -> None:
@@ -111,7 +113,10 @@ class Pusher:
         self._push_file(self.out / node_log(self.rank), node_log(self.rank))
 
 
-def push_loop(out: str, url: str, every: float, rank: int, keep: int, once: bool = False) -> int:
+def push_loop(out: str, url: str, every: float, rank: int, keep: int, once: bool = False,
+              retry_seconds: float = 5.0) -> int:
+    """Push every `every` seconds until told to stop (SIGTERM) or orphaned, then push once more: that
+    final push, retried with backoff, carries the trainer's last checkpoint. Its failure is the job's."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
@@ -121,25 +126,24 @@ def push_loop(out: str, url: str, every: float, rank: int, keep: int, once: bool
     except StorageError as e:
         log(f"cannot reach the bucket: {e}")
         return EXIT_BUCKET
-    failures = 0
-    while True:
-        final = once or stop.is_set() or os.getppid() != parent
+    while not (once or stop.is_set() or os.getppid() != parent):
         try:
             pusher.push_once()
-            failures = 0
         except (StorageError, OSError) as e:
-            failures += 1
-            log(f"push failed ({failures}x): {e}")
-            if final:
-                if failures < 3:
-                    time.sleep(2)
-                    continue
-                log("final push failed; the bucket keeps what the earlier pushes put there")
-                return EXIT_BUCKET
-        if final:
+            log(f"push failed ({e}); next try in {every:g} s")
+        stop.wait(every)
+    for attempt in range(1, FINAL_TRIES + 1):
+        try:
+            pusher.push_once()
             log("final push done")
             return 0
-        stop.wait(every)
+        except (StorageError, OSError) as e:
+            wait = retry_seconds * 2 ** (attempt - 1)
+            log(f"final push failed ({attempt}/{FINAL_TRIES}): {e}" + (f"; again in {wait:g} s" if attempt < FINAL_TRIES else ""))
+            if attempt < FINAL_TRIES:
+                time.sleep(wait)
+    log("FINAL PUSH FAILED: the newest checkpoint and metrics are only on this node")
+    return EXIT_FINAL_PUSH
 
 
 # ---- pull ----
@@ -200,6 +204,7 @@ def main(argv=None) -> int:
     ps.add_argument("--rank", type=int, default=0, help="node rank: only node 0 pushes checkpoints and metrics")
     ps.add_argument("--keep", type=int, default=0, help="complete checkpoints to keep in the bucket (0: all)")
     ps.add_argument("--once", action="store_true", help="push once and exit")
+    ps.add_argument("--retry-seconds", type=float, default=5.0, help="first delay between final-push attempts")
     pl = sub.add_parser("pull", help="download the newest complete checkpoint from URL into OUT")
     pl.add_argument("url")
     pl.add_argument("out")
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
     pd.add_argument("dir")
     a = p.parse_args(argv)
     if a.cmd == "push":
-        return push_loop(a.out, a.url, a.every, a.rank, a.keep, once=a.once)
+        return push_loop(a.out, a.url, a.every, a.rank, a.keep, once=a.once, retry_seconds=a.retry_seconds)
     if a.cmd == "pull":
         return pull(a.url, a.out, rank=a.rank)
     return data(a.url, a.dir)

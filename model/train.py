@@ -36,6 +36,7 @@ from model.metrics import MetricsLog, console_line, cost_usd, mfu, truncate_afte
 from model.sample import generate_text
 from model.shards import ShardError
 from model.tokenizer import VOCAB_SIZE
+from model.watchdog import Watchdog
 
 
 class TrainError(RuntimeError):
@@ -162,6 +163,13 @@ def run(args, t_start: float) -> None:
     # ---- processes: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; nccl on CUDA, gloo on CPU ----
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    if cfg.device == "cuda":  # rented GPUs: training on the node's CPU would bill for nothing
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if seen < local_world:
+            raise TrainError(f"this node has {local_world} ranks to place on GPUs but torch {torch.__version__} (built for "
+                             f"CUDA {torch.version.cuda}) sees {seen} CUDA devices: its build does not match the driver "
+                             "(see `nvidia-smi`), or the GPUs are not visible")
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if ddp:
@@ -209,6 +217,7 @@ def run(args, t_start: float) -> None:
     # ---- resume: weights, optimizer, schedule position, data position, RNG ----
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    watchdog = Watchdog(cfg.stall_minutes * 60, out, functools.partial(print, f"rank {rank}:", flush=True)).start()
     latest = ckpt.latest_checkpoint(out)
     if ddp:  # rank 0 chooses; every rank must see that same checkpoint (shared or synced OUT on every node)
         chosen = [latest.name if latest is not None else None]
@@ -293,19 +302,26 @@ def run(args, t_start: float) -> None:
         if iter_start is not None:
             recent_iters.append(now - iter_start)
         iter_start = now
-        if budget:  # stop before a step that would take the cost past the cap; rank 0 decides for all
-            next_step = 1.5 * max(recent_iters, default=0.0)
-            stop = torch.tensor(int(cost_usd(elapsed() + next_step, world, cfg.price_per_gpu_hour) > cfg.max_cost_usd),
-                                device=device)
+        if budget or cfg.max_hours > 0:
+            # stop before a step that would take the cost or the wall time past its cap; rank 0 decides for all
+            later = elapsed() + 1.5 * max(recent_iters, default=0.0)
+            over_cost = budget and cost_usd(later, world, cfg.price_per_gpu_hour) > cfg.max_cost_usd
+            over_time = cfg.max_hours > 0 and later > cfg.max_hours * 3600
+            stop = torch.tensor(int(over_cost) + 2 * int(over_time), device=device)
             if ddp:
                 dist.broadcast(stop, 0)
             if stop.item():
                 if saved_step != step:
                     save_checkpoint(step)
                 spent = cost_usd(elapsed(), world, cfg.price_per_gpu_hour)
-                metrics.write({"event": "budget_stop", "step": step, "cost_usd": spent})
-                log(f"budget: stopping at step {step}, ${spent:.2f} spent of ${cfg.max_cost_usd:.2f}; "
-                    "raise max_cost_usd and resume to continue")
+                if stop.item() & 1:
+                    metrics.write({"event": "budget_stop", "step": step, "cost_usd": spent})
+                    log(f"budget: stopping at step {step}, ${spent:.2f} spent of ${cfg.max_cost_usd:.2f}; "
+                        "raise max_cost_usd and resume to continue")
+                else:
+                    metrics.write({"event": "time_stop", "step": step, "elapsed_seconds": elapsed()})
+                    log(f"time: stopping at step {step} after {elapsed() / 3600:.2f} h of the {cfg.max_hours:g} h "
+                        "limit; raise max_hours and resume to continue")
                 break
 
         t0 = time.perf_counter()
@@ -327,27 +343,33 @@ def run(args, t_start: float) -> None:
             record["cost_usd"] = cost_usd(record["elapsed_seconds"], world, cfg.price_per_gpu_hour)
         metrics.write(record)
         log(console_line(step, cfg.steps, loss, lr, record["grad_norm"], tok_s, dt))
+        watchdog.beat(f"step {step}")
 
         if val_loader is not None and (step % cfg.val_every == 0 or step == cfg.steps):
             val_loss = evaluate(eval_model, val_loader, world, amp, device, ddp)
             metrics.write({"step": step, "val_loss": val_loss})
             log(f"step {step}/{cfg.steps} | val loss {val_loss:.4f}")
+            watchdog.beat(f"val loss at step {step}")
         # sampling needs the GPT-2 vocabulary (tests use tiny ones); the raw module also works when compiled
         if master and cfg.sample_every > 0 and step % cfg.sample_every == 0 and cfg.model.vocab_size >= VOCAB_SIZE:
             text = generate_text(raw_model, cfg.sample_prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed + step,
                                  autocast_dtype=dtype if dtype != torch.float32 else None)[0]
             metrics.write({"step": step, "sample": text})
             log(f"step {step}/{cfg.steps} | sample: {text!r}")
+            watchdog.beat(f"sample at step {step}")
         if hellaswag and (step % cfg.hellaswag_every == 0 or step == cfg.steps):
             hs = hellaswag_eval(raw_model, hellaswag, device, rank, world, ddp)
             metrics.write({"step": step, **hs})
             log(f"step {step}/{cfg.steps} | hellaswag acc_norm {hs['hellaswag_acc_norm']:.4f} ({hs['hellaswag_n']})")
+            watchdog.beat(f"HellaSwag at step {step}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(step)
             saved_step = step
+            watchdog.beat(f"checkpoint at step {step}")
     else:
         metrics.write({"event": "end", "step": step, "final_loss": loss})
         log(f"done: step {step}, final loss {loss if loss is None else round(loss, 4)}")
+    watchdog.stop()
     metrics.close()
     if ddp:
         dist.destroy_process_group()

@@ -115,3 +115,15 @@ def test_status_report_and_train_show_one_speed(tmp_path, monkeypatch):
     assert status == trained == reported
     steady = sorted(1000.0 + s for s in range(6, 41) if s != 21)  # warm-up and the resume's first step dropped
     assert status == pytest.approx((steady[len(steady) // 2 - 1] + steady[len(steady) // 2]) / 2)
+
+
+def test_a_failed_job_says_how_to_save_the_checkpoint_left_on_the_node(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
+    rec = local_record(tmp_path, "fail1", kind="cluster", infra="lambda", cluster="fail1", local_dir=None,
+                       idle_minutes=10)
+    rows = metrics_lines(10, 20) + json.dumps({"event": "checkpoint", "step": 10, "path": "x"}) + "\n"
+    open_store(rec.spec.run_url).put_bytes("metrics.jsonl", rows.encode())  # metrics pushed, the checkpoint not
+    monkeypatch.setattr("gpt2cloud.runs.status.state_of", lambda r: "FAILED")
+    d = json.loads(CliRunner().invoke(app, ["status", "fail1", "--json"]).stdout)
+    assert "checkpoint step 10 is not in the bucket" in d["note"] and "within 10 min" in d["note"]
+    assert "rsync -a fail1:~/.gpt2cloud-node/out/ runs/fail1/" in d["note"]

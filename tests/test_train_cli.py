@@ -165,3 +165,12 @@ def test_sample_refuses_a_damaged_checkpoint(full_vocab_checkpoint):
     (path / "manifest.json").unlink()
     _one_line_error(runner.invoke(app, ["sample", str(out), "--prompt", "Hi"]), "no complete checkpoint")
     _one_line_error(runner.invoke(app, ["sample", str(out / "missing"), "--prompt", "Hi"]), "no such file")
+
+
+@pytest.mark.parametrize("flag, value", [("--price", "nan"), ("--max-cost", "nan"), ("--max-cost", "-1")])
+def test_train_refuses_caps_that_are_not_caps(tmp_path, recipe, flag, value):
+    data = make_shards(tmp_path / "data")
+    args = ["train", str(recipe), "--data", str(data), "--out", str(tmp_path / "out"), flag, value]
+    if flag == "--max-cost":
+        args += ["--price", "3"]
+    _one_line_error(runner.invoke(app, args), flag, "finite number greater than 0")

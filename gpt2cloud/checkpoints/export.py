@@ -18,7 +18,7 @@ from gpt2cloud.store.layout import MANIFEST
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> dict:
     from gpt2cloud.checkpoints.score import load_checkpoint
     from gpt2cloud.checkpoints.hf_tokenizer import write_tokenizer_files
-    from model.hf import save_hf
+    from model.hf import CONFIG_FILE, WEIGHTS_FILE, save_hf
     from model.tokenizer import EOT_TOKEN, VOCAB_SIZE
 
     out = Path(out_dir)
@@ -32,7 +32,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> dict:
     written = write_tokenizer_files(out, model_max_length=model.config.block_size)
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}, indent=2) + "\n")
-    files = sorted(p.name for p in [out / "config.json", out / "model.safetensors",
+    files = sorted(p.name for p in [out / CONFIG_FILE, out / WEIGHTS_FILE,
                                     out / "generation_config.json", *written])
     return {"checkpoint": str(resolved), "step": step, "dir": str(out), "files": files,
             "params": model.num_params()}

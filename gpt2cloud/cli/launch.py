@@ -29,6 +29,8 @@ def _print_plan(p, console: Console) -> None:
     if not s.spot and not s.local:
         console.print(f"[bold]teardown[/]       autostop after {s.idle_minutes} idle minutes, then down "
                       "(nothing keeps billing)")
+    if s.max_hours:
+        console.print(f"[bold]time limit[/]     the trainer stops before {s.max_hours:g} h")
     if s.max_cost_usd:
         console.print(f"[bold]budget[/]         the trainer stops before {usd(s.max_cost_usd)} "
                       f"(estimate: {usd(p.est.cost_usd)})")
@@ -51,6 +53,8 @@ def launch_command(
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Override the micro-batch per GPU."),
     tokens_per_step: Optional[int] = typer.Option(None, "--tokens-per-step", help="Override tokens per step."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD: the trainer stops before it."),
+    max_hours: Optional[float] = typer.Option(None, "--max-hours", help="Wall-time limit in hours: the trainer "
+                                              "stops (with a checkpoint) before it; the node kills it soon after."),
     idle_minutes: int = typer.Option(10, "--idle-minutes", help="Tear the cluster down after this many idle minutes."),
     price: Optional[float] = typer.Option(None, "--price", help="USD per GPU-hour (default: bundled table)."),
     push_every: int = typer.Option(60, "--push-every", help="Seconds between syncs of OUT to the bucket."),
@@ -65,10 +69,12 @@ def launch_command(
     from gpt2cloud.launch.plan import plan
 
     offline = dry_run or export_yaml is not None
-    p = plan(recipe, gpus, nodes=nodes, infra=infra, spot=spot, data=data, bucket=bucket, name=name,
-                  steps=steps, max_cost=max_cost, idle_minutes=idle_minutes, price=price, push_every=push_every,
-                  offline=offline, micro_batch=micro_batch, tokens_per_step=tokens_per_step)
+    p = plan(recipe, gpus, nodes=nodes, infra=infra, spot=spot, data=data, bucket=bucket, name=name, steps=steps,
+             max_cost=max_cost, max_hours=max_hours, idle_minutes=idle_minutes, price=price, push_every=push_every,
+             offline=offline, micro_batch=micro_batch, tokens_per_step=tokens_per_step)
     console = Console(stderr=as_json)
+    for w in p.warnings:
+        Console(stderr=True).print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     if p.spec.infra == task.ANY and not p.node.clouds:
         Console(stderr=True).print("note: no cloud is enabled here (`sky check`); the task names no infra, so "
                                    "SkyPilot picks the cheapest enabled cloud at `sky launch`")
@@ -88,8 +94,8 @@ def launch_command(
         elif dry_run:
             sys.stdout.write(text)
         if export_yaml is not None and not as_json:
-            flags = " ".join(f"--secret {k}" for k in p.node.secret_names)
-            Console(stderr=True).print(f"wrote {export_yaml}; launch it with: sky launch {export_yaml} {flags}".rstrip())
+            Console(stderr=True).print(f"wrote {export_yaml}; launch it with: "
+                                       f"{task.sky_command(p.task_cfg, str(export_yaml))}", soft_wrap=True)
         return
 
     start.preflight(p)

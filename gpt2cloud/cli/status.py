@@ -18,7 +18,8 @@ def _num(x, fmt: str) -> str:
 
 def render_one(d: dict, console: Console) -> None:
     pct = f" ({d['step'] / d['total_steps']:.0%})" if d["step"] is not None and d["total_steps"] else ""
-    done = " [green]finished[/]" if d["finished"] else " [yellow]stopped at the budget cap[/]" if d["budget_stopped"] else ""
+    done = (" [green]finished[/]" if d["finished"] else " [yellow]stopped at the budget cap[/]" if d["budget_stopped"]
+            else " [yellow]stopped at the time limit (--max-hours)[/]" if d.get("time_stopped") else "")
     cap = f" of a {usd(d['max_cost_usd'])} cap" if d["max_cost_usd"] else " (no budget cap)"
     rows = [
         ("run", f"{d['run']}  [dim]{d['kind']} on {d['infra']}, {d['gpus']}, {d['recipe']}[/]"),

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from gpt2cloud.cost.hardware import default_mfu, default_price, gpu_spec, known_gpus
 from gpt2cloud.cost.recipes import Recipe
-from gpt2cloud.errors import UserError
+from gpt2cloud.errors import UserError, positive
 from model.config import FLOPS_FORMULA, BatchError, GPTConfig, TrainConfig
 
 GIB = 2**30
@@ -111,10 +111,8 @@ def estimate(
 ) -> Estimate:
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: need at least 1 node")
-    if price is not None and price <= 0:
-        raise UserError(f"--price {price}: a price per GPU-hour must be greater than 0")
-    if mfu is not None and not 0 < mfu <= 1:
-        raise UserError(f"--mfu {mfu}: MFU is a fraction in (0, 1], e.g. 0.45")
+    positive("--price", price, "2.99")
+    positive("--mfu", mfu, "0.45", upper=1)
     for flag, value in (("--steps", steps), ("--tokens-per-step", tokens_per_step), ("--micro-batch", micro_batch)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: must be a positive whole number")

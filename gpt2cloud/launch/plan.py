@@ -7,9 +7,11 @@ and resolves the run's spec, the trainer's config and the SkyPilot task. It writ
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib.metadata
 import ipaddress
+import math
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlparse
@@ -18,7 +20,7 @@ from gpt2cloud import home
 from gpt2cloud.cost.estimate import Estimate, estimate
 from gpt2cloud.cost.hardware import parse_gpus
 from gpt2cloud.cost.recipes import load_recipe
-from gpt2cloud.errors import UserError
+from gpt2cloud.errors import UserError, positive
 from gpt2cloud.launch import build, task
 from gpt2cloud.launch.task import ANY, LOCAL
 from gpt2cloud.runs import registry
@@ -26,6 +28,9 @@ from gpt2cloud.runs.registry import CLUSTER, MANAGED_JOB, RunSpec
 from model.config import TrainConfig
 
 CPU = "CPU"  # the hardware table's entry for CPU ranks (local runs only)
+STALL_MIN_MINUTES = 20
+CREDENTIAL_MARGIN = 1.5  # the estimate is of the training loop; the node also sets up, evaluates, retries
+COMPILE_ALLOWANCE_S = 600  # torch.compile of a 1.5B model, the first step's allocations, a slow data read
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class Plan:
     task_cfg: dict  # the SkyPilot task, secrets redacted (what --dry-run prints)
     secrets: dict  # values: only in memory, only handed to SkyPilot or the local node's environment
     wheel: tuple  # (file name, bytes) of this build
+    warnings: tuple = ()  # printed before the launch is confirmed
 
     @property
     def run_id(self) -> str:
@@ -75,6 +81,12 @@ def _endpoint_is_local(endpoint: str) -> bool:
         return False
 
 
+def stall_minutes(est: Estimate) -> float:
+    """How long the node's watchdog waits for the next step, eval or checkpoint before it ends a stalled
+    run: generous for compilation and evaluations, 20x the estimated step, never under STALL_MIN_MINUTES."""
+    return float(max(STALL_MIN_MINUTES, math.ceil((20 * est.step_seconds + COMPILE_ALLOWANCE_S) / 60)))
+
+
 def normalize_infra(infra: Optional[str]) -> str:
     if not infra or infra.lower() == ANY:
         return ANY
@@ -84,18 +96,18 @@ def normalize_infra(infra: Optional[str]) -> str:
 def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, spot: bool = False,
          data: str = "", bucket: str = "", name: Optional[str] = None, steps: Optional[int] = None,
          max_cost: Optional[float] = None, idle_minutes: int = 10, price: Optional[float] = None,
-         push_every: int = 60, offline: bool = False,
+         push_every: int = 60, offline: bool = False, max_hours: Optional[float] = None,
          micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None) -> Plan:
     infra = normalize_infra(infra)
     r = load_recipe(recipe)
     gpu_type, count = parse_gpus(gpus)
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: need at least 1 node")
-    if idle_minutes < 1:
-        raise UserError(f"--idle-minutes {idle_minutes}: use at least 1 (the cluster is torn down after that "
-                        "many idle minutes)")
-    if max_cost is not None and max_cost <= 0:
-        raise UserError(f"--max-cost {max_cost}: a budget must be more than $0")
+    # Money inputs: a nan or a negative would switch a cap off, or make the pusher spin.
+    positive("--max-cost", max_cost, "300")
+    positive("--max-hours", max_hours, "24")
+    positive("--idle-minutes", idle_minutes, "10")
+    positive("--push-every", push_every, "60")
     if gpu_type == CPU and infra != LOCAL:
         raise UserError(f"--gpus {gpus}: CPU ranks are for --infra local; on a cloud pick a GPU type "
                         "(`gpt2cloud estimate RECIPE --compare` ranks them)")
@@ -134,7 +146,8 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
     run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
     train_cfg = r.to_train_config(
         steps=steps, micro_batch=micro_batch, tokens_per_step=tokens_per_step, max_cost_usd=max_cost or 0.0,
-        price_per_gpu_hour=est.price_per_gpu_hour,
+        price_per_gpu_hour=est.price_per_gpu_hour, max_hours=max_hours or 0.0,
+        device="auto" if infra == LOCAL else "cuda", stall_minutes=stall_minutes(est),
         # MFU in the metrics needs the real peak: a local run of `--gpus H100:2` on CPU ranks has none
         peak_flops_per_gpu=0.0 if infra == LOCAL and gpu_type != CPU else est.peak_tflops_per_gpu * 1e12,
     )
@@ -145,13 +158,16 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
                         "loopback, which a cloud node cannot reach; use an endpoint the node can reach, or "
                         "--infra local")
 
+    warnings = check_credentials(secrets, est, infra == LOCAL)
+
     # This exact build of the trainer, made in memory: start.py writes it into the workdir.
     wheel = build.wheel_bytes()
     spec = RunSpec(
         run_id=run_id, kind=LOCAL if infra == LOCAL else MANAGED_JOB if spot else CLUSTER, infra=infra,
         run_url=f"{bucket}/{run_id}", bucket=bucket, data_url=data, recipe=r.name, gpu_type=gpu_type,
         gpus_per_node=count, nodes=nodes, spot=spot, price_per_gpu_hour=est.price_per_gpu_hour,
-        total_steps=est.steps, estimate=est, max_cost_usd=max_cost or 0.0, idle_minutes=idle_minutes,
+        total_steps=est.steps, estimate=est, max_cost_usd=max_cost or 0.0, max_hours=max_hours or 0.0,
+        idle_minutes=idle_minutes,
         build_sha256=hashlib.sha256(wheel[1]).hexdigest(),
     )
     node = task.NodeOptions(
@@ -160,4 +176,24 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
         plain_envs=tuple(sorted(plain.items())), secret_names=tuple(sorted(secrets)),
     )
     return Plan(spec=spec, est=est, train_cfg=train_cfg, node=node, task_cfg=task.build_config(spec, node),
-                secrets=secrets, wheel=wheel)
+                secrets=secrets, wheel=wheel, warnings=warnings)
+
+
+def check_credentials(secrets: dict, est: Estimate, local: bool) -> tuple:
+    """Temporary S3 credentials travel frozen into the task (spot recoveries reuse them): refuse those
+    that expire before the run's estimated end; warn about those whose expiry is unknown."""
+    if "AWS_SESSION_TOKEN" not in secrets or local:
+        return ()
+    hours = est.wall_hours * CREDENTIAL_MARGIN + 1  # start-up, evaluations, a recovery or two
+    expiry = task.credential_expiry()
+    if expiry is None:
+        return (f"the S3 credentials are temporary (AWS_SESSION_TOKEN) and their expiry is unknown: if they expire "
+                f"before the run ends (~{hours:.1f} h), the node can no longer push checkpoints; long-lived keys "
+                "(an IAM user's access key, an R2 API token) are safer",)
+    left = (expiry - datetime.datetime.now(datetime.timezone.utc)).total_seconds() / 3600
+    if left < hours:
+        raise UserError(f"the S3 credentials expire in {max(left, 0):.1f} h ({expiry:%Y-%m-%d %H:%M} UTC), before the "
+                        f"run's estimated end (~{hours:.1f} h): the node could not push its checkpoints after that; use "
+                        "long-lived keys (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY of an IAM user, an R2 API token) "
+                        "or credentials valid for longer")
+    return ()

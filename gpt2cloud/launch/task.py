@@ -12,6 +12,7 @@ has one definition.
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -19,14 +20,22 @@ from typing import Optional
 import yaml
 
 from gpt2cloud.runs.registry import RunSpec
-from gpt2cloud.store.layout import CONFIG, LOGS
-from model.sync import EXIT_BUCKET, EXIT_DATA  # the exit codes of the node's sync steps
+from gpt2cloud.store.layout import CONFIG, LOGS, NODE_HOME
+from model.sync import EXIT_BUCKET, EXIT_DATA, EXIT_FINAL_PUSH  # the exit codes of the node's sync steps
+from model.watchdog import EXIT_STALLED, STALLED
 
 ANY, LOCAL = "any", "local"  # infra: any_of over the enabled clouds, or this machine
 
-NODE_HOME_DEFAULT = "$HOME/.gpt2cloud-node"
+NODE_HOME_DEFAULT = f"$HOME/{NODE_HOME}"
 MASTER_PORT = 8008
-JOB_RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 1}
+# A managed job is relaunched after a preemption, and after a stall (a hung rank or data read: a
+# transient fault), never after any other failure: a bad config or bad data fails the same way again.
+JOB_RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0, "recover_on_exit_codes": [EXIT_STALLED]}
+# CUDA builds of torch on PyTorch's wheel index, newest first: the node takes the newest its driver runs.
+TORCH_CUDA_BUILDS = ("130", "128", "126")
+TORCH_INDEX = "https://download.pytorch.org/whl"
+EXIT_NO_GPU = 6  # setup: torch sees fewer GPUs than SkyPilot gave the node
+HARD_LIMIT_GRACE_S = 600  # --max-hours: the trainer stops itself; the node kills it this much later
 
 # Storage credentials: passed as SkyPilot secrets, never as envs, never printed.
 S3_SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -50,7 +59,26 @@ else
   fi
   PY="$NODE_HOME/venv/bin/python"
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q "$GPT2CLOUD_TORCH_SPEC" numpy tiktoken safetensors boto3
+  # torch built for a CUDA the driver runs: `nvidia-smi` names the newest CUDA the driver supports.
+  DRIVER_CUDA="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\)\.\([0-9]\).*/\1\2/p' | head -n1)"
+  TORCH_INDEX=()
+  for CU in @TORCH_CUDA_BUILDS@; do
+    if [ -n "$DRIVER_CUDA" ] && [ "$DRIVER_CUDA" -ge "$CU" ]; then
+      TORCH_INDEX=(--index-url "@TORCH_INDEX@/cu$CU" --extra-index-url https://pypi.org/simple); break
+    fi
+  done
+  echo "gpt2cloud: driver supports CUDA ${DRIVER_CUDA:-unknown}; torch from ${TORCH_INDEX[1]:-PyPI}"
+  "$PY" -m pip install -q "${TORCH_INDEX[@]}" "$GPT2CLOUD_TORCH_SPEC" numpy tiktoken safetensors boto3
+fi
+if [ "${GPT2CLOUD_DEVICE:-auto}" = cuda ]; then
+  # Fail in seconds, not after an hour of billing on CPU: torch must see every GPU this node was given.
+  "$PY" -c 'import os, sys, torch
+want = int(os.environ["GPT2CLOUD_GPUS_PER_NODE"])
+seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+if seen != want:
+    sys.exit(f"gpt2cloud: torch {torch.__version__} (CUDA {torch.version.cuda}) sees {seen} of the {want} GPUs this "
+             "node was given: the torch build does not match the driver (nvidia-smi); the job stops here")
+print(f"gpt2cloud: torch {torch.__version__} sees {seen} GPUs ({torch.cuda.get_device_name(0)})")' || exit @EXIT_NO_GPU@
 fi
 rm -rf "$NODE_HOME/site"
 "$PY" -m pip install -q --no-deps --no-index --target "$NODE_HOME/site" ./gpt2cloud-*.whl
@@ -73,19 +101,31 @@ exec > >(tee -a "$OUT/@LOGS@/node-$RANK.log") 2>&1
 echo "gpt2cloud: run $GPT2CLOUD_RUN_ID, node $RANK of $SKYPILOT_NUM_NODES, $SKYPILOT_NUM_GPUS_PER_NODE GPUs"
 "$PY" -m model.sync data "$GPT2CLOUD_DATA_URL" "$DATA" || exit @EXIT_DATA@
 "$PY" -m model.sync push "$OUT" "$GPT2CLOUD_RUN_URL" --rank "$RANK" --every "$GPT2CLOUD_PUSH_EVERY" \
-  --keep "$GPT2CLOUD_KEEP_CHECKPOINTS" &
+  --keep "$GPT2CLOUD_KEEP_CHECKPOINTS" --retry-seconds "${GPT2CLOUD_PUSH_RETRY_SECONDS:-5}" &
 PUSHER=$!
 MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
-"$PY" -m torch.distributed.run --nnodes="$SKYPILOT_NUM_NODES" --nproc_per_node="$SKYPILOT_NUM_GPUS_PER_NODE" \
+rm -f "$OUT/@STALLED@"
+LIMIT=()  # --max-hours: a hard stop for a trainer that would not stop itself
+if [ "${GPT2CLOUD_MAX_SECONDS:-0}" != 0 ]; then LIMIT=(timeout --kill-after=60 "$GPT2CLOUD_MAX_SECONDS"); fi
+"${LIMIT[@]}" "$PY" -m torch.distributed.run --nnodes="$SKYPILOT_NUM_NODES" --nproc_per_node="$SKYPILOT_NUM_GPUS_PER_NODE" \
   --node_rank="$RANK" --master_addr="$MASTER_ADDR" --master_port="${GPT2CLOUD_MASTER_PORT:-@MASTER_PORT@}" \
   -m model.train --config @CONFIG@ --data "$DATA" --out "$OUT" --resume auto &
 TRAINER=$!
 trap 'kill -TERM "$TRAINER" 2>/dev/null' TERM INT
 wait "$TRAINER"; RC=$?
 if kill -0 "$TRAINER" 2>/dev/null; then wait "$TRAINER"; RC=$?; fi
-kill -TERM "$PUSHER" 2>/dev/null
-wait "$PUSHER"
 echo "gpt2cloud: trainer exited with code $RC"
+if [ -f "$OUT/@STALLED@" ]; then
+  echo "gpt2cloud: the trainer stalled ($(cat "$OUT/@STALLED@") was the last thing it finished); exit @EXIT_STALLED@"
+  RC=@EXIT_STALLED@
+fi
+kill -TERM "$PUSHER" 2>/dev/null
+wait "$PUSHER"; PUSHED=$?
+if [ "$PUSHED" -ne 0 ]; then
+  echo "gpt2cloud: FINAL PUSH FAILED: the newest checkpoint is only on this node, in $OUT. Copy it before autostop"
+  echo "gpt2cloud: removes the node: rsync -a $GPT2CLOUD_RUN_ID:$OUT/ runs/$GPT2CLOUD_RUN_ID/"
+  if [ "$RC" -eq 0 ]; then RC=@EXIT_FINAL_PUSH@; fi
+fi
 exit "$RC"
 """
 
@@ -93,7 +133,9 @@ exit "$RC"
 def render(script: str) -> str:
     """A node script with its @NAME@ placeholders filled from the constants."""
     values = {"NODE_HOME_DEFAULT": NODE_HOME_DEFAULT, "MASTER_PORT": MASTER_PORT, "EXIT_DATA": EXIT_DATA,
-              "EXIT_BUCKET": EXIT_BUCKET, "LOGS": LOGS, "CONFIG": CONFIG}
+              "EXIT_BUCKET": EXIT_BUCKET, "EXIT_FINAL_PUSH": EXIT_FINAL_PUSH, "EXIT_STALLED": EXIT_STALLED,
+              "EXIT_NO_GPU": EXIT_NO_GPU, "STALLED": STALLED, "LOGS": LOGS, "CONFIG": CONFIG,
+              "TORCH_CUDA_BUILDS": " ".join(TORCH_CUDA_BUILDS), "TORCH_INDEX": TORCH_INDEX}
     for name, value in values.items():
         script = script.replace(f"@{name}@", str(value))
     return script
@@ -114,13 +156,14 @@ class NodeOptions:
 
 def resources(spec: RunSpec, node: NodeOptions) -> dict:
     res: dict = {"accelerators": f"{spec.gpu_type}:{spec.gpus_per_node}"}
+    # Nothing keeps billing after the run: idle_minutes after the last job (an SSH session does not
+    # count), the cluster is torn down. A managed job's controller does the same to its clusters; on a
+    # spot task it is also the safety net should the file be `sky launch`ed instead of `sky jobs launch`ed.
+    res["autostop"] = {"idle_minutes": spec.idle_minutes, "down": True, "wait_for": "jobs"}
     if spec.spot:
         # A managed job: the controller relaunches a preempted node, which resumes from the bucket.
         res["use_spot"] = True
         res["job_recovery"] = dict(JOB_RECOVERY)
-    else:
-        # Nothing keeps billing after the run: stop watching for jobs after idle_minutes, then tear down.
-        res["autostop"] = {"idle_minutes": spec.idle_minutes, "down": True}
     if spec.infra not in (ANY, LOCAL):
         res["infra"] = spec.infra
     elif node.clouds:
@@ -139,7 +182,11 @@ def envs(spec: RunSpec, node: NodeOptions) -> dict:
         "GPT2CLOUD_PUSH_EVERY": str(node.push_every),
         "GPT2CLOUD_KEEP_CHECKPOINTS": str(node.keep_checkpoints),
         "GPT2CLOUD_TORCH_SPEC": node.torch_spec,
+        "GPT2CLOUD_DEVICE": "auto" if spec.local else "cuda",  # cuda: setup refuses a node whose torch sees no GPU
+        "GPT2CLOUD_GPUS_PER_NODE": str(spec.gpus_per_node),
     }
+    if spec.max_hours:
+        e["GPT2CLOUD_MAX_SECONDS"] = str(int(spec.max_hours * 3600) + HARD_LIMIT_GRACE_S)
     if spec.max_cost_usd:  # informational: the cap itself is in config.json, enforced by the trainer
         e["GPT2CLOUD_MAX_COST_USD"] = f"{spec.max_cost_usd:g}"
     for k, v in sorted(node.plain_envs):
@@ -185,14 +232,18 @@ def redact(cfg: dict) -> dict:
     return out
 
 
+def sky_command(cfg: dict, path: str = "THIS_FILE") -> str:
+    """How to launch an exported task by hand: a spot task only as a managed job, which recovers from
+    preemption (a plain `sky launch` of it would be an unmanaged spot cluster)."""
+    launch = "sky jobs launch" if cfg["resources"].get("use_spot") else "sky launch"
+    flags = "".join(f" --secret {n}" for n in (cfg.get("secrets") or {}))
+    return f"{launch} {path}{flags}"
+
+
 def to_yaml(cfg: dict) -> str:
-    header = ""
-    names = list((cfg.get("secrets") or {}).keys())
-    if names:
-        flags = " ".join(f"--secret {n}" for n in names)
-        header = (f"# Generated by gpt2cloud. Secrets are left empty on purpose: launch with\n"
-                  f"#   sky launch THIS_FILE {flags}\n"
-                  f"# (each --secret NAME takes its value from your environment).\n")
+    header = f"# Generated by gpt2cloud. Launch with\n#   {sky_command(cfg)}\n"
+    if cfg.get("secrets"):
+        header += "# Secrets are left empty on purpose: each --secret NAME takes its value from your environment.\n"
     return header + yaml.dump(redact(cfg), Dumper=_Dumper, sort_keys=False, width=1000)
 
 
@@ -226,3 +277,24 @@ def storage_settings(urls: list[str], env: Optional[dict] = None) -> tuple[dict,
                     secrets["AWS_SESSION_TOKEN"] = frozen.token
     return plain, secrets
 
+
+
+def credential_expiry(env: Optional[dict] = None) -> Optional[datetime.datetime]:
+    """When the S3 credentials the node gets expire: AWS_CREDENTIAL_EXPIRATION (what `aws configure
+    export-credentials` sets), else boto3's refreshable credentials (SSO, assumed roles); None if unknown."""
+    env = os.environ if env is None else env
+    if env.get("AWS_CREDENTIAL_EXPIRATION"):
+        try:
+            when = datetime.datetime.fromisoformat(env["AWS_CREDENTIAL_EXPIRATION"].replace("Z", "+00:00"))
+            return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+        except ValueError:
+            return None
+    if env.get("AWS_ACCESS_KEY_ID"):
+        return None  # plain environment keys: boto3 knows no expiry for them
+    try:
+        import boto3
+
+        creds = boto3.session.Session().get_credentials()
+    except Exception:  # noqa: BLE001 - no boto3 or a broken profile: unknown
+        return None
+    return getattr(creds, "_expiry_time", None)

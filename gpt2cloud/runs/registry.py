@@ -50,6 +50,7 @@ class RunSpec:
     total_steps: int
     estimate: Optional[Estimate]  # made for exactly this launch
     max_cost_usd: float = 0.0
+    max_hours: float = 0.0  # 0: no wall-time limit
     idle_minutes: int = 0
     build_sha256: str = ""  # the wheel shipped to the node: this exact version of the trainer
 
@@ -89,6 +90,7 @@ class RunRecord:
     started_at: float  # unix time of the (latest) launch
     cluster: Optional[str] = None  # SkyPilot cluster name (kind CLUSTER)
     job_id: Optional[int] = None  # SkyPilot job id on the cluster, or the managed job id
+    request_id: Optional[str] = None  # the SkyPilot launch request: `down` cancels it while LAUNCHING
     pid: Optional[int] = None  # local runs: the driver's PID (also its process group and session)
     local_dir: Optional[str] = None  # local runs: the node's directory (logs, OUT, data)
     fetched_dir: Optional[str] = None  # where `gpt2cloud fetch` last put the run's OUT (absolute path)

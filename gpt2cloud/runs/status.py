@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Optional
 
 from gpt2cloud.backends import state_of
-from gpt2cloud.runs.registry import RunRecord
+from gpt2cloud.runs.registry import LOCAL, RunRecord
 from gpt2cloud.store import StorageError, open_store
-from gpt2cloud.store.layout import METRICS
+from gpt2cloud.store.layout import METRICS, NODE_HOME, remote_checkpoints
 from model.metrics import RunMetrics
 
 
@@ -37,7 +37,7 @@ def progress(m: RunMetrics, total_steps: int, gpus: int, price_per_gpu_hour: flo
         "step_seconds": step_seconds, "eta_hours": eta_hours,
         "elapsed_hours": elapsed / 3600 if elapsed is not None else None,
         "cost_so_far_usd": round(so_far, 4), "cost_projected_usd": round(projected, 4) if projected is not None else None,
-        "finished": m.completed, "budget_stopped": m.budget_stopped,
+        "finished": m.completed, "budget_stopped": m.budget_stopped, "time_stopped": m.time_stopped,
         "sample": m.last_sample, "restarts": m.restarts,
     }
 
@@ -68,4 +68,23 @@ def run_status(record: RunRecord) -> dict:
     }
     if problem:
         d["note"] = problem
+    if d["state"].startswith("FAILED") and spec.kind != LOCAL:
+        d["note"] = node_copy_hint(record, metrics)
     return d
+
+
+def node_copy_hint(record: RunRecord, metrics: RunMetrics) -> str:
+    """A failed job may have failed its final push (EXIT_FINAL_PUSH): then the newest checkpoint is only
+    on the node, which autostop deletes `idle_minutes` after the job ended."""
+    spec = record.spec
+    saved = [int(e["step"]) for e in metrics.events if e.get("event") == "checkpoint"]
+    try:
+        complete, _ = remote_checkpoints(open_store(spec.run_url))
+    except StorageError:
+        complete = []
+    pushed = complete[-1][0] if complete else 0
+    what = (f"checkpoint step {max(saved)} is not in the bucket (newest there: {pushed or 'none'})"
+            if saved and max(saved) > pushed else "if its final push failed, the newest checkpoint is only on the node")
+    return (f"the job failed; {what}: copy it within {spec.idle_minutes} min of the failure, before autostop "
+            f"removes the node: rsync -a {record.cluster or spec.run_id}:~/{NODE_HOME}/out/ runs/{spec.run_id}/ "
+            f"(`gpt2cloud logs {spec.run_id}` says why it failed)")

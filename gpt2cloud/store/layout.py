@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+NODE_HOME = ".gpt2cloud-node"  # on a node, under the user's home: venv/, site/, data/ and OUT (out/)
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 RUN_JSON = "run.json"
