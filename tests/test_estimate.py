@@ -124,11 +124,11 @@ def test_cli_table_and_compare():
     assert res.exit_code == 0 and "6N + 12*L*d*T" in res.output and "fits" in res.output
     res = _run("estimate", "gpt2-1558m", "--compare", "--json")
     rows = json.loads(res.output)
-    costs = [r["cost_usd"] for r in rows if r["fits"]]
+    costs = [r["all_in_cost_usd"] for r in rows if r["fits"]]
     assert costs == sorted(costs) and any(not r["fits"] for r in rows)
     assert not rows[-1]["fits"]  # what does not fit sorts last
     res = _run("estimate", "gpt2-124m", "--compare")
-    assert res.exit_code == 0 and "cheapest first" in res.output
+    assert res.exit_code == 0 and "cheapest all-in first" in res.output
 
 
 def test_two_nodes_double_the_gpus():

@@ -265,3 +265,46 @@ def test_credentials_that_expire_before_the_end_are_refused(sky_mod, env, monkey
     assert _plan(infra="lambda").warnings == ()
     monkeypatch.delenv("AWS_CREDENTIAL_EXPIRATION")
     assert "expiry is unknown" in _plan(infra="lambda").warnings[0]
+
+
+def test_prices_come_from_the_catalog_of_the_cloud(sky_mod, env):
+    """The fixture's catalog: Lambda 8xH100 $23.92/h, AWS p5.48xlarge $98.32/h on demand and $40/h spot."""
+    from gpt2cloud.launch.clouds import catalog_price
+
+    assert catalog_price("lambda", "H100", 8) == (23.92 / 8, "SkyPilot catalog: Lambda gpu_8x_h100_sxm5 on-demand, us-east-1")
+    assert catalog_price("aws", "H100", 8)[0] == pytest.approx(98.32 / 8)
+    assert catalog_price("aws/us-west-2", "H100", 8, spot=True) == (42.0 / 8, "SkyPilot catalog: AWS p5.48xlarge spot, us-west-2")
+    assert catalog_price("lambda", "H100", 8, spot=True) is None  # Lambda has no spot
+    aws = _plan(infra="aws", max_cost=30)
+    assert aws.est.price_per_gpu_hour == pytest.approx(12.29) and aws.est.price_source.startswith("SkyPilot catalog: AWS")
+    assert aws.train_cfg.price_per_gpu_hour == pytest.approx(12.29)  # the node's cap counts at AWS's price
+    assert aws.spec.price_per_gpu_hour == pytest.approx(12.29)
+    # any_of over Lambda and AWS: estimated and capped at the most expensive candidate
+    anyof = _plan(max_cost=30)
+    assert anyof.node.clouds == ("aws", "lambda") and anyof.train_cfg.price_per_gpu_hour == pytest.approx(12.29)
+    assert "most expensive of 2 any_of candidates" in anyof.est.price_source
+    # --price still wins; the estimate command reads the same catalog
+    assert _plan(infra="aws", price=3.0).est.price_per_gpu_hour == 3.0
+    r = CliRunner().invoke(app, ["estimate", "gpt2-124m", "--infra", "aws", "--json"])
+    d = json.loads(r.stdout)
+    assert d["price_per_gpu_hour"] == pytest.approx(12.29) and d["price_source"].startswith("SkyPilot catalog")
+    r = CliRunner().invoke(app, ["estimate", "gpt2-124m", "--compare", "--infra", "lambda,aws", "--json"])
+    rows = json.loads(r.stdout)
+    assert {(x["gpu_type"], x["gpus_per_node"], round(x["price_per_gpu_hour"], 2)) for x in rows} >= {
+        ("H100", 8, 2.99), ("H100", 8, 12.29), ("A10", 1, 0.75)}
+    fits = [x["all_in_cost_usd"] for x in rows if x["fits"]]
+    assert fits == sorted(fits)
+
+
+def test_the_all_in_estimate_counts_every_phase(sky_mod, env):
+    p = _plan(infra="aws", spot=True)
+    e = p.est
+    assert set(e.breakdown_hours) == {"provisioning", "setup", "data", "compile", "training", "evals", "idle",
+                                      "recovery"}
+    assert sum(e.breakdown_hours.values()) == pytest.approx(e.all_in_hours, rel=1e-5)
+    assert e.breakdown_hours["training"] == pytest.approx(e.wall_hours) and e.breakdown_hours["recovery"] > 0
+    assert e.controller_usd > 0 and e.all_in_cost_usd == pytest.approx(
+        e.all_in_hours * e.gpus * e.price_per_gpu_hour + e.controller_usd)
+    assert all(e.phase_sources[k] for k in e.breakdown_hours)
+    local = _plan(infra="local", gpus="CPU:2", recipe="gpt2-tiny", data="file:///tmp/d", bucket="file:///tmp/b").est
+    assert local.breakdown_hours["provisioning"] == 0 and local.breakdown_hours["idle"] == 0

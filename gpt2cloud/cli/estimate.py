@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpt2cloud.cli.output import key_values, print_json
+from gpt2cloud.errors import UserError
 from gpt2cloud.units import hours, human
 
 
@@ -29,25 +30,60 @@ def render(e, console: Console) -> None:
         ("wall time", hours(e.wall_hours)),
         ("GPU-hours", f"{e.gpu_hours:,.1f}"),
         ("price", f"${e.price_per_gpu_hour:.2f}/GPU-hour  [dim]({e.price_source})[/]"),
-        ("cost", f"[bold]${e.cost_usd:,.0f}[/]"),
+        ("cost", f"${e.cost_usd:,.0f} for the training loop"),
+        ("all-in", f"[bold]${e.all_in_cost_usd:,.0f}[/] for {hours(e.all_in_hours)} of node time"
+                   + (" (and the spot controller)" if e.controller_usd else "")),
         ("memory per GPU", f"{e.memory_gb_per_gpu:.1f} of {e.gpu_memory_gb:g} GiB: {verdict}; "
                            f"largest micro-batch that fits: {e.max_micro_batch}"),
     ]
     key_values(rows, console)
+    render_phases(e, console)
+
+
+def render_phases(e, console: Console) -> None:
+    """The all-in bill, phase by phase, each with where its figure comes from."""
+    t = Table(title="the whole bill, phase by phase", title_justify="left", box=None, pad_edge=False)
+    for col in ("phase", "time", "cost", "from"):
+        t.add_column(col, justify="right" if col in ("time", "cost") else "left", overflow="fold")
+    per_hour = e.gpus * e.price_per_gpu_hour
+    for phase, h in e.breakdown_hours.items():
+        if h > 0:
+            t.add_row(phase, hours(h), f"${h * per_hour:,.2f}", e.phase_sources.get(phase, ""), style=None if
+                      phase == "training" else "dim")
+    if e.controller_usd:
+        t.add_row("controller", hours(e.all_in_hours), f"${e.controller_usd:,.2f}", e.phase_sources["controller"],
+                  style="dim")
+    console.print(t)
+
+
+def _where(e) -> str:
+    """The cloud and instance a catalog price came from, else the table's."""
+    prefix = "SkyPilot catalog: "
+    return e.price_source[len(prefix):].split(",")[0] if e.price_source.startswith(prefix) else "table price"
 
 
 def render_compare(rows: list, console: Console) -> None:
-    t = Table(title=f"{rows[0].recipe}: GPU types and counts, cheapest first")
-    for col in ("GPUs", "MFU", "tok/s", "wall", "GPU-h", "$/GPU-h", "cost", "mem/GPU", "fits"):
-        t.add_column(col, justify="left" if col in ("GPUs", "fits") else "right", no_wrap=True)
+    t = Table(title=f"{rows[0].recipe}: GPU types and counts, cheapest all-in first")
+    for col in ("GPUs", "where", "MFU", "tok/s", "train", "all-in", "$/GPU-h", "train $", "all-in $", "mem/GPU", "fits"):
+        t.add_column(col, justify="left" if col in ("GPUs", "where", "fits") else "right", no_wrap=col != "where")
     for e in rows:
         t.add_row(
-            f"{e.gpu_type}:{e.gpus_per_node}", f"{e.mfu:.0%}", human(e.tokens_per_second), hours(e.wall_hours),
-            f"{e.gpu_hours:,.0f}", f"{e.price_per_gpu_hour:.2f}", f"${e.cost_usd:,.0f}",
-            f"{e.memory_gb_per_gpu:.0f}/{e.gpu_memory_gb:g}G",
+            f"{e.gpu_type}:{e.gpus_per_node}", _where(e), f"{e.mfu:.0%}", human(e.tokens_per_second),
+            hours(e.wall_hours), hours(e.all_in_hours), f"{e.price_per_gpu_hour:.2f}", f"${e.cost_usd:,.0f}",
+            f"${e.all_in_cost_usd:,.0f}", f"{e.memory_gb_per_gpu:.0f}/{e.gpu_memory_gb:g}G",
             "yes" if e.fits else f"no (mb<={e.max_micro_batch})", style=None if e.fits else "dim",
         )
     console.print(t)
+
+
+def catalog_prices(clouds: list[str], spot: bool):
+    """price(gpu, count) -> [(USD per GPU-hour, source, cloud)] from SkyPilot's catalogs of these clouds."""
+    from gpt2cloud.launch.clouds import catalog_price
+
+    def lookup(gpu: str, count: int) -> list:
+        return [(*found, c) for c in clouds if (found := catalog_price(c, gpu, count, spot))]
+
+    return lookup
 
 
 def estimate_command(
@@ -59,7 +95,11 @@ def estimate_command(
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the recipe's steps."),
     tokens_per_step: Optional[int] = typer.Option(None, "--tokens-per-step", help="Override tokens per step."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Override the micro-batch per GPU."),
-    compare_: bool = typer.Option(False, "--compare", help="Compare GPU types and counts, sorted by cost."),
+    infra: Optional[str] = typer.Option(None, "--infra", help="Price from SkyPilot's catalog of this cloud "
+                                        "(optionally /region); with --compare a comma list, e.g. lambda,aws."),
+    spot: bool = typer.Option(False, "--spot", help="Spot prices, and the recoveries and controller of a spot run."),
+    idle_minutes: float = typer.Option(10, "--idle-minutes", help="Idle minutes before autostop (in the all-in bill)."),
+    compare_: bool = typer.Option(False, "--compare", help="Compare GPU types and counts, sorted by all-in cost."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (a list with --compare)."),
 ):
     """Tokens, FLOPs, wall time, GPU-hours, dollars and per-GPU memory for a recipe."""
@@ -68,19 +108,37 @@ def estimate_command(
     from gpt2cloud.cost.hardware import parse_gpus
     from gpt2cloud.cost.recipes import load_recipe
 
+    from gpt2cloud.errors import positive
+
     r = load_recipe(recipe)
     gpu_type, count = parse_gpus(gpus)
-    common = dict(price=price, mfu=mfu, steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch)
+    positive("--idle-minutes", idle_minutes, "10")
+    local = (infra or "").lower() == "local"
+    common = dict(mfu=mfu, steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch, spot=spot,
+                  idle_minutes=idle_minutes, local=local)
     console = Console()
     if compare_:
-        rows = compare(r, **common)
-        console = Console(width=max(console.width, 100))  # the table needs ~100 columns
+        clouds = [c.strip().lower() for c in (infra or "").split(",") if c.strip()] if not local else []
+        rows = compare(r, price=price, prices=catalog_prices(clouds, spot) if clouds and price is None else None,
+                       **common)
+        console = Console(width=max(console.width, 130))  # the table needs ~130 columns
         if as_json:
             print_json([e.to_dict() for e in rows])
         else:
             render_compare(rows, console)
         return
-    e = estimate(r, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, **common)
+    price_source = None
+    if price is None and infra and not local:  # SkyPilot's catalog (imports sky: only when asked for)
+        from gpt2cloud.launch.clouds import catalog_price, check_infra
+
+        check_infra(infra.lower(), gpu_type, count, spot)
+        found = catalog_price(infra.lower(), gpu_type, count, spot)
+        if found is None:
+            raise UserError(f"--infra {infra}: no {'spot ' if spot else ''}price for {gpu_type}:{count} in SkyPilot's "
+                            "catalog (offline with no cached catalog?); pass --price USD_PER_GPU_HOUR")
+        price, price_source = found
+    e = estimate(r, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, price=price, price_source=price_source,
+                 **common)
     if as_json:
         print_json(e.to_dict())
     else:

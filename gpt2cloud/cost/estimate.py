@@ -5,8 +5,9 @@ Plain arithmetic, no torch: `gpt2cloud estimate` must answer instantly.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
+from gpt2cloud.cost import phases
 from gpt2cloud.cost.hardware import default_mfu, default_price, gpu_spec, known_gpus
 from gpt2cloud.cost.recipes import Recipe
 from gpt2cloud.errors import UserError, positive
@@ -88,13 +89,20 @@ class Estimate:
     fits: bool
     max_micro_batch: int
     memory: dict
+    # the whole bill (gpt2cloud/cost/phases.py): wall_hours and cost_usd above are the training loop's
+    breakdown_hours: dict = field(default_factory=dict)
+    all_in_hours: float = 0.0
+    all_in_cost_usd: float = 0.0
+    controller_usd: float = 0.0  # spot: SkyPilot's managed-jobs controller VM, beside the node
+    phase_sources: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Estimate":
-        return cls(**d)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def estimate(
@@ -108,6 +116,10 @@ def estimate(
     tokens_per_step: int | None = None,
     micro_batch: int | None = None,
     check_batch: bool = True,
+    local: bool = False,
+    spot: bool = False,
+    idle_minutes: float = 10.0,
+    price_source: str | None = None,
 ) -> Estimate:
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: need at least 1 node")
@@ -119,12 +131,16 @@ def estimate(
 
     cfg = recipe.to_train_config(steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch)
     return estimate_config(recipe.name, cfg, gpu_type, gpus_per_node, nodes, price=price, mfu=mfu,
-                           check_batch=check_batch)
+                           check_batch=check_batch, local=local, spot=spot, idle_minutes=idle_minutes,
+                           price_source=price_source)
 
 
 def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: int, nodes: int = 1,
-                    price: float | None = None, mfu: float | None = None, check_batch: bool = True) -> Estimate:
-    """The estimate of a resolved training config (a recipe with its overrides, or a run's own config)."""
+                    price: float | None = None, mfu: float | None = None, check_batch: bool = True,
+                    local: bool = False, spot: bool = False, idle_minutes: float = 10.0,
+                    price_source: str | None = None) -> Estimate:
+    """The estimate of a resolved training config (a recipe with its overrides, or a run's own config).
+    price_source names where a given price came from (a cloud's catalog); without a price, the table's."""
     spec = gpu_spec(gpu_type)
     m, steps, tokens_per_step, micro_batch = cfg.model, cfg.steps, cfg.tokens_per_step, cfg.micro_batch
     gpus = gpus_per_node * nodes
@@ -146,16 +162,16 @@ def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: i
         listed = default_price(spec.name)
         if listed is None:
             raise UserError(f"no default price for {spec.name}; pass --price USD_PER_GPU_HOUR")
-        price, price_source = listed.usd_per_gpu_hour, f"{listed.source} ({listed.as_of})"
+        price, price_source = listed.usd_per_gpu_hour, f"table fallback: {listed.source} ({listed.as_of})"
     else:
-        price_source = "--price"
+        price_source = price_source or "--price"
 
     tokens = steps * tokens_per_step
     tokens_per_second = mfu * spec.peak_bf16_tflops * 1e12 * gpus / fpt
     wall_seconds = tokens / tokens_per_second
     gpu_hours = wall_seconds / 3600 * gpus
     mem = memory_per_gpu(m, micro_batch)
-    return Estimate(
+    est = Estimate(
         recipe=name, params=params, flops_per_token=fpt, flops_formula=FLOPS_FORMULA,
         tokens=tokens, steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch,
         grad_accum=grad_accum,
@@ -168,14 +184,25 @@ def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: i
         fits=mem.total_gib <= spec.memory_gib, max_micro_batch=max_micro_batch(m, spec.memory_gib),
         memory={k: round(v, 3) for k, v in asdict(mem).items()},
     )
+    b = phases.bill(est, cfg, local=local, spot=spot, idle_minutes=idle_minutes)
+    est.breakdown_hours, est.all_in_hours, est.all_in_cost_usd = b.breakdown_hours, b.all_in_hours, b.all_in_cost_usd
+    est.phase_sources, est.controller_usd = b.sources, b.controller_usd
+    return est
 
 
-def compare(recipe: Recipe, counts=(1, 8), **kwargs) -> list[Estimate]:
-    """Estimates over every GPU type with a known price and the given counts, cheapest first."""
+def compare(recipe: Recipe, counts=(1, 8), price: float | None = None, prices=None, **kwargs) -> list[Estimate]:
+    """Estimates over GPU types and the given counts, cheapest all-in first. prices(gpu, count), when
+    given, returns catalog offers [(USD per GPU-hour, source, cloud)]: one row per cloud that has the GPU;
+    else every GPU type with a table price (or --price) gets one row."""
     rows = []
     for gpu in known_gpus():
-        if gpu == "CPU" or (default_price(gpu) is None and kwargs.get("price") is None):
+        if gpu == "CPU":
             continue  # CPU ranks are for local runs, not something to rent for GPT-2
         for n in counts:
-            rows.append(estimate(recipe, gpu_type=gpu, gpus_per_node=n, check_batch=False, **kwargs))
-    return sorted(rows, key=lambda e: (not e.fits, e.cost_usd))
+            if prices is not None:
+                for usd, source, _cloud in prices(gpu, n):
+                    rows.append(estimate(recipe, gpu_type=gpu, gpus_per_node=n, check_batch=False, price=usd,
+                                         price_source=source, **kwargs))
+            elif price is not None or default_price(gpu) is not None:
+                rows.append(estimate(recipe, gpu_type=gpu, gpus_per_node=n, check_batch=False, price=price, **kwargs))
+    return sorted(rows, key=lambda e: (not e.fits, e.all_in_cost_usd))

@@ -36,24 +36,24 @@ class Calibration:
 
 
 @functools.lru_cache(maxsize=None)
-def _table(name: str) -> dict:
+def table(name: str) -> dict:
     return yaml.safe_load((importlib.resources.files("gpt2cloud.cost.tables") / f"{name}.yaml").read_text())
 
 
 def known_gpus() -> list[str]:
-    return list(_table("gpus"))
+    return list(table("gpus"))
 
 
 def gpu_spec(name: str) -> GpuSpec:
-    table = _table("gpus")
-    canonical = {k.lower(): k for k in table}.get(name.lower())
+    gpus = table("gpus")
+    canonical = {k.lower(): k for k in gpus}.get(name.lower())
     if canonical is None:
-        raise UserError(f"unknown GPU '{name}'; known GPUs: {', '.join(table)}")
-    return GpuSpec(name=canonical, **table[canonical])
+        raise UserError(f"unknown GPU '{name}'; known GPUs: {', '.join(gpus)}")
+    return GpuSpec(name=canonical, **gpus[canonical])
 
 
 def default_price(gpu: str) -> Price | None:
-    row = _table("prices").get(gpu)
+    row = table("prices").get(gpu)
     return Price(**row) if row else None
 
 
@@ -74,14 +74,30 @@ def parse_gpus(text: str) -> tuple[str, int]:
     return gpu_spec(name).name, n
 
 
-def calibration_points() -> list[dict]:
-    points = list(_table("calibration")["points"])
+def user_points() -> list[dict]:
+    """What this user's finished runs measured (`gpt2cloud report` appends them): MFU points and phase
+    durations. A damaged line is skipped, never fatal: a bad file must not break every estimate."""
     path = user_calibration_path()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                points.append(json.loads(line))
+    points = []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            point = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(point, dict):
+            points.append(point)
     return points
+
+
+def calibration_points() -> list[dict]:
+    """MFU points: the bundled table's, then this user's measured ones."""
+    measured = [p for p in user_points() if isinstance(p.get("gpu"), str) and isinstance(p.get("params"), int)
+                and isinstance(p.get("mfu"), (int, float))]
+    return list(table("calibration")["points"]) + measured
 
 
 def default_mfu(gpu: str, params: int) -> Calibration:
@@ -90,7 +106,7 @@ def default_mfu(gpu: str, params: int) -> Calibration:
     own = [p for p in points if p["gpu"] == gpu]
     borrowed = ""
     if not own:
-        fallback = _table("calibration")["fallback_gpu"]
+        fallback = table("calibration")["fallback_gpu"]
         own = [p for p in points if p["gpu"] == fallback]
         borrowed = f"no calibration for {gpu}; using {fallback}'s: "
     own.sort(key=lambda p: p["params"])

@@ -141,3 +141,42 @@ def choose_clouds(gpu: str, count: int, spot: bool) -> list[str]:
         raise UserError(f"none of the enabled clouds ({', '.join(enabled)}) offers {what}; pick another --gpus"
                         + (" or drop --spot" if spot else "") + ", or enable another cloud (`sky check`)")
     return usable
+
+
+def catalog_price(infra: str, gpu: str, count: int, spot: bool = False) -> Optional[tuple[float, str]]:
+    """(USD per GPU-hour, where it comes from) of the cheapest `gpu:count` offer in SkyPilot's catalog of
+    this cloud (and region, if given), on-demand or spot; None when the catalog cannot be read or has none."""
+    sky = _sky()
+
+    cloud, _, region = infra.partition("/")
+    try:
+        offers = sky.catalog.list_accelerators(gpus_only=True, name_filter=gpu, region_filter=region or None,
+                                               clouds=cloud, case_sensitive=False, all_regions=True)
+    except Exception:  # noqa: BLE001 - offline with no cached catalog, an unknown cloud: the table decides
+        return None
+    best = None
+    for name, infos in offers.items():
+        for i in infos:
+            price = i.spot_price if spot else i.price
+            if name.lower() != gpu.lower() or int(i.accelerator_count) != count or not price or price != price:
+                continue  # another GPU or count, or no price (nan: no spot offer)
+            if best is None or price < best[0]:
+                best = (float(price), i)
+    if best is None:
+        return None
+    price, info = best
+    kind = "spot" if spot else "on-demand"
+    return price / count, f"SkyPilot catalog: {info.cloud} {info.instance_type} {kind}, {info.region}"
+
+
+def launch_price(infra: str, clouds: list[str], gpu: str, count: int, spot: bool) -> Optional[tuple[float, str]]:
+    """The price a launch is estimated and capped at: its cloud's catalog price, or with any_of over
+    several clouds the most expensive of them (a failover must not let spending past the cap)."""
+    candidates = [infra] if infra not in ("any", LOCAL) else list(clouds)
+    prices = [p for p in (catalog_price(c, gpu, count, spot) for c in candidates) if p]
+    if not prices:
+        return None
+    price, source = max(prices)
+    if len(prices) > 1:
+        source = f"the most expensive of {len(prices)} any_of candidates: {source}"
+    return price, source

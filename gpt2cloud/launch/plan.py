@@ -120,8 +120,9 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
     bucket = _check_url("--bucket", bucket, infra)
 
     # The estimate for exactly this launch; a recipe that does not fit in GPU memory is refused.
-    est = estimate(r, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, price=price, steps=steps,
-                   micro_batch=micro_batch, tokens_per_step=tokens_per_step)
+    sizes = dict(gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, steps=steps, micro_batch=micro_batch,
+                 tokens_per_step=tokens_per_step, local=infra == LOCAL, spot=spot, idle_minutes=idle_minutes)
+    est = estimate(r, price=price, **sizes)
     if not est.fits and infra != LOCAL:
         raise UserError(
             f"{r.name} needs ~{est.memory_gb_per_gpu:.1f} GiB per GPU with micro-batch {est.micro_batch}, but "
@@ -142,6 +143,11 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
                 if not offline or e.args[0] != cl.NO_CLOUD:
                     raise
                 # a dry run without `sky check`: no infra, SkyPilot picks any enabled cloud at launch
+
+        if price is None:  # the catalog's price for this launch, the cap's too (the table is a fallback)
+            found = cl.launch_price(infra, clouds, gpu_type, count, spot)
+            if found:
+                est = estimate(r, price=found[0], price_source=found[1], **sizes)
 
     run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
     train_cfg = r.to_train_config(

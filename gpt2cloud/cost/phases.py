@@ -1,0 +1,95 @@
+"""The whole bill: every phase a node is up for, not only the training loop.
+
+    provisioning  asking the cloud for the VM until it boots
+    setup         the venv, torch for the node's CUDA, this build of the trainer
+    data          the token shards from the bucket (training tokens x 2 bytes)
+    compile       torch.compile and the first step's allocations
+    training      the training loop (the estimate's wall_hours)
+    evals         validation, HellaSwag and checkpoints between the steps
+    idle          the minutes before autostop removes the node
+    recovery      spot only: relaunches after preemptions, and the steps redone since the last checkpoint
+The node bills GPUs x price for the sum of these hours; a spot run also pays SkyPilot's managed-jobs
+controller VM for as long. Defaults come from tables/phases.yaml; this user's measured phases
+(recorded by `gpt2cloud report`) replace them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from gpt2cloud.cost.hardware import table, user_points
+
+PHASES = ("provisioning", "setup", "data", "compile", "training", "evals", "idle", "recovery")
+PER_LAUNCH = ("provisioning", "setup", "compile")  # measured by finished runs, one value per launch
+HELLASWAG_EXAMPLES = 10042
+CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW's two fp32 moments (written, then read to hash)
+
+
+@dataclass(frozen=True)
+class Bill:
+    breakdown_hours: dict  # phase -> hours the node is up for it; they sum to all_in_hours
+    all_in_hours: float
+    all_in_cost_usd: float  # node hours x GPUs x price, plus the spot controller
+    controller_usd: float
+    sources: dict  # phase -> where its figure came from
+
+
+def defaults(local: bool) -> dict[str, tuple[float, str]]:
+    """Each phase's default (value, source); a phase measured by this user's runs uses their median."""
+    rows = table("phases")["local" if local else "cloud"]
+    out = {k: (float(v.get("minutes", v.get("value", 0))), v["source"]) for k, v in rows.items()}
+    measured: dict[str, list[float]] = {}
+    for p in user_points():
+        if p.get("kind") == "phase" and p.get("phase") in PER_LAUNCH and bool(p.get("local")) == local:
+            try:
+                measured.setdefault(p["phase"], []).append(float(p["hours"]) * 60)
+            except (KeyError, TypeError, ValueError):
+                continue
+    for phase, minutes in measured.items():
+        out[phase] = (statistics.median(minutes), f"median of {len(minutes)} of your runs (gpt2cloud report)")
+    return out
+
+
+def bill(est, cfg, local: bool = False, spot: bool = False, idle_minutes: float = 10.0) -> Bill:
+    """The all-in bill of an estimate (gpt2cloud.cost.estimate.Estimate) for a training config."""
+    d = defaults(local)
+    tokens_per_s = est.tokens_per_second
+    val_evals = cfg.steps // cfg.val_every + 1 if cfg.val_every > 0 else 0
+    hs_evals = cfg.steps // cfg.hellaswag_every + 1 if cfg.hellaswag_every > 0 else 0
+    checkpoints = cfg.steps // cfg.checkpoint_every + 1 if cfg.checkpoint_every > 0 else 1
+    params = cfg.model.param_count(padded=True)
+    evals_s = (val_evals * cfg.val_steps * cfg.micro_batch * cfg.model.block_size / (3 * tokens_per_s)  # forward only
+               + hs_evals * HELLASWAG_EXAMPLES / est.gpus * d["hellaswag_seconds_per_example"][0]
+               + checkpoints * CHECKPOINT_BYTES_PER_PARAM * params / (d["checkpoint_gb_per_s"][0] * 1e9))
+    data_s = est.tokens * 2 / (d["data_mb_per_s"][0] * 1e6)
+    hours = {
+        "provisioning": d["provisioning"][0] / 60,
+        "setup": d["setup"][0] / 60,
+        "data": data_s / 3600,
+        "compile": d["compile"][0] / 60,
+        "training": est.wall_hours,
+        "evals": evals_s / 3600,
+        "idle": 0.0 if local else idle_minutes / 60,
+        "recovery": 0.0,
+    }
+    sources = {"provisioning": d["provisioning"][1], "setup": d["setup"][1],
+               "data": f"{est.tokens * 2 / 1e9:.1f} GB at {d['data_mb_per_s'][0]:g} MB/s: {d['data_mb_per_s'][1]}",
+               "compile": d["compile"][1], "training": est.mfu_source,
+               "evals": "val loss (forward passes), HellaSwag and checkpoints at the recipe's intervals",
+               "idle": "--idle-minutes before autostop tears the node down" if not local else "no idle node",
+               "recovery": "on-demand: no preemption"}
+    controller_usd = 0.0
+    if spot and not local:
+        relaunch = hours["provisioning"] + hours["setup"] + hours["data"] + hours["compile"]
+        redo = cfg.checkpoint_every / 2 * est.step_seconds / 3600  # half a checkpoint interval of steps
+        preemptions = est.wall_hours / d["hours_between_preemptions"][0]
+        hours["recovery"] = preemptions * (relaunch + redo)
+        sources["recovery"] = (f"{preemptions:.1f} preemptions ({d['hours_between_preemptions'][1]}), each a relaunch "
+                               "and half a checkpoint interval redone")
+    total = sum(hours.values())
+    if spot and not local:
+        controller_usd = total * d["controller_usd_per_hour"][0]
+        sources["controller"] = d["controller_usd_per_hour"][1]
+    cost = total * est.gpus * est.price_per_gpu_hour + controller_usd
+    return Bill({k: round(v, 6) for k, v in hours.items()}, total, cost, controller_usd, sources)
