@@ -14,7 +14,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# SkyPilot needs rsync to launch (even a dry run through its API server), and so do the tests that
+# drive that server: install it when missing (as root, in CI; elsewhere say so).
 install: $(VENV)/.installed
+	@command -v rsync >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null) || \
+		echo "warning: rsync is missing and could not be installed; SkyPilot needs it: install it" >&2
 
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh

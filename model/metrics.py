@@ -18,6 +18,7 @@ import json
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -56,6 +57,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.f is not None:
+            record = {**record, "time": round(time.time(), 3)}  # when: the timeline and node-time cost use it
             # inf/nan (an fp16 overflow step, a diverged run) as null: strict JSON readers reject them
             record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             self.f.write(json.dumps(record) + "\n")
@@ -84,6 +86,24 @@ def truncate_after(path: str | Path, step: int) -> None:
 def console_line(step: int, steps: int, loss: float, lr: float, norm: float, tok_s: float, dt: float) -> str:
     return (f"step {step}/{steps} | loss {loss:.4f} | lr {lr:.1e} | norm {norm:.2f} | "
             f"{tok_s:,.0f} tok/s | {dt:.2f} s")
+
+
+# ---------------------------------------------------------------- node time
+
+
+def node_seconds_before(records: list[dict], node_up: float) -> float:
+    """The node time of a run's earlier attempts (spot recoveries, relaunches): from each attempt's
+    node_up event to the last record it pushed. `records` are the timeline's and the metrics' lines as
+    pulled from the bucket; the attempt that came up at `node_up` (this one) is not counted."""
+    ups = sorted(r["time"] for r in records if r.get("event") == "node_up" and isinstance(r.get("time"), (int, float))
+                 and r["time"] < node_up - 1e-3)
+    times = sorted(r["time"] for r in records if isinstance(r.get("time"), (int, float)))
+    total = 0.0
+    for i, up in enumerate(ups):
+        until = ups[i + 1] if i + 1 < len(ups) else node_up
+        last = max((t for t in times if up <= t < until), default=up)
+        total += last - up
+    return total
 
 
 # ---------------------------------------------------------------- reading
@@ -120,10 +140,11 @@ class RunMetrics:
     samples: list = field(default_factory=list)
     events: list = field(default_factory=list)
     warm_steps: set = field(default_factory=set)  # the first step after each (re)start: it pays for warm-up
+    rows: list = field(default_factory=list)  # every line as read (the timeline's too), for node time
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> "RunMetrics":
-        m = cls()
+        m = cls(rows=list(rows))
         steps: dict[int, dict] = {}
         after_start = False
         for r in rows:
@@ -151,9 +172,10 @@ class RunMetrics:
         return cls.from_rows(parse_metrics(text))
 
     @classmethod
-    def read(cls, path: str | Path) -> "RunMetrics":
-        path = Path(path)
-        return cls.from_text(path.read_text(encoding="utf-8")) if path.is_file() else cls()
+    def read(cls, path: str | Path, timeline: str | Path | None = None) -> "RunMetrics":
+        """OUT/metrics.jsonl, and the node's timeline.jsonl beside it when there is one."""
+        texts = [Path(p).read_text(encoding="utf-8") for p in (path, timeline) if p and Path(p).is_file()]
+        return cls.from_text("\n".join(texts))
 
     # ---- what the run was ----
     @property
@@ -257,3 +279,42 @@ class RunMetrics:
 
     def mfu(self) -> Optional[float]:
         return _median([r.get("mfu") for r in self.steady_steps()])
+
+    # ---- where the node's time went (the timeline's phases and the trainer's own durations) ----
+    def node_seconds(self) -> float:
+        """Node time over all attempts: from each node_up to the last line that attempt wrote."""
+        return node_seconds_before(self.rows, float("inf"))
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Measured seconds per phase, summed over attempts (gpt2cloud/cost/phases.py names the phases)."""
+        spans = {"setup": 0.0, "data": 0.0, "compile": 0.0, "training": 0.0, "evals": 0.0}
+        for e in self.events:
+            if e.get("event") in ("setup", "data", "pull") and isinstance(e.get("start"), (int, float)):
+                spans["setup" if e["event"] == "setup" else "data"] += e["time"] - e["start"]
+        for e in (e for e in self.events if e.get("event") == "train_start"):
+            first = next((r for r in self.train if r.get("time", 0) > e["time"]), None)
+            if first is not None:  # start-up, compilation, the first step's allocations
+                spans["compile"] += max(0.0, first["time"] - (first.get("step_seconds") or 0) - e["time"])
+        spans["training"] = sum(r.get("step_seconds") or 0 for r in self.train)
+        spans["evals"] = sum(r.get("seconds") or 0 for r in [*self.val, *self.hellaswag, *self.events]
+                             if "seconds" in r and (r.get("event") in (None, "checkpoint")))
+        return spans
+
+    @property
+    def node_price(self) -> Optional[float]:
+        """The price the newest node reported (an any_of launch: its own cloud's), if any."""
+        prices = [e["price_per_gpu_hour"] for e in self.events if e.get("event") == "node_up"
+                  and isinstance(e.get("price_per_gpu_hour"), (int, float))]
+        return prices[-1] if prices else None
+
+    def phase(self) -> Optional[str]:
+        """What the node is doing now, by its timeline's last event (None before it came up)."""
+        last = next((e["event"] for e in reversed(sorted(
+            (e for e in self.events if e.get("event") in NODE_EVENTS), key=lambda e: e.get("time", 0)))), None)
+        return NODE_EVENTS.get(last)
+
+
+# the node's timeline events -> what the node does after each
+NODE_EVENTS = {"node_up": "setup", "setup": "pulling the newest checkpoint", "pull": "downloading data",
+               "data": "starting the trainer", "train_start": "training", "train_end": "final push",
+               "final_push": "final push, then exit"}

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from gpt2cloud.store import StorageError, open_store
-from gpt2cloud.store.layout import (CHECKPOINTS, LOGS, MANIFEST, METRICS, local_checkpoints, node_log,
+from gpt2cloud.store.layout import (CHECKPOINTS, LOGS, MANIFEST, METRICS, TIMELINE, local_checkpoints, node_log,
                                     remote_checkpoints)
 from gpt2cloud.store.transfer import download_dir, upload_dir
 
@@ -76,8 +76,9 @@ class Pusher:
         self.store.put_bytes(key, path.read_bytes())
         self.file_state[key] = sig
 
-    def push_checkpoint(self) -> None:
-        ckpts = local_checkpoints(self.out)
+    def push_checkpoint(self, ckpts: list[tuple[int, Path]] | None = None) -> None:
+        """Upload the newest of `ckpts` (default: of the complete local checkpoints) unless pushed already."""
+        ckpts = local_checkpoints(self.out) if ckpts is None else ckpts
         if not ckpts:
             return
         step, path = ckpts[-1]
@@ -108,8 +109,14 @@ class Pusher:
 
     def push_once(self) -> None:
         if self.rank == 0:
-            self.push_checkpoint()
+            # The metrics go up before the checkpoint, in a snapshot taken after the checkpoint was chosen
+            # (the trainer logs a step before it checkpoints it). Wherever a kill cuts this short, the
+            # bucket's metrics then hold every step up to its newest checkpoint: a run resumed from it
+            # drops the steps after it and redoes them, and its metrics have no gap.
+            ckpts = local_checkpoints(self.out)
             self._push_file(self.out / METRICS, METRICS)
+            self._push_file(self.out / TIMELINE, TIMELINE)
+            self.push_checkpoint(ckpts)
         self._push_file(self.out / node_log(self.rank), node_log(self.rank))
 
 
@@ -167,8 +174,8 @@ def pull(url: str, out: str | Path, rank: int = 0) -> int:
             break
         except StorageError as e:  # a damaged or half-deleted set: fall back to the one before
             log(f"checkpoint {name} unusable ({e}); trying an older one")
-    for key, dest in ((METRICS, out / METRICS), (node_log(rank), out / node_log(rank))):
-        if (key == METRICS and rank != 0) or dest.exists():
+    for key, dest in ((METRICS, out / METRICS), (TIMELINE, out / TIMELINE), (node_log(rank), out / node_log(rank))):
+        if (key in (METRICS, TIMELINE) and rank != 0) or dest.exists():
             continue
         try:
             if store.exists(key):

@@ -26,13 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt2cloud.store.layout import CHECKPOINTS, METRICS
+from gpt2cloud.store.layout import CHECKPOINTS, METRICS, TIMELINE
 from model import checkpoint as ckpt
 from model.config import BatchError, TrainConfig
 from model.data import TokenLoader, find_shards
 from model.eval import EvalDataError, hellaswag_scores, load_hellaswag
 from model.gpt import GPT
-from model.metrics import MetricsLog, console_line, cost_usd, mfu, truncate_after
+from model.metrics import MetricsLog, console_line, cost_usd, mfu, node_seconds_before, parse_metrics, truncate_after
 from model.sample import generate_text
 from model.shards import ShardError
 from model.tokenizer import VOCAB_SIZE
@@ -159,6 +159,8 @@ def run(args, t_start: float) -> None:
         raise TrainError(f"config {args.config}: {e}") from None
     if args.steps:
         cfg.steps = args.steps
+    if os.environ.get("GPT2CLOUD_PRICE_PER_GPU_HOUR"):  # an any_of launch: the price of the cloud it landed on
+        cfg.price_per_gpu_hour = float(os.environ["GPT2CLOUD_PRICE_PER_GPU_HOUR"])
 
     # ---- processes: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; nccl on CUDA, gloo on CPU ----
     ddp = "RANK" in os.environ
@@ -217,6 +219,14 @@ def run(args, t_start: float) -> None:
     # ---- resume: weights, optimizer, schedule position, data position, RNG ----
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # On a node, cost and time limits count node time since it came up (and earlier attempts'), not
+    # only this loop: what the bucket's timeline and metrics say, read before anything truncates them.
+    node_up = float(os.environ["GPT2CLOUD_NODE_UP"]) if os.environ.get("GPT2CLOUD_NODE_UP") else None
+    node_before = 0.0
+    if node_up is not None:
+        pulled = [r for name in (TIMELINE, METRICS) if (out / name).is_file()
+                  for r in parse_metrics((out / name).read_text(encoding="utf-8"))]
+        node_before = node_seconds_before(pulled, node_up)
     watchdog = Watchdog(cfg.stall_minutes * 60, out, functools.partial(print, f"rank {rank}:", flush=True)).start()
     latest = ckpt.latest_checkpoint(out)
     if ddp:  # rank 0 chooses; every rank must see that same checkpoint (shared or synced OUT on every node)
@@ -227,6 +237,7 @@ def run(args, t_start: float) -> None:
             raise TrainError(f"rank {rank} cannot see {latest}: --out must be on a filesystem every node "
                              "shares, or be copied to every node before resuming")
     start_step, elapsed_before, tokens_seen, loss = 0, 0.0, 0, None
+    slowest_iter_before = 0.0  # the resumed run's slowest recent loop iteration (the budget check's estimate)
     if latest is not None and args.resume == "never":
         raise TrainError(f"{out} already holds checkpoints (newest {latest.name}); use --resume auto to "
                          "continue that run, or a new --out to start another")
@@ -242,6 +253,7 @@ def run(args, t_start: float) -> None:
         train_loader.set_state(state["data"])
         start_step, elapsed_before = state["step"], state["elapsed_seconds"]
         tokens_seen, loss = state["tokens_seen"], state["loss"]
+        slowest_iter_before = state.get("slowest_iteration_seconds", 0.0)
         if state["world_size"] != world:
             log(f"note: {latest.name} was written by {state['world_size']} ranks, this run has {world}: same data "
                 f"position and tokens per step, gradient accumulation now {grad_accum}")
@@ -269,7 +281,9 @@ def run(args, t_start: float) -> None:
     flops_tok = cfg.model.flops_per_token()
     budget = cfg.max_cost_usd > 0 and cfg.price_per_gpu_hour > 0
 
-    def elapsed() -> float:  # seconds of this run so far, over all its restarts
+    def elapsed() -> float:  # seconds of this run so far, over all its restarts (node time on a node)
+        if node_up is not None:
+            return node_before + time.time() - node_up
         return elapsed_before + time.time() - t_start
 
     def save_checkpoint(step: int) -> None:
@@ -280,12 +294,15 @@ def run(args, t_start: float) -> None:
             rngs = gathered
         if master:
             state = {"step": step, "tokens_seen": tokens_seen, "elapsed_seconds": elapsed(), "loss": loss,
-                     "data": train_loader.state(), "world_size": world, "grad_accum": grad_accum}
+                     "data": train_loader.state(), "world_size": world, "grad_accum": grad_accum,
+                     "slowest_iteration_seconds": max(recent_iters, default=0.0)}
             opt_state = {"optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+            t0 = time.perf_counter()
             path = ckpt.write_checkpoint(out, step, raw_model, opt_state, state, rngs,
                                          dataclasses.asdict(cfg), cfg.keep_checkpoints)
-            metrics.write({"event": "checkpoint", "step": step, "path": str(path)})
+            metrics.write({"event": "checkpoint", "step": step, "path": str(path),
+                           "seconds": time.perf_counter() - t0})
             log(f"checkpoint {path}")
         if ddp:
             dist.barrier()
@@ -295,8 +312,10 @@ def run(args, t_start: float) -> None:
         log(f"nothing to do: {latest.name} is at step {start_step} of {cfg.steps}")
     step, saved_step = start_step, (start_step if latest is not None else None)
     # wall time of recent loop iterations (step + val + sample + checkpoint): the budget check
-    # predicts the next one from the slowest, with a 50% margin for a busier host
-    recent_iters, iter_start = collections.deque(maxlen=10), None
+    # predicts the next one from the slowest, with a 50% margin for a busier host. A resumed run starts
+    # from the slowest its checkpoint saw: else one stopped at its cap would take a step past it.
+    recent_iters = collections.deque([slowest_iter_before] if slowest_iter_before else [], maxlen=10)
+    iter_start = None
     while step < cfg.steps:
         now = time.time()
         if iter_start is not None:
@@ -346,8 +365,9 @@ def run(args, t_start: float) -> None:
         watchdog.beat(f"step {step}")
 
         if val_loader is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            t0 = time.perf_counter()
             val_loss = evaluate(eval_model, val_loader, world, amp, device, ddp)
-            metrics.write({"step": step, "val_loss": val_loss})
+            metrics.write({"step": step, "val_loss": val_loss, "seconds": time.perf_counter() - t0})
             log(f"step {step}/{cfg.steps} | val loss {val_loss:.4f}")
             watchdog.beat(f"val loss at step {step}")
         # sampling needs the GPT-2 vocabulary (tests use tiny ones); the raw module also works when compiled
@@ -358,8 +378,9 @@ def run(args, t_start: float) -> None:
             log(f"step {step}/{cfg.steps} | sample: {text!r}")
             watchdog.beat(f"sample at step {step}")
         if hellaswag and (step % cfg.hellaswag_every == 0 or step == cfg.steps):
+            t0 = time.perf_counter()
             hs = hellaswag_eval(raw_model, hellaswag, device, rank, world, ddp)
-            metrics.write({"step": step, **hs})
+            metrics.write({"step": step, **hs, "seconds": time.perf_counter() - t0})
             log(f"step {step}/{cfg.steps} | hellaswag acc_norm {hs['hellaswag_acc_norm']:.4f} ({hs['hellaswag_n']})")
             watchdog.beat(f"HellaSwag at step {step}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

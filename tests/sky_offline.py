@@ -92,7 +92,6 @@ def enable(monkeypatch, clouds=("lambda", "aws")) -> None:
 
 
 # ---- pytest fixtures (import them into a test module: `from sky_offline import sky_home, sky_mod`) ----
-import os  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402

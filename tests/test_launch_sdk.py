@@ -7,8 +7,10 @@ no endpoint), the task is a real sky.Task, the registry is a temp GPT2CLOUD_HOME
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+from typing import Optional
 
 import pytest
 from sky_offline import sky_home, sky_mod  # noqa: F401  (fixtures)
@@ -16,56 +18,93 @@ from typer.testing import CliRunner
 
 from gpt2cloud import home
 from gpt2cloud.backends import sky_sdk
-from gpt2cloud.runs import registry
 from gpt2cloud.cli import app
+from gpt2cloud.runs import registry
 
 BUCKET = "gpt2-test-bucket"
 
 
+# The wrapper's public functions: each one the fake must stand in for.
+SDK_FUNCTIONS = sorted(n for n, f in vars(sky_sdk).items()
+                       if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == sky_sdk.__name__)
+
+
 class FakeSky:
-    """Stands in for gpt2cloud.backends.sky_sdk: records calls; `fail[name] = exc` makes a call raise exc."""
+    """Stands in for gpt2cloud.backends.sky_sdk, bound to its real signatures: a call with a wrong or
+    missing argument raises TypeError here as it would for real. Records calls as (name, {arg: value})
+    with defaults filled in; `fail[name] = exc` makes a call raise exc before it does anything (for a
+    launch: before SkyPilot hands out a request id); `mid_launch = exc` makes a launch raise exc after
+    it handed out its request id, as Ctrl-C or a setup failure does while SkyPilot streams."""
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple] = []
         self.fail: dict[str, BaseException] = {}
-        self.cluster = "UP"
+        self.mid_launch: Optional[BaseException] = None
+        self.cluster = "UP"  # what SkyPilot says of the cluster; None: it does not exist
         self.job = "RUNNING"
         self.managed = "RUNNING"
-        for name in ("launch_cluster", "launch_managed_job", "cluster_status", "cluster_job_status",
-                     "managed_job_status", "down", "cancel_managed_job", "tail_logs", "tail_managed_logs"):
-            monkeypatch.setattr(sky_sdk, name, self._make(name))
+        self.request = "RUNNING"  # the launch request's state on the API server
+        self.named_jobs: list[int] = []  # managed jobs in progress under the run's name
+        for name in SDK_FUNCTIONS:
+            assert hasattr(self, "_" + name), f"FakeSky has no stand-in for sky_sdk.{name}"
+            monkeypatch.setattr(sky_sdk, name, self._make(name, inspect.signature(getattr(sky_sdk, name))))
 
-    def _make(self, name):
+    def _make(self, name, signature):
         def call(*args, **kwargs):
-            self.calls.append((name, args, kwargs))
+            bound = signature.bind(*args, **kwargs)  # TypeError on a wrong argument, like the real one
+            bound.apply_defaults()
+            self.calls.append((name, dict(bound.arguments)))
             if name in self.fail:
                 raise self.fail[name]
-            return getattr(self, "_" + name)(*args, **kwargs)
+            return getattr(self, "_" + name)(**bound.arguments)  # the stand-ins use the real names too
         return call
 
-    def _launch_cluster(self, task, cluster_name, idle_minutes):
-        return 1
+    def _launched(self, on_request, result):
+        if on_request is not None:
+            on_request("req-1")
+        if self.mid_launch is not None:
+            raise self.mid_launch
+        return result
 
-    def _launch_managed_job(self, task, name):
-        return 7
+    def _launch_cluster(self, task, cluster_name, idle_minutes, dryrun, on_request):
+        return self._launched(on_request, 1)
 
-    def _cluster_status(self, name):
+    def _launch_managed_job(self, task, name, on_request):
+        return self._launched(on_request, 7)
+
+    def _cancel_request(self, request_id):
+        if self.request != "RUNNING":
+            return False  # finished already: nothing to cancel
+        self.request = "CANCELLED"
+        return True
+
+    def _request_status(self, request_id):
+        return self.request
+
+    def _cluster_status(self, cluster_name, refresh):
         return self.cluster
 
-    def _cluster_job_status(self, name, job_id):
+    def _cluster_job_status(self, cluster_name, job_id):
         return self.job
 
     def _managed_job_status(self, job_id):
         return self.managed
 
-    def _down(self, name):
-        return None
+    def _managed_job_ids(self, name):
+        return list(self.named_jobs)
+
+    def _down(self, cluster_name):
+        from sky import exceptions as ex
+
+        if self.cluster is None:
+            raise ex.ClusterDoesNotExist(f"Cluster {cluster_name!r} does not exist.")
+        self.cluster = None
 
     def _cancel_managed_job(self, job_id):
         return None
 
-    def _tail_logs(self, cluster, job_id, follow):
-        print(f"fake log of {cluster} job {job_id}")
+    def _tail_logs(self, cluster_name, job_id, follow):
+        print(f"fake log of {cluster_name} job {job_id}")
         return 0
 
     def _tail_managed_logs(self, job_id, follow):
@@ -74,6 +113,11 @@ class FakeSky:
 
     def names(self):
         return [c[0] for c in self.calls]
+
+    def args(self, name) -> dict:
+        """The arguments of the one call of `name`."""
+        (found,) = [a for n, a in self.calls if n == name]
+        return found
 
 
 @pytest.fixture
@@ -135,10 +179,12 @@ def test_launch_cluster_records_the_run(cloud, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["run"] == "r1" and out["kind"] == "cluster" and out["cluster"] == "r1" and out["job_id"] == 1
-    (name, (task, cluster, idle), _), = [c for c in cloud.calls if c[0] == "launch_cluster"]
+    call = cloud.args("launch_cluster")
+    task = call["task"]
     import sky
 
-    assert isinstance(task, sky.Task) and cluster == "r1" and idle == 7
+    assert isinstance(task, sky.Task) and call["cluster_name"] == "r1" and call["idle_minutes"] == 7
+    assert call["dryrun"] is False and callable(call["on_request"])
     secret, key_id = os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]  # moto's fake ones
     assert task.secrets["AWS_SECRET_ACCESS_KEY"].get_secret_value() == secret
     (res,) = list(task.resources)
@@ -149,7 +195,7 @@ def test_launch_cluster_records_the_run(cloud, tmp_path):
     assert rec["cluster"] == "r1" and spec["infra"] == "lambda" and spec["bucket"] == f"s3://{BUCKET}/runs"
     assert spec["recipe"] == "gpt2-124m" and spec["gpu_type"] == "H100" and spec["gpus_per_node"] == 8
     assert spec["estimate"]["cost_usd"] > 0 and spec["price_per_gpu_hour"] > 0 and rec["started_at"] > 0
-    assert spec["max_cost_usd"] == 40 and rec["state"] == "LAUNCHED"
+    assert spec["max_cost_usd"] == 40 and rec["state"] == "LAUNCHED" and rec["request_id"] == "req-1"
     assert secret not in rec_text and key_id not in rec_text and secret not in r.output
     shipped = home.build_dir("r1")
     names = sorted(p.name for p in shipped.iterdir())
@@ -167,8 +213,9 @@ def test_spot_launches_a_managed_job(cloud):
     r = launch("--infra", "aws", "--spot", "--yes")
     assert r.exit_code == 0, r.output
     assert "launch_managed_job" in cloud.names() and "launch_cluster" not in cloud.names()
-    (_, (task, name), _), = [c for c in cloud.calls if c[0] == "launch_managed_job"]
-    assert name == "r1" and all(res.use_spot and res.job_recovery for res in task.resources)
+    call = cloud.args("launch_managed_job")
+    task = call["task"]
+    assert call["name"] == "r1" and all(res.use_spot and res.job_recovery for res in task.resources)
     rec = registry.get("r1")
     assert rec.spec.kind == "managed-job" and rec.job_id == 7 and rec.spec.spot
 
@@ -186,10 +233,21 @@ def _exc(name):
         "network": (ex.CloudError("requests error (ConnectionError): Max retries exceeded", "lambda",
                                   "ConnectionError"), "check this machine's internet connection"),
         "server": (ex.ApiServerConnectionError("http://127.0.0.1:46580"), "sky api start"),
+        "controller": (ex.ClusterNotUpError("No in-progress managed jobs."), "managed-jobs controller is not up"),
+        "cancelled": (ex.RequestCancelled("\x1b[33mCurrent 'sky.launch' request (ab12) is cancelled by another "
+                                          "process.\x1b[0m"), "by `gpt2cloud down`"),
+        "gone": (ex.ClusterDoesNotExist("\x1b[33mCluster 'r1' does not exist.\x1b[0m"),
+                 "(Cluster 'r1' does not exist.)"),
+        "mismatch": (ex.ResourcesMismatchError("Requested resources do not match the existing cluster."),
+                     "`gpt2cloud down RUN` first"),
+        "setup": (ex.CommandError(1, "pip install", "Failed to run setup.", None), "a command on the cluster failed"),
+        # what a real launch with no Lambda key raises through the API server (not a SkyPilot class)
+        "other": (AssertionError("Credentials not found"), "SkyPilot failed (AssertionError: Credentials not found)"),
     }[name]
 
 
-@pytest.mark.parametrize("case", ["no-cloud", "unavailable", "spot", "cloud", "network", "server"])
+@pytest.mark.parametrize("case", ["no-cloud", "unavailable", "spot", "cloud", "network", "server", "controller",
+                                  "cancelled", "gone", "mismatch", "setup", "other"])
 def test_sdk_errors_become_one_line_with_the_fix(fake, case):
     from gpt2cloud.backends.sky_errors import sky_errors
     from gpt2cloud.errors import UserError
@@ -198,16 +256,26 @@ def test_sdk_errors_become_one_line_with_the_fix(fake, case):
     with pytest.raises(UserError) as info:
         with sky_errors("launch r1", infra="lambda", gpus="H100:8"):
             raise exc
-    assert message in str(info.value) and "\n" not in str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value) and "\x1b" not in str(info.value)
+
+
+def test_ctrl_c_passes_through_the_error_mapping(fake):
+    from gpt2cloud.backends.sky_errors import sky_errors
+
+    with pytest.raises(KeyboardInterrupt):
+        with sky_errors("launch r1"):
+            raise KeyboardInterrupt
 
 
 def test_launch_error_through_the_cli(cloud):
     exc, message = _exc("no-cloud")
     cloud.fail["launch_cluster"] = exc
+    cloud.cluster = None  # SkyPilot refused before making anything
     r = launch("--infra", "lambda", "--yes")
     assert r.exit_code == 2, r.output
     last = r.output.strip().splitlines()[-1]
     assert message in last and last.startswith("error:") and "Traceback" not in r.output
+    assert "removed" not in r.output and "down" not in cloud.names()  # nothing to clean up, nothing said
     assert registry.get("r1").state == "LAUNCH_FAILED"  # recorded, so `down` can still find it
 
 
@@ -299,7 +367,7 @@ def test_logs_and_down(fake, tmp_path):
     r = CliRunner().invoke(app, ["logs", "r1"])
     assert r.exit_code == 0 and "step 1/10" in r.stdout
     r = CliRunner().invoke(app, ["down", "r1"])
-    assert r.exit_code == 0 and "tore down cluster r1" in r.stdout and ("down", ("r1",), {}) in cloud.calls
+    assert r.exit_code == 0 and "tore down cluster r1" in r.stdout and ("down", {"cluster_name": "r1"}) in cloud.calls
     assert registry.get("r1").state == "DOWN"
     cloud.fail["down"] = ex.ClusterDoesNotExist("Cluster 'r1' does not exist.")
     r = CliRunner().invoke(app, ["down", "r1"])
@@ -310,10 +378,155 @@ def test_down_cancels_a_managed_job(fake, tmp_path):
     cloud = fake
     record(tmp_path, kind="managed-job")
     r = CliRunner().invoke(app, ["down", "r1"])
-    assert r.exit_code == 0 and ("cancel_managed_job", (7,), {}) in cloud.calls
+    assert r.exit_code == 0 and ("cancel_managed_job", {"job_id": 7}) in cloud.calls
 
 
 @pytest.mark.parametrize("cmd", [["status", "nope"], ["logs", "nope"], ["down", "nope"], ["fetch", "nope"]])
 def test_unknown_run_id(fake, cmd):
     r = CliRunner().invoke(app, cmd)
     assert r.exit_code == 2 and "unknown run 'nope'" in r.output and "gpt2cloud runs" in r.output
+
+
+# ---- money safety: an interrupted or failed launch leaves nothing billing ----
+
+TASK_CFG = {"name": "r1", "run": "echo hi", "resources": {"infra": "lambda", "accelerators": "H100:8"}}
+
+
+def test_request_id_is_saved_before_skypilot_streams(fake, tmp_path):
+    """The request id reaches the registry the moment SkyPilot hands it out: a `down` from another
+    terminal (or after this process died) can cancel the request."""
+    from gpt2cloud.backends.skypilot import ClusterBackend
+
+    rec, _ = record(tmp_path)
+    rec.state = "LAUNCHING"
+    fake.mid_launch = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        ClusterBackend().start(rec, TASK_CFG, {}, save=registry.save)
+    saved = registry.get("r1")
+    assert saved.request_id == "req-1" and saved.state == "LAUNCHING"  # written mid-launch, before Ctrl-C
+    assert fake.names() == ["launch_cluster", "cancel_request", "cluster_status", "down"]
+
+
+def test_ctrl_c_mid_launch_cancels_the_request_and_removes_the_cluster(cloud):
+    cloud.mid_launch = KeyboardInterrupt()
+    r = launch("--infra", "lambda", "--yes")
+    assert r.exit_code == 130, r.output
+    assert cloud.names() == ["launch_cluster", "cancel_request", "cluster_status", "down"]
+    assert cloud.args("cancel_request") == {"request_id": "req-1"} and cloud.request == "CANCELLED"
+    assert cloud.args("cluster_status") == {"cluster_name": "r1", "refresh": False}  # SkyPilot's record: INIT too
+    assert cloud.args("down") == {"cluster_name": "r1"} and cloud.cluster is None
+    assert "launch of r1 stopped: cancelled SkyPilot's launch request; removed cluster r1" in r.output
+    rec = registry.get("r1")
+    assert rec.state == "LAUNCH_FAILED" and rec.request_id == "req-1"
+
+
+def test_ctrl_c_before_anything_was_provisioned(cloud):
+    cloud.mid_launch = KeyboardInterrupt()
+    cloud.cluster = None
+    r = launch("--infra", "lambda", "--yes")
+    assert r.exit_code == 130 and "down" not in cloud.names()
+    assert "cancelled SkyPilot's launch request" in r.output and "removed" not in r.output
+
+
+def test_failure_after_provisioning_removes_the_cluster(cloud):
+    from sky import exceptions as ex
+
+    cloud.mid_launch = ex.CommandError(1, "bash setup.sh", "Failed to run setup.", "pip: no such package")
+    cloud.request = "FAILED"  # the request ended with the error: nothing left to cancel
+    r = launch("--infra", "lambda", "--yes")
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert "a command on the cluster failed" in last and "removed cluster r1, so nothing bills" in last
+    assert "cancelled" not in last and cloud.args("down") == {"cluster_name": "r1"}
+    assert "Traceback" not in r.output
+
+
+def test_api_server_dying_mid_launch_removes_the_cluster(cloud):
+    import requests
+
+    from sky import exceptions as ex
+
+    cloud.mid_launch = requests.exceptions.ConnectionError("Connection aborted.")
+    cloud.fail["cancel_request"] = ex.ApiServerConnectionError("http://127.0.0.1:46580")  # it is gone...
+    r = launch("--infra", "lambda", "--yes")  # ...and the teardown still runs (the SDK restarts a local one)
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert "lost the connection to the SkyPilot API server" in last and "removed cluster r1" in last
+    assert cloud.names() == ["launch_cluster", "cancel_request", "cluster_status", "down"]
+
+
+def test_a_failed_removal_warns_loudly(cloud):
+    from sky import exceptions as ex
+
+    cloud.mid_launch = ex.CommandError(1, "bash setup.sh", "Failed to run setup.", None)
+    cloud.fail["down"] = ex.ApiServerConnectionError("http://127.0.0.1:46580")
+    r = launch("--infra", "lambda", "--yes")
+    assert r.exit_code == 2, r.output
+    (warning,) = [line for line in r.output.splitlines() if line.startswith("WARNING:")]
+    assert "cluster r1 MAY STILL BE RUNNING AND BILLING" in warning
+    assert "`gpt2cloud down r1`" in warning and "`sky down r1`" in warning
+    last = r.output.strip().splitlines()[-1]
+    assert "could not remove cluster r1" in last and "gpt2cloud down r1" in last
+
+
+def test_ctrl_c_mid_managed_launch_cancels_the_job_it_submitted(cloud):
+    cloud.mid_launch = KeyboardInterrupt()
+    cloud.named_jobs = [7]  # the controller got the job before Ctrl-C
+    r = launch("--infra", "aws", "--spot", "--yes")
+    assert r.exit_code == 130, r.output
+    assert cloud.names() == ["launch_managed_job", "cancel_request", "managed_job_ids", "cancel_managed_job"]
+    assert cloud.args("managed_job_ids") == {"name": "r1"} and cloud.args("cancel_managed_job") == {"job_id": 7}
+    assert "cancelled managed job 7" in r.output
+
+
+def test_down_of_a_provisioning_run_cancels_then_tears_down(fake, tmp_path):
+    rec, _ = record(tmp_path)
+    rec.state, rec.request_id, rec.job_id = "LAUNCHING", "req-9", None
+    registry.save(rec)
+    fake.cluster = None  # SkyPilot has not written the cluster down yet: status asks the request
+    d = json.loads(CliRunner().invoke(app, ["status", "r1", "--json"]).stdout)
+    assert d["state"] == "LAUNCHING" and fake.args("request_status") == {"request_id": "req-9"}
+    fake.cluster = "INIT"
+    fake.calls.clear()
+    r = CliRunner().invoke(app, ["down", "r1"])
+    assert r.exit_code == 0, r.output
+    assert fake.names() == ["cancel_request", "down"]  # the request first: nothing provisions after the down
+    assert "cancelled its launch request, then tore down cluster r1" in r.output
+    assert registry.get("r1").state == "DOWN"
+
+
+def test_down_of_a_provisioning_run_that_made_no_cluster(fake, tmp_path):
+    rec, _ = record(tmp_path)
+    rec.state, rec.request_id = "LAUNCHING", "req-9"
+    registry.save(rec)
+    fake.cluster = None
+    r = CliRunner().invoke(app, ["down", "r1"])
+    assert r.exit_code == 0, r.output
+    assert "cancelled its launch request; no cluster was left" in r.output and "already gone" not in r.output
+
+
+def test_down_of_a_provisioning_managed_job_finds_it_by_name(fake, tmp_path):
+    rec, _ = record(tmp_path, kind="managed-job")
+    rec.state, rec.request_id, rec.job_id = "LAUNCHING", "req-9", None
+    registry.save(rec)
+    fake.named_jobs = [8]
+    r = CliRunner().invoke(app, ["down", "r1"])
+    assert r.exit_code == 0, r.output
+    assert fake.names() == ["cancel_request", "managed_job_ids", "cancel_managed_job"]
+    assert "cancelled its launch request, then cancelled managed job 8" in r.output
+
+
+def test_down_of_a_managed_job_without_a_controller(fake, tmp_path):
+    from sky import exceptions as ex
+
+    record(tmp_path, kind="managed-job")
+    fake.fail["cancel_managed_job"] = ex.ClusterNotUpError("No in-progress managed jobs.")
+    r = CliRunner().invoke(app, ["down", "r1"])
+    assert r.exit_code == 0 and "no managed job was running" in r.output
+
+
+def test_the_fake_refuses_a_wrong_argument(fake):
+    with pytest.raises(TypeError):
+        sky_sdk.launch_cluster(None, "r1", 10, idle_minutes_to_autostop=10)  # SkyPilot's name, not ours
+    with pytest.raises(TypeError):
+        sky_sdk.down()

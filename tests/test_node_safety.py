@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -134,6 +132,12 @@ def test_a_failed_final_push_fails_the_job(tmp_path):
     # the checkpoint itself made it (only the log is blocked), and the node still holds everything
     assert (run_dir / "checkpoints" / "step_000004" / "manifest.json").is_file()
     assert (tmp_path / "node" / "out" / "checkpoints" / "step_000004" / "manifest.json").is_file()
+    # the node's timeline, in the bucket: every phase, in order, with its span
+    timeline = [json.loads(line) for line in (run_dir / "timeline.jsonl").read_text().splitlines()]
+    events = [e["event"] for e in timeline]
+    assert events == ["node_up", "setup", "pull", "data", "train_start", "train_end", "final_push"], events
+    assert all(e["time"] >= timeline[0]["time"] for e in timeline) and timeline[5]["code"] == 0
+    assert timeline[3]["bytes"] > 0 and timeline[1]["time"] >= timeline[1]["start"]
 
 
 def test_a_stalled_run_exits_with_the_recoverable_code(tmp_path):
@@ -142,3 +146,28 @@ def test_a_stalled_run_exits_with_the_recoverable_code(tmp_path):
     assert f'RC={EXIT_STALLED}' in run and f'rm -f "$OUT/{STALLED}"' in run
     assert task.JOB_RECOVERY["recover_on_exit_codes"] == [EXIT_STALLED]
     assert task.JOB_RECOVERY["max_restarts_on_errors"] == 0  # a bad config or bad data is not retried
+
+
+def test_the_node_caps_at_its_own_price_and_counts_node_time(tmp_path):
+    """On a node, the trainer's cost (and so its cap) counts node time since the node came up plus the
+    earlier attempts' (from the bucket's timeline), at the price of the cloud the node landed on."""
+    data, out = make_shards(tmp_path / "data"), tmp_path / "out"
+    out.mkdir()
+    now = time.time()
+    # an earlier attempt: up for 2 hours (its last line pushed 2 h after it came up), then preempted
+    (out / "timeline.jsonl").write_text(json.dumps({"event": "node_up", "time": now - 10_000}) + "\n" +
+                                       json.dumps({"event": "train_start", "time": now - 10_000 + 7_200}) + "\n")
+    cfg = write_config(tmp_path / "c.json", tiny_config(steps=3, price_per_gpu_hour=1.0, max_cost_usd=1000.0))
+    e = {**env(), "GPT2CLOUD_NODE_UP": f"{now - 1800:.3f}", "GPT2CLOUD_PRICE_PER_GPU_HOUR": "2.0"}
+    p = subprocess.run(trainer_cmd(cfg, data, out, None), cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    first = next(r for r in read_metrics(out) if "loss" in r)
+    assert 7200 + 1800 <= first["elapsed_seconds"] < 7200 + 1800 + 60
+    assert first["cost_usd"] == pytest.approx(first["elapsed_seconds"] / 3600 * 2.0)  # the node's price, not 1.0
+    # a cap already passed by the node time: the trainer stops before its first step
+    cfg = write_config(tmp_path / "c2.json", tiny_config(steps=3, price_per_gpu_hour=2.0, max_cost_usd=0.5))
+    p = subprocess.run(trainer_cmd(cfg, data, tmp_path / "out2", None), cwd=REPO, env=e, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    stop = [r for r in read_metrics(tmp_path / "out2") if r.get("event") == "budget_stop"]
+    assert stop and stop[0]["step"] == 0 and stop[0]["cost_usd"] == pytest.approx(1800 / 3600 * 2.0, rel=0.05)

@@ -23,8 +23,13 @@ class Backend(Protocol):
 
     kind: str
 
-    def start(self, record, task_cfg: dict, secrets: dict) -> None:
-        """Start the task (gpt2cloud/launch/task.py's config) and note in record where it runs."""
+    def start(self, record, task_cfg: dict, secrets: dict, save=None) -> None:
+        """Start the task (gpt2cloud/launch/task.py's config) and note in record where it runs.
+
+        `save(record)` writes the record to the registry: a backend calls it as soon as it learns
+        something `down` needs before start returns (SkyPilot's launch request id), so a launch
+        interrupted in any way can still be cancelled. A launch that fails or is interrupted removes
+        what it provisioned before the error goes on (or warns loudly that it could not)."""
 
     def state(self, record) -> str:
         """The run's state now (RUNNING, SUCCEEDED, FAILED ..., TERMINATED); may raise UserError."""
@@ -34,7 +39,8 @@ class Backend(Protocol):
         UserError when the backend has none (the cluster is gone): the bucket's copy remains."""
 
     def stop(self, record) -> str:
-        """Stop the run and everything that bills for it; say what was done."""
+        """Stop the run and everything that bills for it (a launch still under way included); say what
+        was done."""
 
 
 def backend_for(kind: str) -> Backend:

@@ -67,7 +67,7 @@ class LocalBackend:
     def __init__(self, graceful_seconds: float = 10.0):
         self.graceful_seconds = graceful_seconds  # how long `down` lets the trainer save and the pusher push
 
-    def start(self, record, task_cfg: dict, secrets: dict) -> None:
+    def start(self, record, task_cfg: dict, secrets: dict, save=None) -> None:
         """Start the task config on this machine. A relaunch of a run id starts a fresh node (like a new
         cloud VM): everything it knows comes back from the bucket."""
         run_id = record.run_id
@@ -90,6 +90,7 @@ class LocalBackend:
         env["GPT2CLOUD_PYTHON"] = sys.executable
         env["GPT2CLOUD_NODE_HOME"] = str(d / "node")
         env["GPT2CLOUD_MASTER_PORT"] = str(free_port())
+        env["GPT2CLOUD_NODE_UP"] = f"{time.time():.3f}"  # this machine's boot is not the node's: it comes up now
         env.pop("PYTHONPATH", None)  # the node sees only the shipped build (plus this Python's packages)
         with open(d / "driver.log", "ab") as log:
             proc = subprocess.Popen(

@@ -2,16 +2,30 @@
 
 Both go through backends/sky_sdk.py, the one module that calls SkyPilot's SDK, and map SkyPilot's
 exceptions to one-line UserErrors (backends/sky_errors.py).
+
+Money safety: a launch is a request on SkyPilot's API server, and Ctrl-C on this side does not stop
+it; the server goes on provisioning. So the request id is recorded the moment SkyPilot hands it out
+(`save`), and a launch that fails or is interrupted cancels its request and removes whatever it
+provisioned before the error goes on. When that removal fails, a loud one-line warning names the
+command that removes it. `down` of a run still launching cancels the request before tearing down.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 from gpt2cloud.backends import sky_sdk
-from gpt2cloud.backends.sky_errors import GONE, sky_errors
+from gpt2cloud.backends.sky_errors import ClusterGone, ControllerNotUp, first_line, sky_errors
 from gpt2cloud.errors import UserError
+
+# The registry's state while `gpt2cloud launch` is under way (gpt2cloud/runs/registry.py; backends
+# must not import runs): a `down` then may race SkyPilot still provisioning.
+LAUNCHING = "LAUNCHING"
+ACTIVE_REQUEST = {"PENDING", "WAITING", "RUNNING"}
+
+Save = Optional[Callable[[object], None]]
 
 
 def to_sky_task(task_cfg: dict, secrets: Optional[dict] = None):
@@ -31,17 +45,102 @@ def _where(record) -> Optional[str]:
     return None if record.spec.infra == "any" else record.spec.infra
 
 
+def _recorder(record, save: Save):
+    """sky_sdk's on_request: note the launch's request id in the record and save it at once, so that
+    `gpt2cloud down` (or the cleanup below) can cancel the request whatever happens to this process."""
+    def on_request(request_id: str) -> None:
+        record.request_id = request_id
+        if save is not None:
+            save(record)
+    return on_request
+
+
+def _warn(thing: str, error: BaseException, commands: str) -> str:
+    """Print the loud warning of something that may still bill; return the same as a clause."""
+    reason = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {first_line(error)}"
+    print(f"WARNING: {thing} MAY STILL BE RUNNING AND BILLING ({reason}); remove it now: {commands}",
+          file=sys.stderr)
+    return f"could not remove {thing}: run {commands}"
+
+
+def _cancel_request(record, done: list) -> None:
+    """The first step of cleaning up after a launch. When it fails (the server died mid-launch, say),
+    the teardown still runs: SkyPilot's down waits for the launch's hold on the cluster, and the SDK
+    restarts a local server that went away."""
+    if not record.request_id:
+        return  # interrupted before SkyPilot handed one out
+    try:
+        with sky_errors(f"clean up {record.run_id}"):
+            if sky_sdk.cancel_request(record.request_id):
+                done.append("cancelled SkyPilot's launch request")
+    except UserError:
+        pass
+
+
+def _launch_guarded(record, launch: Callable[[], None], clean_up: Callable[[object, list], None]) -> None:
+    """Run the launch; when it fails or is interrupted, clean up first (clean_up appends what it did),
+    then let the error go on: a UserError says what the cleanup did, Ctrl-C (or a crash) prints it."""
+    try:
+        launch()
+    except UserError as e:
+        done: list = []
+        clean_up(record, done)
+        if done:
+            raise type(e)(f"{e}; " + "; ".join(done)) from None
+        raise
+    except BaseException:
+        done = []
+        clean_up(record, done)
+        print(f"launch of {record.run_id} stopped: " + ("; ".join(done) or "nothing was left running"),
+              file=sys.stderr)
+        raise
+
+
+def _cancel_launch(record) -> str:
+    """`down` of a run whose launch may still be under way: cancel SkyPilot's request and wait for it,
+    so nothing is provisioned after the teardown that follows."""
+    if record.state != LAUNCHING or not record.request_id:
+        return ""
+    with sky_errors(f"down {record.run_id}: cancel its launch"):
+        cancelled = sky_sdk.cancel_request(record.request_id)
+    return "cancelled its launch request, then " if cancelled else ""
+
+
 class ClusterBackend:
     """An on-demand cluster named after the run; autostop with down, so nothing bills after the run."""
 
     kind = "cluster"
 
-    def start(self, record, task_cfg: dict, secrets: dict) -> None:
+    def start(self, record, task_cfg: dict, secrets: dict, save: Save = None) -> None:
         spec = record.spec
         task = to_sky_task(task_cfg, secrets)
         record.cluster = spec.run_id
-        with sky_errors(f"launch {spec.run_id}", infra=_where(record), gpus=f"{spec.gpu_type}:{spec.gpus_per_node}"):
-            record.job_id = sky_sdk.launch_cluster(task, spec.run_id, spec.idle_minutes)
+        record.request_id = None
+
+        def launch():
+            with sky_errors(f"launch {spec.run_id}", infra=_where(record),
+                            gpus=f"{spec.gpu_type}:{spec.gpus_per_node}"):
+                record.job_id = sky_sdk.launch_cluster(task, record.cluster, spec.idle_minutes,
+                                                       on_request=_recorder(record, save))
+
+        _launch_guarded(record, launch, self._remove_left_cluster)
+
+    def _remove_left_cluster(self, record, done: list) -> None:
+        """After a failed or interrupted launch: cancel the request, then tear down the cluster if one
+        was (even partly) provisioned."""
+        name = self._name(record)
+        try:
+            _cancel_request(record, done)
+            with sky_errors(f"clean up {record.run_id}"):
+                # SkyPilot's own record, not the cloud's: a cluster being provisioned is there (INIT)
+                if sky_sdk.cluster_status(name, refresh=False) is None:
+                    return
+                sky_sdk.down(name)
+            done.append(f"removed cluster {name}, so nothing bills")
+        except ClusterGone:
+            return
+        except BaseException as e:  # noqa: BLE001 - a second Ctrl-C too: warn, the first error goes on
+            done.append(_warn(f"cluster {name}", e, f"`gpt2cloud down {record.run_id}` or `sky down {name}`"))
 
     def _name(self, record) -> str:
         return record.cluster or record.run_id
@@ -50,6 +149,9 @@ class ClusterBackend:
         with sky_errors(f"status {record.run_id}"):
             cluster = sky_sdk.cluster_status(self._name(record))
             if cluster is None:
+                if record.state == LAUNCHING and record.request_id and \
+                        sky_sdk.request_status(record.request_id) in ACTIVE_REQUEST:
+                    return LAUNCHING  # the request has not made the cluster yet
                 return record.state if record.state in ("DOWN", "LAUNCH_FAILED") else "TERMINATED"
             if cluster != "UP":
                 return f"CLUSTER_{cluster}"
@@ -60,14 +162,15 @@ class ClusterBackend:
             return sky_sdk.tail_logs(self._name(record), record.job_id, follow)
 
     def stop(self, record) -> str:
+        cancelled = _cancel_launch(record)
         try:
             with sky_errors(f"down {record.run_id}", infra=record.spec.infra):
                 sky_sdk.down(self._name(record))
-        except UserError as e:
-            if GONE not in str(e):
-                raise
+        except ClusterGone:
+            if cancelled:
+                return "cancelled its launch request; no cluster was left"
             return "its cluster was already gone"
-        return f"tore down cluster {self._name(record)}"
+        return cancelled + f"tore down cluster {self._name(record)}"
 
 
 class ManagedJobBackend:
@@ -75,11 +178,39 @@ class ManagedJobBackend:
 
     kind = "managed-job"
 
-    def start(self, record, task_cfg: dict, secrets: dict) -> None:
+    def start(self, record, task_cfg: dict, secrets: dict, save: Save = None) -> None:
         spec = record.spec
         task = to_sky_task(task_cfg, secrets)
-        with sky_errors(f"launch {spec.run_id}", infra=_where(record), gpus=f"{spec.gpu_type}:{spec.gpus_per_node}"):
-            record.job_id = sky_sdk.launch_managed_job(task, spec.run_id)
+        record.request_id = None
+
+        def launch():
+            with sky_errors(f"launch {spec.run_id}", infra=_where(record),
+                            gpus=f"{spec.gpu_type}:{spec.gpus_per_node}"):
+                record.job_id = sky_sdk.launch_managed_job(task, spec.run_id, on_request=_recorder(record, save))
+
+        _launch_guarded(record, launch, self._cancel_left_job)
+
+    def _cancel_jobs(self, record) -> list[int]:
+        """Cancel the run's managed job: by id, or by name when the launch never learnt the id.
+        Raises ControllerNotUp (no managed job in progress)."""
+        with sky_errors(f"cancel {record.run_id}", infra=record.spec.infra):
+            ids = [record.job_id] if record.job_id is not None else sky_sdk.managed_job_ids(record.run_id)
+            for job_id in ids:
+                sky_sdk.cancel_managed_job(job_id)
+        return ids
+
+    def _cancel_left_job(self, record, done: list) -> None:
+        """After a failed or interrupted launch: cancel the request and any job it submitted."""
+        try:
+            _cancel_request(record, done)
+            ids = self._cancel_jobs(record)
+            if ids:
+                done.append(f"cancelled managed job {', '.join(map(str, ids))}")
+        except ControllerNotUp:
+            return
+        except BaseException as e:  # noqa: BLE001 - a second Ctrl-C too: warn, the first error goes on
+            done.append(_warn(f"managed job {record.run_id}", e,
+                              f"`gpt2cloud down {record.run_id}` or `sky jobs cancel -n {record.run_id}`"))
 
     def state(self, record) -> str:
         if record.job_id is None:
@@ -87,19 +218,22 @@ class ManagedJobBackend:
         with sky_errors(f"status {record.run_id}"):
             return sky_sdk.managed_job_status(record.job_id) or "UNKNOWN"
 
-    def _job_id(self, record) -> int:
-        if record.job_id is None:
-            raise UserError(f"run '{record.run_id}' has no managed job id (its launch did not finish); check "
-                            "`sky jobs queue` and cancel it there")
-        return record.job_id
-
     def logs(self, record, follow: bool) -> int:
-        job_id = self._job_id(record)
+        if record.job_id is None:
+            raise UserError(f"run '{record.run_id}' has no managed job id (its launch did not finish); see "
+                            "`sky jobs queue`")
         with sky_errors(f"logs {record.run_id}", infra=record.spec.infra):
-            return sky_sdk.tail_managed_logs(job_id, follow)
+            # SkyPilot's log call swallows a missing controller or job unless it follows: ask first
+            if sky_sdk.managed_job_status(record.job_id) is None:
+                raise UserError(f"logs {record.run_id}: SkyPilot has no managed job {record.job_id} any more")
+            return sky_sdk.tail_managed_logs(record.job_id, follow)
 
     def stop(self, record) -> str:
-        job_id = self._job_id(record)
-        with sky_errors(f"down {record.run_id}", infra=record.spec.infra):
-            sky_sdk.cancel_managed_job(job_id)
-        return f"cancelled managed job {job_id} (SkyPilot tears its cluster down)"
+        cancelled = _cancel_launch(record)
+        try:
+            ids = self._cancel_jobs(record)
+        except ControllerNotUp:
+            return cancelled + "no managed job was running (SkyPilot's jobs controller is not up)"
+        if not ids:
+            return cancelled + f"no managed job named {record.run_id} was in progress"
+        return cancelled + f"cancelled managed job {', '.join(map(str, ids))} (SkyPilot tears its cluster down)"

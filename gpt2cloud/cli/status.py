@@ -23,13 +23,13 @@ def render_one(d: dict, console: Console) -> None:
     cap = f" of a {usd(d['max_cost_usd'])} cap" if d["max_cost_usd"] else " (no budget cap)"
     rows = [
         ("run", f"{d['run']}  [dim]{d['kind']} on {d['infra']}, {d['gpus']}, {d['recipe']}[/]"),
-        ("state", f"{d['state']}{done}"),
+        ("state", f"{d['state']}{done}" + (f"  [dim]node: {d['phase']}[/]" if d.get("phase") and not done else "")),
         ("step", f"{_num(d['step'], 'd')} / {d['total_steps']}{pct}"),
         ("loss", f"{_num(d['loss'], '.4f')}   val {_num(d['val_loss'], '.4f')}"),
         ("speed", f"{_num(d['tokens_per_second'], ',.0f')} tokens/s, {_num(d['step_seconds'], '.3f')} s/step, "
                   f"MFU {'-' if d['mfu'] is None else format(d['mfu'], '.1%')}"),
         ("time", f"{hours(d['elapsed_hours'])} so far, ETA {hours(d['eta_hours'])}"),
-        ("cost", f"{usd(d['cost_so_far_usd'])} so far, ~{usd(d['cost_projected_usd'])} projected{cap}  "
+        ("cost", f"{usd(d['cost_so_far_usd'])} so far (node time {hours(d.get('node_hours'))}), ~{usd(d['cost_projected_usd'])} projected{cap}  "
                  f"[dim](${d['price_per_gpu_hour']:.2f}/GPU-hour; estimate {usd(d['cost_estimated_usd'])})[/]"),
         ("bucket", d["run_url"]),
     ]

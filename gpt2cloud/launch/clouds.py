@@ -169,14 +169,16 @@ def catalog_price(infra: str, gpu: str, count: int, spot: bool = False) -> Optio
     return price / count, f"SkyPilot catalog: {info.cloud} {info.instance_type} {kind}, {info.region}"
 
 
-def launch_price(infra: str, clouds: list[str], gpu: str, count: int, spot: bool) -> Optional[tuple[float, str]]:
-    """The price a launch is estimated and capped at: its cloud's catalog price, or with any_of over
-    several clouds the most expensive of them (a failover must not let spending past the cap)."""
+def launch_price(infra: str, clouds: list[str], gpu: str, count: int,
+                 spot: bool) -> Optional[tuple[float, str, dict]]:
+    """(price, source, {cloud: price}) a launch is estimated and capped at: its cloud's catalog price,
+    or with any_of over several clouds the most expensive of them (a failover must not let spending
+    past the cap); the node then caps at its own cloud's price from the dict."""
     candidates = [infra] if infra not in ("any", LOCAL) else list(clouds)
-    prices = [p for p in (catalog_price(c, gpu, count, spot) for c in candidates) if p]
-    if not prices:
+    found = {c.split("/")[0]: p for c in candidates if (p := catalog_price(c, gpu, count, spot))}
+    if not found:
         return None
-    price, source = max(prices)
-    if len(prices) > 1:
-        source = f"the most expensive of {len(prices)} any_of candidates: {source}"
-    return price, source
+    price, source = max(found.values())
+    if len(found) > 1:
+        source = f"the most expensive of {len(found)} any_of candidates: {source}"
+    return price, source, {c: p[0] for c, p in found.items()}

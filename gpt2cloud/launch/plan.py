@@ -131,6 +131,7 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
                                        if est.max_micro_batch else " (it does not fit even at micro-batch 1)"))
 
     clouds: list[str] = []  # with --infra any: the enabled clouds that can serve this launch (any_of)
+    cloud_prices: dict = {}  # any_of: each candidate's price, so the node caps at its own cloud's
     if infra != LOCAL:
         from gpt2cloud.launch import clouds as cl
 
@@ -148,6 +149,7 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
             found = cl.launch_price(infra, clouds, gpu_type, count, spot)
             if found:
                 est = estimate(r, price=found[0], price_source=found[1], **sizes)
+                cloud_prices = found[2] if len(found[2]) > 1 else {}
 
     run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
     train_cfg = r.to_train_config(
@@ -180,6 +182,7 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
         workdir=str(home.build_dir(run_id)), clouds=tuple(clouds), push_every=push_every,
         keep_checkpoints=train_cfg.keep_checkpoints, torch_spec=torch_spec(),
         plain_envs=tuple(sorted(plain.items())), secret_names=tuple(sorted(secrets)),
+        cloud_prices=tuple(sorted(cloud_prices.items())),
     )
     return Plan(spec=spec, est=est, train_cfg=train_cfg, node=node, task_cfg=task.build_config(spec, node),
                 secrets=secrets, wheel=wheel, warnings=warnings)

@@ -8,7 +8,6 @@ interrupted.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from gpt2cloud.backends import ACTIVE_STATES, backend_for, state_of
@@ -56,12 +55,10 @@ def start(p: Plan) -> registry.RunRecord:
     )
     registry.note(record, "launch" if old is None else "relaunch (resumes from the bucket)", state="LAUNCHING")
     try:
-        backend_for(p.spec.kind).start(record, p.task_cfg, p.secrets)
-    except BaseException as e:
+        backend_for(p.spec.kind).start(record, p.task_cfg, p.secrets, save=registry.save)
+    except BaseException:
+        # the backend cancelled and removed what it started, or printed which cluster may still bill
         registry.note(record, "launch failed", state="LAUNCH_FAILED")
-        if not p.spec.local and not isinstance(e, UserError):
-            print(f"note: if SkyPilot provisioned anything before this stopped, `gpt2cloud down {p.run_id}` "
-                  "removes it (the task also carries autostop with down)", file=sys.stderr)
         raise
     registry.note(record, "launched", state="LAUNCHED")
     return record

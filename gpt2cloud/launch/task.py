@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -20,7 +21,7 @@ from typing import Optional
 import yaml
 
 from gpt2cloud.runs.registry import RunSpec
-from gpt2cloud.store.layout import CONFIG, LOGS, NODE_HOME
+from gpt2cloud.store.layout import CONFIG, LOGS, NODE_HOME, TIMELINE
 from model.sync import EXIT_BUCKET, EXIT_DATA, EXIT_FINAL_PUSH  # the exit codes of the node's sync steps
 from model.watchdog import EXIT_STALLED, STALLED
 
@@ -46,6 +47,7 @@ SETUP_SCRIPT = r"""set -euo pipefail
 # gpt2cloud node setup: the trainer's dependencies (never skypilot) and this exact build of the trainer.
 NODE_HOME="${GPT2CLOUD_NODE_HOME:-@NODE_HOME_DEFAULT@}"
 mkdir -p "$NODE_HOME"
+SETUP_START="$(date +%s.%N)"  # the run script puts the setup's span into the node's timeline
 if [ -n "${GPT2CLOUD_PYTHON:-}" ]; then
   PY="$GPT2CLOUD_PYTHON"  # --infra local: this machine's Python already has torch, numpy, tiktoken, boto3
 else
@@ -83,6 +85,7 @@ fi
 rm -rf "$NODE_HOME/site"
 "$PY" -m pip install -q --no-deps --no-index --target "$NODE_HOME/site" ./gpt2cloud-*.whl
 echo "$PY" > "$NODE_HOME/python"
+echo "$SETUP_START $(date +%s.%N)" > "$NODE_HOME/setup_times"
 echo "gpt2cloud: node ready ($("$PY" --version 2>&1), build $GPT2CLOUD_BUILD)"
 """
 
@@ -96,10 +99,30 @@ OUT="$NODE_HOME/out"
 DATA="$NODE_HOME/data"
 mkdir -p "$OUT/@LOGS@"
 # A fresh node resumes from the newest complete checkpoint in the bucket (sha256-verified).
+PULL_START="$(date +%s.%N)"
 "$PY" -m model.sync pull "$GPT2CLOUD_RUN_URL" "$OUT" --rank "$RANK" || exit @EXIT_BUCKET@
 exec > >(tee -a "$OUT/@LOGS@/node-$RANK.log") 2>&1
 echo "gpt2cloud: run $GPT2CLOUD_RUN_ID, node $RANK of $SKYPILOT_NUM_NODES, $SKYPILOT_NUM_GPUS_PER_NODE GPUs"
+note() {  # a line of the node's timeline (node 0's is pushed): note EVENT [more JSON fields]
+  printf '{"event": "%s", "time": %s%s}\n' "$1" "$(date +%s.%N)" "${2:+, $2}" >> "$OUT/@TIMELINE@"
+}
+# Billing starts when the node comes up: its boot time (the launch time on --infra local). The trainer
+# counts its budget and time limit from here, plus the earlier attempts' node time.
+export GPT2CLOUD_NODE_UP="${GPT2CLOUD_NODE_UP:-$(awk -v now="$(date +%s.%N)" '{printf "%.3f", now - $1}' /proc/uptime)}"
+if [ -n "${GPT2CLOUD_CLOUD_PRICES:-}" ]; then  # any_of: the price of the cloud this node landed on
+  export GPT2CLOUD_PRICE_PER_GPU_HOUR="$("$PY" -c 'import json, os
+cloud = str(json.loads(os.environ.get("SKYPILOT_CLUSTER_INFO") or "{}").get("cloud", "")).lower()
+print(json.loads(os.environ["GPT2CLOUD_CLOUD_PRICES"]).get(cloud, ""))')"
+fi
+printf '{"event": "node_up", "time": %s, "rank": %s, "price_per_gpu_hour": %s}\n' "$GPT2CLOUD_NODE_UP" "$RANK" \
+  "${GPT2CLOUD_PRICE_PER_GPU_HOUR:-null}" >> "$OUT/@TIMELINE@"
+if read -r SETUP_START SETUP_END < "$NODE_HOME/setup_times" 2>/dev/null; then
+  printf '{"event": "setup", "time": %s, "start": %s}\n' "$SETUP_END" "$SETUP_START" >> "$OUT/@TIMELINE@"
+fi
+note pull "\"start\": $PULL_START"
+DATA_START="$(date +%s.%N)"
 "$PY" -m model.sync data "$GPT2CLOUD_DATA_URL" "$DATA" || exit @EXIT_DATA@
+note data "\"start\": $DATA_START, \"bytes\": $(du -sb "$DATA" | cut -f1)"
 "$PY" -m model.sync push "$OUT" "$GPT2CLOUD_RUN_URL" --rank "$RANK" --every "$GPT2CLOUD_PUSH_EVERY" \
   --keep "$GPT2CLOUD_KEEP_CHECKPOINTS" --retry-seconds "${GPT2CLOUD_PUSH_RETRY_SECONDS:-5}" &
 PUSHER=$!
@@ -107,6 +130,7 @@ MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
 rm -f "$OUT/@STALLED@"
 LIMIT=()  # --max-hours: a hard stop for a trainer that would not stop itself
 if [ "${GPT2CLOUD_MAX_SECONDS:-0}" != 0 ]; then LIMIT=(timeout --kill-after=60 "$GPT2CLOUD_MAX_SECONDS"); fi
+note train_start
 "${LIMIT[@]}" "$PY" -m torch.distributed.run --nnodes="$SKYPILOT_NUM_NODES" --nproc_per_node="$SKYPILOT_NUM_GPUS_PER_NODE" \
   --node_rank="$RANK" --master_addr="$MASTER_ADDR" --master_port="${GPT2CLOUD_MASTER_PORT:-@MASTER_PORT@}" \
   -m model.train --config @CONFIG@ --data "$DATA" --out "$OUT" --resume auto &
@@ -115,10 +139,12 @@ trap 'kill -TERM "$TRAINER" 2>/dev/null' TERM INT
 wait "$TRAINER"; RC=$?
 if kill -0 "$TRAINER" 2>/dev/null; then wait "$TRAINER"; RC=$?; fi
 echo "gpt2cloud: trainer exited with code $RC"
+note train_end "\"code\": $RC"
 if [ -f "$OUT/@STALLED@" ]; then
   echo "gpt2cloud: the trainer stalled ($(cat "$OUT/@STALLED@") was the last thing it finished); exit @EXIT_STALLED@"
   RC=@EXIT_STALLED@
 fi
+note final_push
 kill -TERM "$PUSHER" 2>/dev/null
 wait "$PUSHER"; PUSHED=$?
 if [ "$PUSHED" -ne 0 ]; then
@@ -134,7 +160,7 @@ def render(script: str) -> str:
     """A node script with its @NAME@ placeholders filled from the constants."""
     values = {"NODE_HOME_DEFAULT": NODE_HOME_DEFAULT, "MASTER_PORT": MASTER_PORT, "EXIT_DATA": EXIT_DATA,
               "EXIT_BUCKET": EXIT_BUCKET, "EXIT_FINAL_PUSH": EXIT_FINAL_PUSH, "EXIT_STALLED": EXIT_STALLED,
-              "EXIT_NO_GPU": EXIT_NO_GPU, "STALLED": STALLED, "LOGS": LOGS, "CONFIG": CONFIG,
+              "EXIT_NO_GPU": EXIT_NO_GPU, "STALLED": STALLED, "LOGS": LOGS, "CONFIG": CONFIG, "TIMELINE": TIMELINE,
               "TORCH_CUDA_BUILDS": " ".join(TORCH_CUDA_BUILDS), "TORCH_INDEX": TORCH_INDEX}
     for name, value in values.items():
         script = script.replace(f"@{name}@", str(value))
@@ -152,6 +178,7 @@ class NodeOptions:
     torch_spec: str = "torch"
     plain_envs: tuple = ()  # (name, value) of non-secret storage settings (endpoint, region)
     secret_names: tuple = ()  # storage credentials; their values are never stored here
+    cloud_prices: tuple = ()  # any_of: (cloud, USD per GPU-hour) of each candidate, for the node's own cap
 
 
 def resources(spec: RunSpec, node: NodeOptions) -> dict:
@@ -185,6 +212,8 @@ def envs(spec: RunSpec, node: NodeOptions) -> dict:
         "GPT2CLOUD_DEVICE": "auto" if spec.local else "cuda",  # cuda: setup refuses a node whose torch sees no GPU
         "GPT2CLOUD_GPUS_PER_NODE": str(spec.gpus_per_node),
     }
+    if node.cloud_prices:
+        e["GPT2CLOUD_CLOUD_PRICES"] = json.dumps(dict(node.cloud_prices))
     if spec.max_hours:
         e["GPT2CLOUD_MAX_SECONDS"] = str(int(spec.max_hours * 3600) + HARD_LIMIT_GRACE_S)
     if spec.max_cost_usd:  # informational: the cap itself is in config.json, enforced by the trainer

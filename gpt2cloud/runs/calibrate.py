@@ -17,6 +17,7 @@ import time
 from typing import Optional
 
 from gpt2cloud.cost.hardware import gpu_spec
+from gpt2cloud.cost.phases import PER_LAUNCH
 from gpt2cloud.home import user_calibration_path
 from gpt2cloud.runs.rundata import RunData, model_config
 
@@ -83,3 +84,38 @@ def record_calibration(data: RunData) -> tuple[Optional[dict], str]:
     with open(path, "a", encoding="utf-8") as f:  # one short append: concurrent writers do not interleave
         f.write(json.dumps(point) + "\n")
     return point, f"recorded MFU {mfu:.1%} for {point['gpu']} in {path}"
+
+
+def measured_phases(data: RunData) -> dict[str, float]:
+    """Hours per phase the run really spent (all its attempts): the node's timeline, the trainer's own
+    durations, and provisioning from the launch time in the registry. Empty without a timeline."""
+    seconds = data.metrics.phase_seconds()
+    ups = sorted(e["time"] for e in data.metrics.events if e.get("event") == "node_up" and "time" in e)
+    if not ups:
+        return {}
+    out = {k: v / 3600 for k, v in seconds.items()}
+    if data.record is not None:
+        since_launch = [u for u in ups if u >= data.record.started_at - 60]
+        out["provisioning"] = max(0.0, since_launch[0] - data.record.started_at) / 3600 if since_launch else 0.0
+    return out
+
+
+def record_phases(data: RunData) -> tuple[list[dict], str]:
+    """Append the per-launch phases a finished run measured (provisioning, setup, compile) to the user
+    calibration file, once per run: later estimates use their median instead of the table's defaults."""
+    if data.spec is None or not data.finished:
+        return [], "not recorded: " + ("not a registry run" if data.spec is None else "the run has not finished")
+    phases = measured_phases(data)
+    if not phases:
+        return [], "not recorded: the run has no node timeline (a run of `gpt2cloud train`)"
+    source = f"{source_for(data.run_id)}: phases"
+    if _already_recorded(source):
+        return [], f"already in {user_calibration_path()}"
+    launches = max(1, sum(1 for e in data.metrics.events if e.get("event") == "node_up"))
+    points = [{"kind": "phase", "phase": p, "hours": round(phases[p] / launches, 6), "local": data.spec.local,
+               "gpu": data.spec.gpu_type, "source": source} for p in PER_LAUNCH if p in phases]
+    path = user_calibration_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(p) + "\n" for p in points))
+    return points, f"recorded {', '.join(p['phase'] for p in points)} per launch in {path}"

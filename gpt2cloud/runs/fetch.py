@@ -8,7 +8,7 @@ from typing import Optional
 from gpt2cloud.errors import UserError
 from gpt2cloud.runs import registry
 from gpt2cloud.store import StorageError, open_store
-from gpt2cloud.store.layout import CHECKPOINTS, LOGS, METRICS, RUN_JSON, remote_checkpoints
+from gpt2cloud.store.layout import CHECKPOINTS, LOGS, METRICS, RUN_JSON, TIMELINE, remote_checkpoints
 from gpt2cloud.store.transfer import download_dir
 
 
@@ -66,6 +66,8 @@ def fetch(run_or_url: str, dest: Optional[Path] = None, step: Optional[int] = No
     if has_metrics:
         store.get_file(METRICS, dest / METRICS)
         out["metrics"] = str(dest / METRICS)
+    if store.exists(TIMELINE):  # the node's phases, for report's estimate-vs-actual per phase
+        store.get_file(TIMELINE, dest / TIMELINE)
     if store.exists(RUN_JSON):  # the run's GPUs and price, for plot and report on a DIR fetched elsewhere
         store.get_file(RUN_JSON, dest / RUN_JSON)
     if logs:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from gpt2cloud.cost.estimate import Estimate
-from gpt2cloud.runs.calibrate import measured_mfu, record_calibration
+from gpt2cloud.runs.calibrate import measured_mfu, measured_phases, record_calibration, record_phases
 from gpt2cloud.runs.plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS, GPT2_1558M_HELLASWAG, plot_run
 from gpt2cloud.runs.rundata import RunData, run_estimate
 from gpt2cloud.units import duration, human, usd
@@ -122,8 +122,32 @@ def render_report(data: RunData, est: Optional[Estimate], est_source: str, plot_
         except ValueError:
             pass
         lines += ["## Plot", "", f"![training curves]({rel.as_posix()})", ""]
+    lines += phase_lines(data, est)
     lines += ["## Calibration", "", f"Measured MFU: {calibration_note}.", ""]
     return "\n".join(lines)
+
+
+def phase_lines(data: RunData, est: Optional[Estimate]) -> list[str]:
+    """The whole bill, phase by phase: what the estimate said, what the node's timeline measured."""
+    actual = measured_phases(data)
+    if est is None or not est.breakdown_hours or not actual:
+        why = "no node timeline (a run of `gpt2cloud train`)" if not actual else "no all-in estimate"
+        return ["## The whole bill, phase by phase", "", f"Not available: {why}.", ""]
+    lines = ["## The whole bill, phase by phase", "", "| phase | estimated | actual | error |", "|---|---:|---:|---:|"]
+    for phase, hours in est.breakdown_hours.items():
+        got = actual.get(phase)
+        err = error_percent(hours, got)
+        lines.append(f"| {phase} | {duration(hours * 3600)} | {duration(got * 3600) if got is not None else 'n/a'} | "
+                     f"{f'{err:+.1f}%' if err is not None else 'n/a'} |")
+    node = data.metrics.node_seconds() / 3600 + actual.get("provisioning", 0.0)
+    est_node = est.all_in_hours - est.breakdown_hours.get("idle", 0.0)  # the idle minutes come after the timeline
+    err = error_percent(est_node, node)
+    lines.append(f"| **all-in, without idle** | {duration(est_node * 3600)} | {duration(node * 3600)} | "
+                 f"{f'{err:+.1f}%' if err is not None else 'n/a'} |")
+    lines += ["", "Actual: the node's timeline (setup, data) and the trainer's own durations (compile = start-up to the "
+              "first step, training = the steps, evals = val loss, HellaSwag and checkpoints), over every attempt; "
+              "all-in = node time plus provisioning. Idle is after the last push, so it has no actual.", ""]
+    return lines
 
 
 def write_report(data: RunData, out: Optional[str | Path] = None, calibrate: bool = True) -> tuple[Path, Optional[Path]]:
@@ -135,6 +159,8 @@ def write_report(data: RunData, out: Optional[str | Path] = None, calibrate: boo
     plot_path = plot_run(data, out.with_suffix(".png"), estimate=est) if data.train else None
     if calibrate:
         _, calibration_note = record_calibration(data)
+        _, phases_note = record_phases(data)
+        calibration_note = f"{calibration_note.rstrip('.')}; phases: {phases_note}"
     else:
         calibration_note = "not recorded (calibration disabled)"
     out.write_text(render_report(data, est, est_source, plot_path, calibration_note.rstrip("."), out.parent),

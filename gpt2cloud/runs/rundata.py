@@ -16,7 +16,7 @@ from gpt2cloud.cost.hardware import gpu_spec, known_gpus
 from gpt2cloud.errors import UserError
 from gpt2cloud.runs import registry
 from gpt2cloud.runs.registry import RunRecord, RunSpec
-from gpt2cloud.store.layout import METRICS, RUN_JSON
+from gpt2cloud.store.layout import METRICS, RUN_JSON, TIMELINE
 from model.config import GPTConfig, TrainConfig
 from model.metrics import RunMetrics
 
@@ -148,7 +148,7 @@ def read_metrics(out_dir: str | Path, spec: Optional[RunSpec] = None, record: Op
     path = out_dir / METRICS
     if not path.is_file():
         raise UserError(f"{path}: not found; give a run's OUT directory (it holds {METRICS}) or a registry run id")
-    return RunData(out_dir, RunMetrics.read(path), spec=spec or (record.spec if record else None), record=record)
+    return RunData(out_dir, RunMetrics.read(path, out_dir / TIMELINE), spec=spec or (record.spec if record else None), record=record)
 
 
 def _spec_for_dir(path: Path) -> tuple[Optional[RunSpec], Optional[RunRecord]]:

@@ -12,7 +12,7 @@ from typing import Optional
 from gpt2cloud.backends import state_of
 from gpt2cloud.runs.registry import LOCAL, RunRecord
 from gpt2cloud.store import StorageError, open_store
-from gpt2cloud.store.layout import METRICS, NODE_HOME, remote_checkpoints
+from gpt2cloud.store.layout import METRICS, NODE_HOME, TIMELINE, remote_checkpoints
 from model.metrics import RunMetrics
 
 
@@ -25,13 +25,15 @@ def progress(m: RunMetrics, total_steps: int, gpus: int, price_per_gpu_hour: flo
     done = m.finished
     remaining = 0 if done else max(0, total_steps - (step or 0))
     eta_hours = remaining * step_seconds / 3600 if step_seconds else (0.0 if done else None)
-    so_far = m.cost_usd(gpus, price_per_gpu_hour) or 0.0
+    # dollars since the node came up (and its earlier attempts'), not only the trainer's own loop
+    so_far = max(m.cost_usd(gpus, price_per_gpu_hour) or 0.0, m.node_seconds() / 3600 * gpus * price_per_gpu_hour)
     projected = so_far + eta_hours * gpus * price_per_gpu_hour if eta_hours is not None else None
     if max_cost_usd and projected is not None:
         # the trainer stops before a step would pass the cap (start-up alone may have passed it)
         projected = max(so_far, min(projected, max_cost_usd))
     elapsed = m.elapsed_seconds
     return {
+        "phase": "finished" if m.finished else m.phase(), "node_hours": m.node_seconds() / 3600,
         "step": step, "total_steps": total_steps, "loss": m.train[-1]["loss"] if m.train else None,
         "val_loss": m.last_val_loss, "tokens_per_second": m.tokens_per_second(), "mfu": m.mfu(),
         "step_seconds": step_seconds, "eta_hours": eta_hours,
@@ -46,9 +48,10 @@ def read_run_metrics(run_url: str) -> tuple[RunMetrics, Optional[str]]:
     """(metrics, problem): the run's metrics from its bucket; problem says why there are none."""
     try:
         store = open_store(run_url)
-        if not store.exists(METRICS):
+        texts = [store.get_bytes(name).decode("utf-8", "replace") for name in (METRICS, TIMELINE) if store.exists(name)]
+        if not texts:
             return RunMetrics(), "no metrics in the bucket yet (the node is starting, or never reached the bucket)"
-        return RunMetrics.from_text(store.get_bytes(METRICS).decode("utf-8", "replace")), None
+        return RunMetrics.from_text("\n".join(texts)), None
     except StorageError as e:
         return RunMetrics(), str(e)
 
@@ -61,8 +64,9 @@ def run_status(record: RunRecord) -> dict:
         "run": spec.run_id, "state": state_of(record), "kind": spec.kind, "infra": spec.infra,
         "gpus": f"{spec.nodes} x {spec.gpu_type}:{spec.gpus_per_node}", "recipe": spec.recipe,
         "run_url": spec.run_url, "started_at": record.started_at,
-        **progress(metrics, spec.total_steps, spec.gpus, spec.price_per_gpu_hour, spec.max_cost_usd),
-        "price_per_gpu_hour": spec.price_per_gpu_hour,
+        **progress(metrics, spec.total_steps, spec.gpus, metrics.node_price or spec.price_per_gpu_hour,
+                   spec.max_cost_usd),
+        "price_per_gpu_hour": metrics.node_price or spec.price_per_gpu_hour,
         "cost_estimated_usd": spec.estimate.cost_usd if spec.estimate else None,
         "max_cost_usd": spec.max_cost_usd or None,
     }

@@ -5,6 +5,7 @@ A run's OUT directory (on the node, fetched to this machine) and its bucket pref
     run.json                      the run's spec, written at launch (gpt2cloud/runs/registry.py RunSpec)
     config.json                   the TrainConfig the trainer reads (in the node's workdir)
     metrics.jsonl                 one JSON object a line (model/metrics.py writes and reads it)
+    timeline.jsonl                the node's phases, appended by its scripts (read with the metrics)
     checkpoints/step_NNNNNN/      one checkpoint; complete only once its manifest.json exists
     logs/node-R.log               each node's console output
 
@@ -19,6 +20,7 @@ from pathlib import Path
 NODE_HOME = ".gpt2cloud-node"  # on a node, under the user's home: venv/, site/, data/ and OUT (out/)
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
+TIMELINE = "timeline.jsonl"  # the node's phases (node up, setup, data, training, push, exit), one JSON a line
 RUN_JSON = "run.json"
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
