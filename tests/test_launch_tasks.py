@@ -283,6 +283,10 @@ def test_prices_come_from_the_catalog_of_the_cloud(sky_mod, env):
     anyof = _plan(max_cost=30)
     assert anyof.node.clouds == ("aws", "lambda") and anyof.train_cfg.price_per_gpu_hour == pytest.approx(12.29)
     assert "most expensive of 2 any_of candidates" in anyof.est.price_source
+    # ... and the node, once it knows its cloud, caps at that cloud's price (the run script picks it)
+    assert json.loads(anyof.task_cfg["envs"]["GPT2CLOUD_CLOUD_PRICES"]) == {"aws": pytest.approx(12.29),
+                                                                            "lambda": pytest.approx(2.99)}
+    assert "GPT2CLOUD_CLOUD_PRICES" not in aws.task_cfg["envs"]
     # --price still wins; the estimate command reads the same catalog
     assert _plan(infra="aws", price=3.0).est.price_per_gpu_hour == 3.0
     r = CliRunner().invoke(app, ["estimate", "gpt2-124m", "--infra", "aws", "--json"])

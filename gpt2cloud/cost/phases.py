@@ -92,4 +92,4 @@ def bill(est, cfg, local: bool = False, spot: bool = False, idle_minutes: float 
         controller_usd = total * d["controller_usd_per_hour"][0]
         sources["controller"] = d["controller_usd_per_hour"][1]
     cost = total * est.gpus * est.price_per_gpu_hour + controller_usd
-    return Bill({k: round(v, 6) for k, v in hours.items()}, total, cost, controller_usd, sources)
+    return Bill(hours, total, cost, controller_usd, sources)

@@ -112,7 +112,7 @@ def record_phases(data: RunData) -> tuple[list[dict], str]:
     if _already_recorded(source):
         return [], f"already in {user_calibration_path()}"
     launches = max(1, sum(1 for e in data.metrics.events if e.get("event") == "node_up"))
-    points = [{"kind": "phase", "phase": p, "hours": round(phases[p] / launches, 6), "local": data.spec.local,
+    points = [{"kind": "phase", "phase": p, "hours": round(phases[p] / launches, 9), "local": data.spec.local,
                "gpu": data.spec.gpu_type, "source": source} for p in PER_LAUNCH if p in phases]
     path = user_calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
