@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from gpt2cloud.cost.hardware import gpu_spec, known_gpus  # noqa: E402
+from gpt2cloud.cost.hardware import gpu_from_device_name, gpu_spec  # noqa: E402
 from gpt2cloud.cost.recipes import load_recipe  # noqa: E402
 from model.train import setup_training, train_step  # noqa: E402
 
@@ -47,15 +47,8 @@ def guess_gpu(device: str) -> str | None:
     """Our table's name for the CUDA device (e.g. 'NVIDIA H100 80GB HBM3' -> H100), or None."""
     if not device.startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(device).upper()
-    memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    # Plain chip names only (H100-MEGA is a cloud's networking variant, not a device name), longest
-    # first so that GH200 wins over H200 and A100 is told apart by its memory.
-    plain = sorted((g for g in known_gpus() if "-" not in g and g != "CPU"), key=len, reverse=True)
-    for gpu in plain:
-        if gpu.upper() in name.split() or gpu.upper() in name.replace("-", " ").split():
-            return "A100-80GB" if gpu == "A100" and memory_gib > 60 else gpu
-    return None
+    return gpu_from_device_name(torch.cuda.get_device_name(device),
+                                torch.cuda.get_device_properties(device).total_memory / 2**30)
 
 
 def main(argv=None) -> None:

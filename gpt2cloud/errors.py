@@ -10,6 +10,12 @@ class UserError(Exception):
     """Bad input or a missing precondition the user can fix: what is wrong and how to fix it."""
 
 
+# Counts a run can really have: larger ones are typos, and would overflow the arithmetic downstream.
+MAX_STEPS = 100_000_000
+MAX_TOKENS_PER_STEP = 2**34
+MAX_MICRO_BATCH = 65_536
+
+
 def positive(flag: str, value, example: str = "", upper: float | None = None):
     """value if it is a finite number above 0 (and at most `upper`), else a UserError naming the flag.
 

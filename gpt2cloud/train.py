@@ -8,6 +8,7 @@ by PID first and then end every process in it; see gpt2cloud/processes.py.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from gpt2cloud.cost.recipes import load_recipe
-from gpt2cloud.errors import UserError, positive
+from gpt2cloud.errors import MAX_STEPS, UserError, positive
 from gpt2cloud.processes import kill_process_tree
 from gpt2cloud.store.layout import CONFIG, METRICS
 from model.config import BatchError
@@ -28,8 +29,12 @@ def check_inputs(cfg, data: Path, out: Path, nproc: int, resume: str) -> None:
     from model.data import TokenLoader, find_shards
     from model.shards import ShardError
 
-    if nproc < 1:
-        raise UserError(f"--nproc {nproc}: the number of processes must be at least 1")
+    positive("--steps", cfg.steps, "100", upper=MAX_STEPS)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a directory (new, or a run's to resume it)")
+    if not data.is_dir():
+        raise UserError(f"--data {data}: " + ("is a file" if data.exists() else "does not exist")
+                        + "; give the directory of .bin shards that `gpt2cloud data prepare` wrote")
     if resume not in ("auto", "never"):
         raise UserError(f"--resume {resume}: expected auto or never")
     if cfg.max_cost_usd > 0 and cfg.price_per_gpu_hour <= 0:
@@ -48,6 +53,21 @@ def check_inputs(cfg, data: Path, out: Path, nproc: int, resume: str) -> None:
     if latest is not None and resume == "never":
         raise UserError(f"{out} already holds checkpoints (newest {latest.name}); use --resume auto to continue "
                         "that run, or a new --out to start another")
+
+
+def fit_to_ranks(cfg, nproc: int, stream: TextIO):
+    """The recipe's micro-batch, or the largest smaller one that divides tokens per step over the ranks."""
+    try:
+        cfg.grad_accum(nproc)
+        return cfg
+    except BatchError:
+        pass
+    for m in range(cfg.micro_batch - 1, 0, -1):
+        if cfg.tokens_per_step % (m * cfg.model.block_size * nproc) == 0:
+            stream.write(f"note: micro-batch {m} instead of the recipe's {cfg.micro_batch}: the largest that divides "
+                         f"{cfg.tokens_per_step:,} tokens per step over {nproc} ranks\n")
+            return dataclasses.replace(cfg, micro_batch=m)
+    return cfg  # none divides: check_inputs says so
 
 
 def torchrun_command(config: Path, data: Path, out: Path, nproc: int, resume: str) -> list[str]:
@@ -122,8 +142,10 @@ def train(recipe: str, data: str | Path, out: str | Path, nproc: int = 1, steps:
     data, out = Path(data), Path(out)
     positive("--price", price, "2.99")
     positive("--max-cost", max_cost, "5")
+    positive("--nproc", nproc, "2", upper=1024)
     cfg = load_recipe(recipe).to_train_config(steps=steps, compile=compile, price_per_gpu_hour=price,
                                                max_cost_usd=max_cost)
+    cfg = fit_to_ranks(cfg, nproc, stream or sys.stdout)
     check_inputs(cfg, data, out, nproc, resume)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / CONFIG

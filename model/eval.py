@@ -54,25 +54,29 @@ def load_hellaswag(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise EvalDataError(f"{path}: HellaSwag file not found (get hellaswag_val.jsonl from {HELLASWAG_VAL_URL})")
     examples = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if limit is not None and len(examples) >= limit:
-                break
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-                ctx, endings, label = row["ctx"], row["endings"], int(row["label"])
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{where}: not JSON ({e.msg})") from None
-            except (KeyError, TypeError, ValueError):
-                raise EvalDataError(f"{where}: expected an object with ctx, endings and an integer label") from None
-            if (not isinstance(endings, list) or len(endings) < 2 or not 0 <= label < len(endings)
-                    or not all(isinstance(e, str) and e.strip() for e in endings)):
-                raise EvalDataError(f"{where}: endings must be a list of at least 2 non-empty strings "
-                                    "and label an index into it")
-            examples.append({"ctx": ctx, "endings": endings, "label": label})
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as e:
+        raise EvalDataError(f"{path}: not a readable UTF-8 text file ({type(e).__name__}); give HellaSwag's JSONL "
+                            f"(hellaswag_val.jsonl from {HELLASWAG_VAL_URL})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if limit is not None and len(examples) >= limit:
+            break
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+            ctx, endings, label = row["ctx"], row["endings"], int(row["label"])
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{where}: not JSON ({e.msg})") from None
+        except (KeyError, TypeError, ValueError):
+            raise EvalDataError(f"{where}: expected an object with ctx, endings and an integer label") from None
+        if (not isinstance(endings, list) or len(endings) < 2 or not 0 <= label < len(endings)
+                or not all(isinstance(e, str) and e.strip() for e in endings)):
+            raise EvalDataError(f"{where}: endings must be a list of at least 2 non-empty strings "
+                                "and label an index into it")
+        examples.append({"ctx": ctx, "endings": endings, "label": label})
     if not examples:
         raise EvalDataError(f"{path}: no examples")
     return examples

@@ -140,7 +140,7 @@ def test_two_nodes_double_the_gpus():
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--gpus", "H100:0"], "at least 1"),
+        (["--gpus", "H100:0"], "1 to 64"),
         (["--gpus", "H100:abc"], "not a whole number"),
         (["--gpus", "X9000:8"], "known GPUs: A100"),
         (["--price", "0"], "greater than 0"),
@@ -152,7 +152,7 @@ def test_two_nodes_double_the_gpus():
         (["--price", "inf"], "finite number"),
         (["--gpus", "H100:3"], "not divisible"),
         (["--tokens-per-step", "1000"], "not divisible"),
-        (["--steps", "0"], "positive"),
+        (["--steps", "0"], "greater than 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle):

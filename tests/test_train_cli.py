@@ -65,7 +65,7 @@ def test_train_refuses_bad_input_in_one_line(tmp_path, recipe):
     _one_line_error(runner.invoke(app, ["train", str(recipe), "--data", str(empty), "--out", str(out)]),
                     "no .bin token shards")
     data = make_shards(tmp_path / "data")
-    for bad_nproc, why in [("0", "at least 1"), ("3", "not divisible")]:
+    for bad_nproc, why in [("0", "greater than 0"), ("3", "not divisible")]:
         _one_line_error(runner.invoke(app, ["train", str(recipe), "--data", str(data), "--out", str(out),
                                             "--nproc", bad_nproc]), why)
     _one_line_error(runner.invoke(app, ["train", str(recipe), "--data", str(data), "--out", str(out),

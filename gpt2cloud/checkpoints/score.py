@@ -16,11 +16,20 @@ from gpt2cloud.store.layout import MANIFEST
 
 
 def pick_device(device: Optional[str] = None) -> str:
+    """--device as torch understands it (cpu, cuda, cuda:1), checked against what this machine has."""
     import torch
 
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
+    if parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: only cpu and cuda are supported")
+    return device
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):

@@ -7,10 +7,37 @@ Command modules import torch, skypilot or boto3 only inside their functions, so 
 from __future__ import annotations
 
 import typer
+from typer import _click
+from typer.core import TyperGroup
 
-from gpt2cloud.cli.output import handles_errors
+from gpt2cloud.cli.output import fail, handles_errors
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a missing argument, a bad option value, an unknown command) as one line with the
+    fix and exit code 2, like every other error, instead of Typer's multi-line box."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _click.exceptions.UsageError as e:
+            usage_error(e)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _click.exceptions.UsageError as e:
+            usage_error(e)
+
+
+def usage_error(e) -> None:
+    where = e.ctx.command_path if e.ctx else "gpt2cloud"
+    message = " ".join(e.format_message().split()).rstrip(".")
+    fail(f"{message.replace('[', chr(92) + '[')}; see `{where} --help`")
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     name="gpt2cloud",
     help="Train GPT-2 on rented cloud GPUs: estimate the cost, prepare data, launch, watch, fetch, sample.",
     no_args_is_help=True,
@@ -42,7 +69,8 @@ from gpt2cloud.cli import eval as evaluate  # noqa: E402  (not shadowing the bui
 from gpt2cloud.cli import plot, report, runs, sample, status, train  # noqa: E402
 
 register(app, "estimate", estimate.estimate_command)
-data_app = typer.Typer(help="Prepare token shards and move them to and from object storage.", no_args_is_help=True)
+data_app = typer.Typer(cls=OneLineErrors, help="Prepare token shards and move them to and from object storage.",
+                       no_args_is_help=True)
 register(data_app, "prepare", data.prepare_command)
 register(data_app, "upload", data.upload_command)
 register(data_app, "download", data.download_command)

@@ -23,7 +23,8 @@ def render(e, console: Console) -> None:
         ("parameters", f"{e.params:,}"),
         ("FLOPs per token", f"{e.flops_per_token:.3e}  ({e.flops_formula})"),
         ("tokens", f"{e.tokens:,} = {e.steps:,} steps x {e.tokens_per_step:,}"),
-        ("batch", f"micro-batch {e.micro_batch} x gradient accumulation {e.grad_accum}"),
+        ("batch", f"micro-batch {e.micro_batch} x gradient accumulation {e.grad_accum}"
+                  + (f"  [yellow]({e.micro_batch_note})[/]" if e.micro_batch_note else "")),
         ("total FLOPs", f"{e.total_flops:.3e}"),
         ("efficiency", f"MFU {e.mfu:.1%}  [dim]({e.mfu_source})[/]"),
         ("throughput", f"{e.tokens_per_second:,.0f} tokens/s, {e.step_seconds:.3f} s/step"),
@@ -71,7 +72,8 @@ def render_compare(rows: list, console: Console) -> None:
             f"{e.gpu_type}:{e.gpus_per_node}", _where(e), f"{e.mfu:.0%}", human(e.tokens_per_second),
             hours(e.wall_hours), hours(e.all_in_hours), f"{e.price_per_gpu_hour:.2f}", f"${e.cost_usd:,.0f}",
             f"${e.all_in_cost_usd:,.0f}", f"{e.memory_gb_per_gpu:.0f}/{e.gpu_memory_gb:g}G",
-            "yes" if e.fits else f"no (mb<={e.max_micro_batch})", style=None if e.fits else "dim",
+            ("yes" + (f" (mb {e.micro_batch} x {e.grad_accum})" if e.micro_batch_note else "")) if e.fits else
+            f"no (mb<={e.max_micro_batch})", style=None if e.fits else "dim",
         )
     console.print(t)
 

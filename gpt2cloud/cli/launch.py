@@ -41,7 +41,8 @@ def _print_plan(p, console: Console) -> None:
 
 def launch_command(
     recipe: str = typer.Argument(..., help="Recipe name (gpt2-124m, gpt2-tiny, ...) or path to a recipe YAML."),
-    gpus: str = typer.Option("H100:8", "--gpus", help="GPU type and count per node, e.g. H100:8."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU type and count per node, e.g. H100:8 (default: "
+                                       "H100:8; with --infra local this machine's GPUs, else its CPU cores)."),
     nodes: int = typer.Option(1, "--nodes", help="Number of nodes (torchrun over all of them)."),
     infra: Optional[str] = typer.Option(None, "--infra", help="lambda, aws, gcp, azure, kubernetes, runpod, ... "
                                         "(optionally /region), or local; default: any enabled cloud."),

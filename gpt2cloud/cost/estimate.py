@@ -5,12 +5,13 @@ Plain arithmetic, no torch: `gpt2cloud estimate` must answer instantly.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 
 from gpt2cloud.cost import phases
 from gpt2cloud.cost.hardware import default_mfu, default_price, gpu_spec, known_gpus
 from gpt2cloud.cost.recipes import Recipe
-from gpt2cloud.errors import UserError, positive
+from gpt2cloud.errors import MAX_MICRO_BATCH, MAX_STEPS, MAX_TOKENS_PER_STEP, UserError, positive
 from model.config import FLOPS_FORMULA, BatchError, GPTConfig, TrainConfig
 
 GIB = 2**30
@@ -94,6 +95,7 @@ class Estimate:
     all_in_hours: float = 0.0
     all_in_cost_usd: float = 0.0
     controller_usd: float = 0.0  # spot: SkyPilot's managed-jobs controller VM, beside the node
+    micro_batch_note: str = ""  # why the micro-batch differs from the recipe's, when it does
     phase_sources: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -125,14 +127,36 @@ def estimate(
         raise UserError(f"--nodes {nodes}: need at least 1 node")
     positive("--price", price, "2.99")
     positive("--mfu", mfu, "0.45", upper=1)
-    for flag, value in (("--steps", steps), ("--tokens-per-step", tokens_per_step), ("--micro-batch", micro_batch)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} {value}: must be a positive whole number")
+    positive("--steps", steps, "19073", upper=MAX_STEPS)
+    positive("--tokens-per-step", tokens_per_step, "524288", upper=MAX_TOKENS_PER_STEP)
+    positive("--micro-batch", micro_batch, "16", upper=MAX_MICRO_BATCH)
+    positive("--nodes", nodes, "2", upper=1024)
 
     cfg = recipe.to_train_config(steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch)
-    return estimate_config(recipe.name, cfg, gpu_type, gpus_per_node, nodes, price=price, mfu=mfu,
+    note = ""
+    if micro_batch is None:  # the recipe's micro-batch: use the largest one that divides and fits instead
+        gpus = gpus_per_node * nodes
+        chosen = fit_micro_batch(cfg, gpus, gpu_spec(gpu_type).memory_gib)
+        if chosen and chosen != cfg.micro_batch:
+            note = (f"micro-batch {chosen} instead of the recipe's {cfg.micro_batch}, the largest that "
+                    f"{'fits in ' + gpu_spec(gpu_type).name + ' memory and ' if chosen < cfg.micro_batch else ''}"
+                    f"divides {cfg.tokens_per_step:,} tokens per step over {gpus} GPUs")
+            cfg = dataclasses.replace(cfg, micro_batch=chosen)
+    est = estimate_config(recipe.name, cfg, gpu_type, gpus_per_node, nodes, price=price, mfu=mfu,
                            check_batch=check_batch, local=local, spot=spot, idle_minutes=idle_minutes,
                            price_source=price_source)
+    est.micro_batch_note = note
+    return est
+
+
+def fit_micro_batch(cfg: TrainConfig, gpus: int, memory_gib: float) -> int | None:
+    """The largest micro-batch, at most the config's, that divides tokens per step over the GPUs and
+    fits in their memory; None when none does."""
+    for m in range(cfg.micro_batch, 0, -1):
+        if (cfg.tokens_per_step % (m * cfg.model.block_size * gpus) == 0
+                and memory_per_gpu(cfg.model, m).total_gib <= memory_gib):
+            return m
+    return None
 
 
 def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: int, nodes: int = 1,

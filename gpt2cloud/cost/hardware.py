@@ -6,12 +6,17 @@ import functools
 import importlib.resources
 import json
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 
 from gpt2cloud.errors import UserError
 from gpt2cloud.home import user_calibration_path
+
+
+MAX_GPUS_PER_NODE = 64
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,18 @@ def gpu_spec(name: str) -> GpuSpec:
     return GpuSpec(name=canonical, **gpus[canonical])
 
 
+def gpu_from_device_name(device_name: str, memory_gib: float) -> str | None:
+    """Our table's name for a CUDA device ('NVIDIA H100 80GB HBM3' -> H100), or None.
+
+    Plain chip names only (H100-MEGA is a cloud's networking variant, not a device), longest first so
+    that GH200 wins over H200, and A100 told apart by its memory."""
+    words = device_name.upper().replace("-", " ").split()
+    for gpu in sorted((g for g in table("gpus") if "-" not in g and g != "CPU"), key=len, reverse=True):
+        if gpu.upper() in words:
+            return "A100-80GB" if gpu == "A100" and memory_gib > 60 else gpu
+    return None
+
+
 def default_price(gpu: str) -> Price | None:
     row = table("prices").get(gpu)
     return Price(**row) if row else None
@@ -59,9 +76,9 @@ def default_price(gpu: str) -> Price | None:
 
 def parse_gpus(text: str) -> tuple[str, int]:
     """'H100:8' -> ('H100', 8); a bare 'H100' means one GPU, as in SkyPilot."""
-    name, _, count = text.partition(":")
-    if not name:
-        raise UserError(f"--gpus '{text}': expected TYPE:COUNT such as H100:8")
+    name, colon, count = text.partition(":")
+    if not name or (colon and not count):
+        raise UserError(f"--gpus '{text}': expected TYPE:COUNT such as H100:8 (a bare TYPE means one GPU)")
     if count == "":
         n = 1
     else:
@@ -69,28 +86,44 @@ def parse_gpus(text: str) -> tuple[str, int]:
             n = int(count)
         except ValueError:
             raise UserError(f"--gpus '{text}': the count '{count}' is not a whole number; use e.g. H100:8") from None
-        if n < 1:
-            raise UserError(f"--gpus '{text}': the GPU count must be at least 1; use e.g. {name}:8")
+        if not 1 <= n <= MAX_GPUS_PER_NODE:
+            raise UserError(f"--gpus '{text}': the GPU count must be 1 to {MAX_GPUS_PER_NODE}; use e.g. {name}:8")
     return gpu_spec(name).name, n
 
 
 def user_points() -> list[dict]:
     """What this user's finished runs measured (`gpt2cloud report` appends them): MFU points and phase
-    durations. A damaged line is skipped, never fatal: a bad file must not break every estimate."""
+    durations. A damaged line is skipped with a warning, never fatal: a bad file must not break every
+    estimate."""
     path = user_calibration_path()
-    points = []
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+        stamp = path.stat().st_mtime_ns if path.is_file() else None
     except OSError:
-        lines = []
+        stamp = None
+    return list(_read_points(str(path), stamp)) if stamp is not None else []
+
+
+@functools.lru_cache(maxsize=4)
+def _read_points(path: str, stamp: int) -> tuple:
+    """The file's points, read (and warned about) once per version of it."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        print(f"warning: {path}: cannot be read ({e.strerror}); ignored", file=sys.stderr)
+        return ()
+    points, bad = [], 0
     for line in lines:
         try:
             point = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            point = None
         if isinstance(point, dict):
             points.append(point)
-    return points
+        elif line.strip():
+            bad += 1
+    if bad:
+        print(f"warning: {path}: {bad} damaged line(s) skipped; delete them or the file", file=sys.stderr)
+    return tuple(points)
 
 
 def calibration_points() -> list[dict]:

@@ -132,8 +132,13 @@ def load_recipe(name_or_path: str) -> Recipe:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise UserError(f"recipe file {path} not found")
-        text, where = path.read_text(), str(path)
+            raise UserError(f"recipe file {path} not found" + (" (it is a directory)" if path.is_dir() else "")
+                            + f"; give a recipe name ({', '.join(known_recipes())}) or a YAML file")
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except (UnicodeDecodeError, OSError) as e:
+            raise UserError(f"recipe {path}: not a readable UTF-8 text file ({type(e).__name__}); give a recipe "
+                            "YAML file") from None
     elif name_or_path in known_recipes():
         text = (_bundled_dir() / f"{name_or_path}.yaml").read_text()
         where = name_or_path

@@ -12,13 +12,14 @@ import hashlib
 import importlib.metadata
 import ipaddress
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlparse
 
 from gpt2cloud import home
 from gpt2cloud.cost.estimate import Estimate, estimate
-from gpt2cloud.cost.hardware import parse_gpus
+from gpt2cloud.cost.hardware import gpu_from_device_name, parse_gpus
 from gpt2cloud.cost.recipes import load_recipe
 from gpt2cloud.errors import UserError, positive
 from gpt2cloud.launch import build, task
@@ -28,6 +29,7 @@ from gpt2cloud.runs.registry import CLUSTER, MANAGED_JOB, RunSpec
 from model.config import TrainConfig
 
 CPU = "CPU"  # the hardware table's entry for CPU ranks (local runs only)
+DEFAULT_GPUS = "H100:8"  # a cloud launch without --gpus: the lecture's node
 STALL_MIN_MINUTES = 20
 CREDENTIAL_MARGIN = 1.5  # the estimate is of the training loop; the node also sets up, evaluates, retries
 COMPILE_ALLOWANCE_S = 600  # torch.compile of a 1.5B model, the first step's allocations, a slow data read
@@ -93,13 +95,28 @@ def normalize_infra(infra: Optional[str]) -> str:
     return infra.strip().lower()
 
 
-def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, spot: bool = False,
+def local_gpus() -> str:
+    """What `--infra local` runs on without --gpus: this machine's GPUs, else one rank per CPU core."""
+    import torch
+
+    if torch.cuda.is_available():
+        gpu = gpu_from_device_name(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory / 2**30)
+        if gpu is None:
+            raise UserError(f"--gpus: this machine's GPU ({torch.cuda.get_device_name(0)}) is not in the GPU table; "
+                            "pass --gpus TYPE:COUNT with the closest type (`gpt2cloud estimate --help`)")
+        return f"{gpu}:{torch.cuda.device_count()}"
+    return f"{CPU}:{os.cpu_count() or 1}"
+
+
+def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] = None, spot: bool = False,
          data: str = "", bucket: str = "", name: Optional[str] = None, steps: Optional[int] = None,
          max_cost: Optional[float] = None, idle_minutes: int = 10, price: Optional[float] = None,
          push_every: int = 60, offline: bool = False, max_hours: Optional[float] = None,
          micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None) -> Plan:
     infra = normalize_infra(infra)
     r = load_recipe(recipe)
+    if gpus is None:
+        gpus = local_gpus() if infra == LOCAL else DEFAULT_GPUS
     gpu_type, count = parse_gpus(gpus)
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: need at least 1 node")
@@ -153,7 +170,7 @@ def plan(recipe: str, gpus: str, nodes: int = 1, infra: Optional[str] = None, sp
 
     run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
     train_cfg = r.to_train_config(
-        steps=steps, micro_batch=micro_batch, tokens_per_step=tokens_per_step, max_cost_usd=max_cost or 0.0,
+        steps=steps, micro_batch=est.micro_batch, tokens_per_step=tokens_per_step, max_cost_usd=max_cost or 0.0,
         price_per_gpu_hour=est.price_per_gpu_hour, max_hours=max_hours or 0.0,
         device="auto" if infra == LOCAL else "cuda", stall_minutes=stall_minutes(est),
         # MFU in the metrics needs the real peak: a local run of `--gpus H100:2` on CPU ranks has none

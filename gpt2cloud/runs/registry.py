@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -177,8 +178,9 @@ def all_runs() -> list[RunRecord]:
     for p in sorted(d.glob("*.json")):
         try:
             out.append(RunRecord.from_dict(json.loads(p.read_text())))
-        except (OSError, ValueError, TypeError, KeyError):
-            continue  # a half-written or foreign file: skip it rather than break `runs`
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            # a damaged or foreign file: named, and skipped rather than breaking `runs` and `status`
+            print(f"warning: {p}: not a readable run record ({type(e).__name__}); skipped", file=sys.stderr)
     return sorted(out, key=lambda r: r.started_at)
 
 

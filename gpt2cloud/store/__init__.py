@@ -39,6 +39,10 @@ def open_store(url: str, endpoint_url: str | None = None, *, region: str | None 
     if scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"{url}: no bucket name; use s3://BUCKET/PREFIX")
+        parts = parsed.path.strip("/").split("/")
+        if any(p in (".", "..") for p in parts) or "//" in parsed.path.strip("/"):
+            raise StorageError(f"{url}: a prefix may not contain '.', '..' or empty parts (S3 would store them "
+                               "literally); use s3://BUCKET/a/b")
         from gpt2cloud.store.s3 import S3Store
 
         return S3Store(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url, region=region)

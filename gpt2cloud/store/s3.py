@@ -248,7 +248,11 @@ def _s3_client(endpoint_url: str | None, region: str | None, config):
     with _cache_lock:
         client = _clients.get(key)
         if client is None:
-            session = _sessions.get(env) or _cache_put(_sessions, env, boto3.session.Session())
+            try:
+                session = _sessions.get(env) or _cache_put(_sessions, env, boto3.session.Session())
+            except Exception as e:  # noqa: BLE001 - botocore's ProfileNotFound, a broken ~/.aws/config
+                raise StorageError(f"S3 credentials: {type(e).__name__}: {str(e).splitlines()[0]}; fix AWS_PROFILE "
+                                   "or ~/.aws/config, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
             region_name = region or os.environ.get("AWS_REGION") or session.region_name
             client = _cache_put(_clients, key, session.client("s3", endpoint_url=endpoint_url,
                                                               region_name=region_name, config=config))
