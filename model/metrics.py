@@ -287,7 +287,7 @@ class RunMetrics:
 
     def phase_seconds(self) -> dict[str, float]:
         """Measured seconds per phase, summed over attempts (gpt2cloud/cost/phases.py names the phases)."""
-        spans = {"setup": 0.0, "data": 0.0, "compile": 0.0, "training": 0.0, "evals": 0.0}
+        spans = {"setup": 0.0, "data": 0.0, "compile": 0.0, "training": 0.0, "evals": 0.0, "finish": 0.0}
         for e in self.events:
             if e.get("event") in ("setup", "data", "pull") and isinstance(e.get("start"), (int, float)):
                 spans["setup" if e["event"] == "setup" else "data"] += e["time"] - e["start"]
@@ -295,6 +295,11 @@ class RunMetrics:
             first = next((r for r in self.train if r.get("time", 0) > e["time"]), None)
             if first is not None:  # start-up, compilation, the first step's allocations
                 spans["compile"] += max(0.0, first["time"] - (first.get("step_seconds") or 0) - e["time"])
+        for e in (e for e in self.events if e.get("event") == "train_end"):
+            before = [r["time"] for r in [*self.train, *self.events] if r.get("event") in (None, *STOPS)
+                      and isinstance(r.get("time"), (int, float)) and r["time"] <= e["time"]]
+            if before:  # from the trainer's last line to its processes' exit
+                spans["finish"] += e["time"] - max(before)
         spans["training"] = sum(r.get("step_seconds") or 0 for r in self.train)
         spans["evals"] = sum(r.get("seconds") or 0 for r in [*self.val, *self.hellaswag, *self.events]
                              if "seconds" in r and (r.get("event") in (None, "checkpoint")))

@@ -7,6 +7,7 @@ Both `model/` (sampling, eval) and `gpt2cloud/` (data prepare) use this one modu
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 from pathlib import Path
@@ -27,12 +28,15 @@ class TokenizerError(RuntimeError):
 def get_encoding():
     """Return the GPT-2 tiktoken Encoding (cached per process)."""
     import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
 
     data = RANKS_PATH.read_bytes()
     if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
         raise TokenizerError(f"{RANKS_PATH} is corrupt (sha256 mismatch); reinstall gpt2cloud")
-    ranks = load_tiktoken_bpe(str(RANKS_PATH), expected_hash=RANKS_SHA256)
+    # Parsed here rather than with tiktoken.load.load_tiktoken_bpe: that one copies even a local file into
+    # its cache ($TIKTOKEN_CACHE_DIR, creating the directory; /tmp/data-gym-cache by default) and fails
+    # when that directory cannot be written.
+    pairs = (line.split() for line in data.splitlines() if line)
+    ranks = {base64.b64decode(token): int(rank) for token, rank in pairs}
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_PATTERN,

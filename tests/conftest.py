@@ -1,8 +1,19 @@
-"""Shared fixtures.
+"""Shared fixtures and the suite's rules.
+
+`isolated_home` (autouse): every test gets its own HOME, $GPT2CLOUD_HOME and caches under its tmp_path
+(`session_home` does the same for module and session fixtures), so nothing of the developer's machine
+(~/.gpt2cloud/calibration.jsonl, ~/.aws, a tiktoken or Hugging Face cache) changes what a test sees,
+and nothing a test writes lands there. Subprocesses inherit it. Tests that import SkyPilot set HOME
+again themselves (tests/sky_offline.py's `sky_mod`, which runs after this fixture), because SkyPilot
+reads HOME once, at `import sky`.
 
 `s3_server`: a real S3 endpoint over HTTP (moto's server in a thread of the test process), started
 once per session, with fake AWS credentials in the environment. boto3 is not patched: code under
 test talks to it exactly as to AWS, through `endpoint_url`. `s3_bucket`: a fresh, empty bucket on it.
+
+No silent skips in CI: with CI set (as CI services do) or GPT2CLOUD_NO_SKIPS=1, a skipped test, or a
+test module skipped at import, fails the run: a feature the README promises must not go untested
+because a package was missing on the CI machine. Elsewhere skips are allowed and listed (`-rs`).
 """
 
 from __future__ import annotations
@@ -20,6 +31,100 @@ FAKE_AWS_ENV = {
     "AWS_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",  # never wait on an instance-metadata credential lookup
 }
+
+# Where libraries look for per-user state when these are set: unset them, so that HOME decides.
+_USER_STATE_VARS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE",
+                    "TORCH_HOME", "DATA_GYM_CACHE_DIR", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                    "SKYPILOT_CONFIG", "PYTHONUSERBASE")
+
+
+# ---------------------------------------------------------------- isolation
+
+
+def isolate_home(mp: pytest.MonkeyPatch, home) -> None:
+    """Point HOME, $GPT2CLOUD_HOME, the XDG dirs and the tools' caches into `home` (created here).
+
+    torch.compile's Inductor cache is left where it is (/tmp/torchinductor_$USER, not under HOME):
+    it holds compiled kernels keyed by their source, changes no result, and a cold one costs ~1 min.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    for var in _USER_STATE_VARS:
+        mp.delenv(var, raising=False)
+    mp.setenv("HOME", str(home))
+    mp.setenv("GPT2CLOUD_HOME", str(home / ".gpt2cloud"))
+    mp.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    mp.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    mp.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    mp.setenv("XDG_STATE_HOME", str(home / ".local" / "state"))
+    mp.setenv("TIKTOKEN_CACHE_DIR", str(home / ".cache" / "tiktoken"))
+    mp.setenv("MPLCONFIGDIR", str(home / ".config" / "matplotlib"))
+    mp.setenv("HF_HUB_OFFLINE", "1")  # no test may reach the Hugging Face hub
+    mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory):
+    """The same for what runs outside any one test: module and session fixtures (reference training
+    runs, servers). Each test then gets a HOME of its own (isolated_home)."""
+    mp = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("session-home")
+    isolate_home(mp, home)
+    yield home
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(session_home, tmp_path, monkeypatch):
+    """A fresh HOME for this test at tmp_path/.home, with $GPT2CLOUD_HOME and the caches inside it."""
+    home = tmp_path / ".home"
+    isolate_home(monkeypatch, home)
+    return home
+
+
+# ---------------------------------------------------------------- no silent skips in CI
+
+
+def no_skips() -> bool:
+    """CI (set to anything but a false value) or GPT2CLOUD_NO_SKIPS=1: a skip is a failure."""
+    ci = os.environ.get("CI", "").strip().lower()
+    return ci not in ("", "0", "false", "no") or os.environ.get("GPT2CLOUD_NO_SKIPS") == "1"
+
+
+def _skip_reason(longrepr) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (file, line, "Skipped: reason")
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+_NO_SKIPS_NOTE = "skipped tests fail the run when CI or GPT2CLOUD_NO_SKIPS=1 is set (tests/conftest.py)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and no_skips():
+        report.outcome = "failed"
+        report.longrepr = f"{_skip_reason(report.longrepr)}\n{_NO_SKIPS_NOTE}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module that skips itself at import (pytest.importorskip at the top) is a skip too."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and no_skips():
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid}: {_skip_reason(report.longrepr)}\n{_NO_SKIPS_NOTE}"
+
+
+def pytest_report_header(config):
+    if no_skips():
+        return "no skips allowed (CI or GPT2CLOUD_NO_SKIPS=1): a skipped test fails"
+    return None
+
+
+# ---------------------------------------------------------------- S3
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,10 @@
 """gpt2cloud.data.prepare: llm.c shards from local text, identical for any worker count and after a resume."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -194,12 +197,8 @@ def test_val_split_taking_everything_is_an_error(corpus, tmp_path):
     assert r["train_tokens"] > 0
 
 
-def test_hugging_face_source_without_datasets(tmp_path):
-    try:
-        import datasets  # noqa: F401
-        pytest.skip("datasets is installed; the missing-package message is not reachable")
-    except ImportError:
-        pass
+def test_hugging_face_source_without_datasets(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails, installed or not
     with pytest.raises(UserError, match="needs the `datasets` package"):
         prepare("HuggingFaceFW/fineweb-edu:sample-10BT", tmp_path / "out", progress=False)
 
@@ -212,3 +211,16 @@ def test_bad_record_found_by_a_worker_process_names_file_and_line(tmp_path):
     with pytest.raises(UserError, match=r"src\.jsonl:401: not a JSON object with a 'text' field"):
         prepare(str(src), tmp_path / "out", workers=2, chunk_bytes=2000, progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_tokenizer_needs_no_cache_and_writes_none(tmp_path):
+    """The bundled GPT-2 ranks are parsed in place: no download, and nothing written to tiktoken's cache
+    (an unwritable TIKTOKEN_CACHE_DIR, or one that does not exist, is neither created nor a problem)."""
+    cache = tmp_path / "no" / "such" / "dir"
+    code = ("from model.tokenizer import encode\n"
+            "assert encode('Hello world') == [15496, 995]\n")
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(cache), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "no").exists()

@@ -303,7 +303,7 @@ def test_prices_come_from_the_catalog_of_the_cloud(sky_mod, env):
 def test_the_all_in_estimate_counts_every_phase(sky_mod, env):
     p = _plan(infra="aws", spot=True)
     e = p.est
-    assert set(e.breakdown_hours) == {"provisioning", "setup", "data", "compile", "training", "evals", "idle",
+    assert set(e.breakdown_hours) == {"provisioning", "setup", "data", "compile", "training", "evals", "finish", "idle",
                                       "recovery"}
     assert sum(e.breakdown_hours.values()) == pytest.approx(e.all_in_hours, rel=1e-5)
     assert e.breakdown_hours["training"] == pytest.approx(e.wall_hours) and e.breakdown_hours["recovery"] > 0

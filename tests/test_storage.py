@@ -3,12 +3,10 @@
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from botocore.exceptions import ClientError
 
-from gpt2cloud.errors import UserError
 from gpt2cloud.store.s3 import s3_error
 from gpt2cloud.store import NoSuchObject, StorageError, open_store, sha256_file
 
@@ -113,11 +111,18 @@ def test_unreachable_endpoint_fails_fast(s3_server):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from gpt2cloud.store import s3 as s3store
+
     store = open_store("s3://bucket/x", endpoint_url=f"http://127.0.0.1:{port}")
-    t0 = time.monotonic()
+    sent = []
+    store.client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.url))
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint at http://127.0.0.1"):
         store.list()
-    assert time.monotonic() - t0 < 15
+    # fast by construction: a few attempts (botocore's max_attempts counts the retries), each with a short
+    # connect timeout, so a silent endpoint costs at most ~4 x 5 s, never the SDK's default minutes
+    config = store.client.meta.config
+    assert len(sent) == config.retries["total_max_attempts"] == s3store.MAX_ATTEMPTS + 1 <= 4
+    assert config.connect_timeout == s3store.CONNECT_TIMEOUT_S <= 5
 
 
 def test_no_credentials(s3_server, s3_bucket, tmp_path):
@@ -168,14 +173,23 @@ def test_s3_clients_are_reused_per_environment(s3_server, s3_bucket, monkeypatch
     opened after the environment changed gets a client made from the new one."""
     from gpt2cloud.store import s3 as s3store
 
+    import boto3
+
+    built = []
+    real_client = boto3.session.Session.client
+
+    def client(self, *args, **kwargs):  # each new client parses the S3 service model again (~0.1 s)
+        built.append(kwargs.get("region_name"))
+        return real_client(self, *args, **kwargs)
+
+    monkeypatch.setattr(boto3.session.Session, "client", client)
     s3store.clear_client_cache()
     first = open_store(f"s3://{s3_bucket}/a", endpoint_url=s3_server)
     second = open_store(f"s3://{s3_bucket}/b", endpoint_url=s3_server)
     assert second.client is first.client
-    t0 = time.perf_counter()
     for _ in range(5):
         open_store(f"s3://{s3_bucket}/c", endpoint_url=s3_server).put_bytes("x", b"1")
-    assert time.perf_counter() - t0 < 2  # no service model parsed again (~0.1 s a client)
+    assert len(built) == 1  # one client for seven stores
     assert open_store(f"s3://{s3_bucket}/d", endpoint_url=s3_server, region="eu-west-1").client is not first.client
     first.close()  # closing a store leaves the shared client usable
     assert open_store(f"s3://{s3_bucket}/c", endpoint_url=s3_server).get_bytes("x") == b"1"
@@ -185,5 +199,8 @@ def test_s3_clients_are_reused_per_environment(s3_server, s3_bucket, monkeypatch
     assert other.client is not first.client
     assert other.client._request_signer._credentials.access_key == "AKIAOTHERKEY00000001"
     assert open_store(f"s3://{s3_bucket}/b", endpoint_url=s3_server).client is other.client
-    monkeypatch.undo()
+    assert len(built) == 3  # and one each for the other region and the other credentials
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", first.client._request_signer._credentials.access_key)
     assert open_store(f"s3://{s3_bucket}/a", endpoint_url=s3_server).client is first.client
+    assert len(built) == 3

@@ -6,13 +6,16 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
 from run_helpers import fake_checkpoint, metrics_lines
 
-from gpt2cloud.store import open_store
+from gpt2cloud.store import open_store, transfer
 from model import sync
+from model.metrics import parse_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,21 +100,83 @@ def test_data_needs_a_manifest(tmp_path):
 
 def test_pusher_makes_a_final_push_on_sigterm(tmp_path):
     out, url = tmp_path / "out", (tmp_path / "bucket" / "r").as_uri()
-    out.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "model.sync", "push", str(out), url, "--every", "60"],
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "node-0.log").write_text("starting\n")
+    store = open_store(url)
+    proc = subprocess.Popen([sys.executable, "-m", "model.sync", "push", str(out), url, "--every", "600"],
                             cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # first (empty) push done; the next would be a minute away
+        # The log in the bucket says the first push is done (its signal handlers are set before it);
+        # the next regular push is ten minutes away, so what follows can only come from the final push.
+        deadline = time.monotonic() + 60
+        while not store.exists("logs/node-0.log"):
+            assert proc.poll() is None and time.monotonic() < deadline, "the pusher never pushed"
+            time.sleep(0.02)
+        assert sync.remote_checkpoints(store) == ([], []) and not store.exists("metrics.jsonl")
         fake_checkpoint(out, 7)
         (out / "metrics.jsonl").write_text(metrics_lines(7, 20))
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
-    store = open_store(url)
+        proc.wait()
     assert sync.remote_checkpoints(store)[0] == [(7, "step_000007")]
     assert json.loads(store.get_bytes("metrics.jsonl").decode().splitlines()[-1])["step"] == 7
     assert "final push done" in proc.stderr.read()
+
+
+class Killed(BaseException):
+    """The pusher's process died (a BaseException: no `except Exception` on the way catches it)."""
+
+
+def kill_after(store, writes: int) -> None:
+    """Make `store` behave like a process SIGKILLed after `writes` completed writes: every later write
+    (put, delete) raises Killed without touching the bucket."""
+    done, lock = [0], threading.Lock()
+
+    def wrap(fn):
+        def write(*args, **kwargs):
+            with lock:
+                if done[0] >= writes:
+                    raise Killed()
+            result = fn(*args, **kwargs)
+            with lock:
+                done[0] += 1
+            return result
+        return write
+
+    for name in ("put_bytes", "put_file", "delete"):
+        setattr(store, name, wrap(getattr(store, name)))
+
+
+def _remote_steps(store) -> set[int]:
+    return {r["step"] for r in parse_metrics(store.get_bytes("metrics.jsonl").decode()) if "loss" in r}
+
+
+@pytest.mark.parametrize("writes", range(6))  # a complete push here is 5 writes: metrics, 3 files, manifest
+def test_a_kill_anywhere_in_a_push_leaves_metrics_that_cover_the_newest_checkpoint(tmp_path, monkeypatch, writes):
+    """A resumed run keeps the bucket's metrics up to its checkpoint and redoes the steps after it: the
+    metrics must hold every step up to the newest complete checkpoint, wherever a kill stopped the push."""
+    monkeypatch.setattr(transfer, "FILE_WORKERS", 1)  # one upload at a time: each kill point is one state
+    out, url = tmp_path / "out", (tmp_path / "bucket" / "r").as_uri()
+    fake_checkpoint(out, 10)
+    (out / "metrics.jsonl").write_text(metrics_lines(12, 40))
+    pusher = sync.Pusher(out, url)
+    pusher.push_once()  # an earlier push, complete: checkpoint 10 and steps 1-12
+    fake_checkpoint(out, 20)
+    (out / "metrics.jsonl").write_text(metrics_lines(23, 40))
+    kill_after(pusher.store, writes)
+    try:
+        pusher.push_once()
+        finished = True
+    except Killed:
+        finished = False
+    assert finished == (writes == 5)
+    store = open_store(url)
+    newest = sync.remote_checkpoints(store)[0][-1][0]
+    assert set(range(1, newest + 1)) <= _remote_steps(store), f"steps missing before checkpoint {newest}"
+    if finished:
+        assert newest == 20 and max(_remote_steps(store)) == 23
 
 
 def test_node_side_needs_no_cli_dependencies(tmp_path):

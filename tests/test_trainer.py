@@ -1,22 +1,29 @@
 """model/train.py end to end on CPU: real torchrun with gloo, a tiny model with a 256-token vocabulary.
 
-The reference runs (1 process with gradient accumulation 2; 2 DDP ranks) are made once per module;
-the other tests compare against them.
+The reference runs are made once per module and the other tests compare against them:
+- `runs`: 1 process with gradient accumulation 2, and 2 DDP ranks x 1 micro-step (120 steps);
+- `accum_runs`: 1 process x accumulation 8, and 2 ranks x accumulation 4 (20 steps).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from gpt2cloud.processes import kill_process_tree
-from trainer_helpers import (REPO, env, losses, make_shards, read_metrics, run_trainer, tiny_config, trainer_cmd,
-                             write_config)
+from model import checkpoint as ckpt
+from model import train
+from model.metrics import truncate_after
+from trainer_helpers import (REPO, FakeClock, env, losses, make_shards, read_metrics, run_trainer, tiny_config,
+                             trainer_cmd, write_config)
 
 STEPS = 120  # ~2 s; long enough that a kill after step 25 lands well before the end
 
@@ -37,8 +44,22 @@ def _weights(out, step=STEPS):
 
 
 def _max_diff(a: dict, b: dict) -> float:
+    """The largest difference between two sets of weights, the attention key biases aside.
+
+    Their gradient is exactly zero (a bias on the keys adds the same q.b to all of a query's scores,
+    which softmax ignores), so what they get is rounding noise, and AdamW, dividing by its RMS, turns
+    noise of order 1e-10 into steps of order lr: they drift apart between two equal runs while changing
+    nothing the model computes.
+    """
     assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    def comparable(key, t):
+        if key.endswith("attn.c_attn.bias"):  # [query | key | value] biases
+            n = t.shape[0] // 3
+            return torch.cat([t[:n], t[2 * n:]])
+        return t
+
+    return max((comparable(k, a[k]) - comparable(k, b[k])).abs().max().item() for k in a)
 
 
 def test_two_ranks_equal_one_rank_with_accumulation(runs):
@@ -58,10 +79,12 @@ def test_metrics_and_checkpoints_written(runs):
     start, end = records[0], records[-1]
     assert start["event"] == "start" and start["world_size"] == 2 and start["resumed_from"] is None
     assert start["config"]["tokens_per_step"] == 256 and start["grad_accum"] == 1
-    assert end == {"event": "end", "step": STEPS, "final_loss": losses(runs["two"])[STEPS]}
+    assert all(isinstance(r["time"], float) for r in records)  # when each line was written
+    final = losses(runs["two"])[STEPS]
+    assert end == {"event": "end", "step": STEPS, "final_loss": final, "time": end["time"]}
     step = next(r for r in records if r.get("step") == 3 and "loss" in r)
     assert set(step) == {"step", "loss", "lr", "grad_norm", "step_seconds", "tokens_per_second", "mfu",
-                         "tokens_seen", "elapsed_seconds"}
+                         "tokens_seen", "elapsed_seconds", "time"}
     assert step["tokens_seen"] == 3 * 256 and step["mfu"] is None  # no peak FLOPS given, no price
     assert [r["step"] for r in records if "val_loss" in r] == list(range(10, STEPS + 1, 10))
     assert not any("sample" in r for r in records)  # vocabulary 256: no GPT-2 text to sample
@@ -74,6 +97,8 @@ def test_metrics_and_checkpoints_written(runs):
 
 
 def test_sigkill_midway_then_resume_is_exact(runs):
+    """A SIGKILL at any moment (mid-step, mid-checkpoint) costs the steps since the newest complete
+    checkpoint, whichever that is: a checkpoint cut short before its manifest does not count."""
     out = runs["root"] / "killed"
     proc = subprocess.Popen(trainer_cmd(runs["config"], runs["data"], out, 2), cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -91,10 +116,16 @@ def test_sigkill_midway_then_resume_is_exact(runs):
     assert not any(r.get("event") == "end" for r in records), "the run finished before it was killed"
     killed_at = max(r["step"] for r in records if "loss" in r)
     assert 25 <= killed_at < STEPS
+    newest = ckpt.latest_checkpoint(out)  # complete: manifest written and every file as it says
+    assert newest is not None
+    ckpt.verify_checkpoint(newest)
+    resume_step = int(newest.name.removeprefix("step_"))
+    # step 20's checkpoint was complete before step 21 began; one being written at the kill may not be
+    assert 20 <= resume_step <= killed_at and resume_step % 10 == 0
 
     run_trainer(runs["config"], runs["data"], out, 2, "--resume", "auto")
     starts = [r for r in read_metrics(out) if r.get("event") == "start"]
-    assert [s["resumed_from"] for s in starts] == [None, killed_at // 10 * 10]  # never again from step 1
+    assert [s["resumed_from"] for s in starts] == [None, resume_step]  # never again from step 1
     reference, resumed = losses(runs["two"]), losses(out)  # losses() also asserts no step is logged twice
     assert sorted(resumed) == list(range(1, STEPS + 1))
     assert max(abs(reference[s] - resumed[s]) for s in reference) < 1e-5
@@ -115,31 +146,57 @@ def test_resume_on_another_world_size(runs):
     assert _max_diff(_weights(runs["one"]), _weights(out)) < 1e-5
 
 
-def test_budget_cap_stops_with_a_checkpoint(runs):
-    out = runs["root"] / "budget"
-    # $1 per second of one process: the $6 cap is reached after ~6 s (start-up included: 1.5-3 s) of a run
-    # that would take hours
-    cap = 6.0
-    config = write_config(runs["root"] / "budget.json",
-                          tiny_config(steps=1_000_000, price_per_gpu_hour=3600.0, max_cost_usd=cap,
-                                      checkpoint_every=10_000))
-    run_trainer(config, runs["data"], out, None)
+REAL_TRAIN_STEP = train.train_step
+
+
+def _train_in_process(config, data, out, clock: FakeClock, monkeypatch) -> None:
+    """model.train.main in this process, its wall clock `clock`: each optimizer step takes clock.step_seconds."""
+
+    def timed_step(*args, **kwargs):
+        clock.advance()
+        return REAL_TRAIN_STEP(*args, **kwargs)
+
+    monkeypatch.delenv("GPT2CLOUD_NODE_UP", raising=False)  # not on a node: the trainer's own clock counts
+    monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(train, "train_step", timed_step)
+    train.main(["--config", str(config), "--data", str(data), "--out", str(out)])
+
+
+def test_budget_cap_stops_with_a_checkpoint(runs, tmp_path, monkeypatch):
+    """On a clock where every step takes exactly 1 s at $1/s, the cap is met deterministically.
+
+    The trainer stops before a step when the cost so far plus 1.5x its slowest recent iteration would
+    pass the cap: with a $10.60 cap that is after step 10 (9 + 1.5 <= 10.6 < 10 + 1.5).
+    """
+    cap, clock = 10.6, FakeClock(step_seconds=1.0)
+
+    def config(cap):
+        return write_config(tmp_path / f"budget-{cap}.json", tiny_config(
+            steps=1_000_000, price_per_gpu_hour=3600.0, max_cost_usd=cap, checkpoint_every=10_000))
+
+    out = tmp_path / "budget"
+    _train_in_process(config(cap), runs["data"], out, clock, monkeypatch)
     records = read_metrics(out)
-    stop = records[-1]
-    steps = [r for r in records if "loss" in r]
-    assert stop["event"] == "budget_stop" and stop["step"] == steps[-1]["step"] >= 1
-    # stopped near the cap, not before it and not long after (slack: a step slower than the one before it
-    # on a busy machine, and the final checkpoint)
-    assert cap - 1.0 < steps[-1]["cost_usd"] <= cap + 0.5
-    assert stop["cost_usd"] <= cap + 1.0
-    assert (out / "checkpoints" / f"step_{stop['step']:06d}" / "manifest.json").exists()
+    stop, steps = records[-1], [r for r in records if "loss" in r]
+    assert stop["event"] == "budget_stop" and stop["step"] == steps[-1]["step"] == 10
+    assert [r["cost_usd"] for r in steps] == pytest.approx(list(range(1, 11)))
+    assert all(r["cost_usd"] <= cap for r in steps) and stop["cost_usd"] <= cap  # never past the cap
+    assert steps[-1]["cost_usd"] + 1.0 > cap  # and not stopped early: step 11 would have passed it
+    assert (out / "checkpoints" / "step_000010" / "manifest.json").exists()  # a checkpoint at the stop
     assert not any(r.get("event") == "end" for r in records)
 
-    # the resumed run counts the first run's time: the budget is already spent, so no new step
-    run_trainer(config, runs["data"], out, None)
+    # resumed with the same cap: the budget is spent, so no new step, no new checkpoint, still within it
+    _train_in_process(config(cap), runs["data"], out, clock, monkeypatch)
     again = read_metrics(out)
-    assert again[-1]["event"] == "budget_stop" and again[-1]["step"] == stop["step"]
-    assert [r["step"] for r in again if "loss" in r] == [r["step"] for r in steps]
+    assert again[-1]["event"] == "budget_stop" and again[-1]["step"] == 10 and again[-1]["cost_usd"] <= cap
+    assert [r["step"] for r in again if "loss" in r] == list(range(1, 11))
+
+    # as the stop message says: raise the cap and resume to continue, up to the new cap
+    _train_in_process(config(cap + 5), runs["data"], out, clock, monkeypatch)
+    more = read_metrics(out)
+    assert more[-1]["event"] == "budget_stop" and more[-1]["step"] == 15
+    assert [r["step"] for r in more if "loss" in r] == list(range(1, 16))
+    assert all(r["cost_usd"] <= cap + 5 for r in more if "loss" in r)
 
 
 def test_resume_never_refuses_an_existing_run(runs):
@@ -180,3 +237,140 @@ def test_full_vocabulary_run_samples_and_scores_hellaswag(runs, tmp_path):
     assert sample["step"] == 2 and sample["sample"].startswith("Once upon a time")
     (hs,) = [r for r in records if "hellaswag_acc_norm" in r]
     assert hs["step"] == 2 and hs["hellaswag_n"] == 3 and 0 <= hs["hellaswag_acc_norm"] <= 1
+
+
+# ---- gradient accumulation, world-size changes, torch.compile, a kill during the node's push ----
+
+ACCUM_STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def accum_runs(runs):
+    """1024 tokens per step of 4 x 32-token micro-batches: 1 process x 8 micro-steps, 2 ranks x 4."""
+    root = runs["root"] / "accum"
+    data = make_shards(root / "data", train_tokens=(12000, 12000), val_tokens=1000)
+    config = write_config(root / "config.json", tiny_config(steps=ACCUM_STEPS, tokens_per_step=1024, val_every=10,
+                                                            checkpoint_every=10, keep_checkpoints=3))
+    run_trainer(config, data, root / "one", None)
+    run_trainer(config, data, root / "two", 2)
+    return {"root": root, "data": data, "config": config, "one": root / "one", "two": root / "two"}
+
+
+def test_two_ranks_accumulating_4_equal_one_rank_accumulating_8(accum_runs):
+    """Each step reads the same 8 micro-batches either way (micro-step k of rank r reads batch 2k + r)
+    and averages their gradients: over the ranks (DDP's all-reduce), over the micro-steps (loss / accum)."""
+    one, two = losses(accum_runs["one"]), losses(accum_runs["two"])
+    starts = [read_metrics(accum_runs[k])[0] for k in ("one", "two")]
+    assert [(s["world_size"], s["grad_accum"]) for s in starts] == [(1, 8), (2, 4)]
+    assert sorted(one) == sorted(two) == list(range(1, ACCUM_STEPS + 1))
+    assert max(abs(one[s] - two[s]) for s in one) < 1e-5
+    assert _max_diff(_weights(accum_runs["one"], ACCUM_STEPS), _weights(accum_runs["two"], ACCUM_STEPS)) < 1e-5
+    assert one[ACCUM_STEPS] < one[1] - 1.0  # it learns
+    # the key biases _max_diff leaves out change nothing: both models compute the same logits
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = [ckpt.load_model(accum_runs[k])(x)[0] for k in ("one", "two")]
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-5
+
+
+def test_resume_from_two_ranks_onto_one_is_exact(accum_runs, tmp_path):
+    """A 2-rank run stopped after its step-10 checkpoint, resumed on 1 rank, equals the uninterrupted runs.
+
+    What is comparable, and why exactly: the checkpoint keeps the data position and the trainer keeps
+    tokens per step, so the resumed process takes 8 micro-steps where each of the 2 ranks took 4. Every
+    step still reads the same 8 micro-batches and takes the mean of their gradients (see the test above),
+    so steps 11-20 are the same arithmetic up to float summation order as in the uninterrupted 2-rank run
+    (and the uninterrupted 1-rank run). No dropout or other randomness enters a step, so the RNG state of
+    the rank that is gone matters to nothing. Losses and final weights agree to 1e-5.
+    """
+    out = tmp_path / "shrunk"
+    shutil.copytree(accum_runs["two"], out)
+    shutil.rmtree(out / "checkpoints" / "step_000020")  # as if stopped after step 10's checkpoint
+    truncate_after(out / "metrics.jsonl", 13)  # and it had logged a few more steps before it died
+    p = run_trainer(accum_runs["config"], accum_runs["data"], out, None)
+    assert "written by 2 ranks, this run has 1" in p.stdout and "gradient accumulation now 8" in p.stdout
+    starts = [r for r in read_metrics(out) if r.get("event") == "start"]
+    assert [(s["world_size"], s["grad_accum"], s["resumed_from"]) for s in starts] == [(2, 4, None), (1, 8, 10)]
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(1, ACCUM_STEPS + 1))
+    for reference in ("two", "one"):
+        expected = losses(accum_runs[reference])
+        assert max(abs(expected[s] - resumed[s]) for s in range(11, ACCUM_STEPS + 1)) < 1e-5, reference
+        assert _max_diff(_weights(accum_runs[reference], ACCUM_STEPS), _weights(out, ACCUM_STEPS)) < 1e-5, reference
+
+
+COMPILED_RUN = """
+import sys
+from model import train
+train.main(sys.argv[1:])
+from torch._dynamo.utils import counters
+print("DYNAMO", counters["stats"]["unique_graphs"], bool(counters["inductor"]))
+"""
+
+
+@pytest.mark.slow
+def test_compile_trains_and_saves_plain_weights(runs, tmp_path):
+    """compile: true (`--compile`): Inductor compiles the tiny model (35-60 s cold on 2 CPU cores, a few
+    seconds with Inductor's cache warm), it trains, and the checkpoint holds the raw module's weights:
+    no `_orig_mod.` prefix, loadable into a plain GPT."""
+    config = write_config(tmp_path / "compiled.json", tiny_config(steps=3, compile=True, val_every=0,
+                                                                  checkpoint_every=3))
+    out = tmp_path / "compiled"
+    p = subprocess.run([sys.executable, "-c", COMPILED_RUN, "--config", str(config), "--data", str(runs["data"]),
+                        "--out", str(out)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    graphs, inductor = p.stdout.strip().splitlines()[-1].split()[1:]
+    assert int(graphs) >= 1 and inductor == "True"  # dynamo captured the model, Inductor built it
+    records = read_metrics(out)
+    assert records[0]["config"]["compile"] is True
+    trained = losses(out)
+    assert sorted(trained) == [1, 2, 3] and all(math.isfinite(v) for v in trained.values())
+    weights = _weights(out, 3)
+    assert weights and not [k for k in weights if "_orig_mod" in k]
+    assert set(weights) == set(_weights(runs["one"]))  # the same keys as an uncompiled run's
+    model = ckpt.load_model(out)  # strict about missing and unexpected keys
+    assert model.transformer.wte.weight.shape[0] == 256
+
+
+def test_kill_between_checkpoint_push_and_metrics_push_leaves_no_gap(runs, tmp_path, monkeypatch):
+    """The node's pusher is killed right after a checkpoint is published in the bucket, before any
+    later upload. A fresh node pulls that checkpoint and the bucket's metrics and resumes: every step
+    appears once, with the loss of an uninterrupted run (model/sync.py pushes the metrics first)."""
+    from gpt2cloud.store import open_store
+    from model import sync
+
+    node, url = tmp_path / "node", (tmp_path / "bucket" / "run").as_uri()
+    shutil.copytree(runs["one"], node)  # steps 1-120, checkpoints 100, 110, 120: the node as it goes
+    shutil.copy(node / "metrics.jsonl", tmp_path / "all-metrics.jsonl")
+    for step in (110, 120):
+        shutil.move(node / "checkpoints" / f"step_{step:06d}", tmp_path / f"step_{step:06d}")
+    truncate_after(node / "metrics.jsonl", 103)
+    pusher = sync.Pusher(node, url)
+    pusher.push_once()  # checkpoint 100, metrics to step 103
+
+    shutil.move(tmp_path / "step_000110", node / "checkpoints" / "step_000110")
+    shutil.copy(tmp_path / "all-metrics.jsonl", node / "metrics.jsonl")
+    truncate_after(node / "metrics.jsonl", 112)  # the trainer went on to step 112, then the node died
+
+    class Killed(BaseException):
+        pass
+
+    real_put = pusher.store.put_bytes
+
+    def put_bytes(key, data):
+        real_put(key, data)
+        if key == "checkpoints/step_000110/manifest.json":
+            raise Killed()  # the process dies the moment the checkpoint is published: nothing after it is sent
+
+    monkeypatch.setattr(pusher.store, "put_bytes", put_bytes)
+    with pytest.raises(Killed):
+        pusher.push_once()
+    assert sync.remote_checkpoints(open_store(url))[0][-1] == (110, "step_000110")
+
+    fresh = tmp_path / "fresh"
+    assert sync.pull(url, fresh) == 0
+    assert ckpt.latest_checkpoint(fresh).name == "step_000110"
+    run_trainer(runs["config"], runs["data"], fresh, None)
+    resumed, reference = losses(fresh), losses(runs["one"])  # losses() asserts each step is logged once
+    assert sorted(resumed) == list(range(1, STEPS + 1)), "a gap in the resumed run's metrics"
+    assert max(abs(reference[s] - resumed[s]) for s in reference) < 1e-5

@@ -135,3 +135,89 @@ def test_rerun_aborts_a_killed_runs_multipart_uploads(s3_server, s3_bucket, loca
     s3.create_multipart_upload(Bucket=s3_bucket, Key="sets/a.bin")  # as a kill -9 mid-upload leaves it
     upload_dir(local_set, open_store(f"s3://{s3_bucket}/sets", endpoint_url=s3_server), progress=False)
     assert not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+
+
+def test_sigkill_mid_multipart_upload_then_rerun_sends_only_what_was_incomplete(s3_server, s3_bucket, tmp_path,
+                                                                                 monkeypatch):
+    """A real upload to the local S3 server, SIGKILLed while a file over the multipart threshold is half
+    sent (the server holds its second part until the uploader is dead). The rerun aborts the dead upload
+    and sends that file again, and only it: the server receives its bytes and no others (the manifest aside)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    import boto3
+    from moto.s3.models import S3Backend
+
+    from gpt2cloud.store.s3 import MULTIPART_THRESHOLD
+
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(os.urandom(MULTIPART_THRESHOLD + 4096))  # 2 parts
+    (src / "optimizer.pt").write_bytes(os.urandom(200_000))
+    (src / "trainer_state.json").write_text('{"step": 10}')
+    (src / "manifest.json").write_text(json.dumps({"format": "gpt2cloud-checkpoint", **build_manifest(src)}))
+    big = (src / "model.safetensors").stat().st_size
+
+    part_one_stored, release = threading.Event(), threading.Event()
+    killed_upload, received = [], []  # the dead upload's id; (kind, key or upload id, bytes) the server took
+    real_upload_part, real_put_object = S3Backend.upload_part, S3Backend.put_object
+
+    def upload_part(self, bucket_name, multipart_id, part_id, value):
+        if bucket_name == s3_bucket and not killed_upload:  # the first uploader: hold part 2 until it is dead
+            if part_id > 1:
+                release.wait(60)
+            result = real_upload_part(self, bucket_name, multipart_id, part_id, value)
+            if part_id == 1:
+                part_one_stored.set()
+            return result
+        if bucket_name == s3_bucket and multipart_id not in killed_upload:
+            received.append(("part", multipart_id, len(value)))
+        return real_upload_part(self, bucket_name, multipart_id, part_id, value)
+
+    def put_object(self, bucket_name, key_name, value, *args, **kwargs):
+        if bucket_name == s3_bucket and kwargs.get("multipart") is None:
+            received.append(("object", key_name, len(value)))
+        return real_put_object(self, bucket_name, key_name, value, *args, **kwargs)
+
+    monkeypatch.setattr(S3Backend, "upload_part", upload_part)
+    monkeypatch.setattr(S3Backend, "put_object", put_object)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    code = ("import sys\nfrom gpt2cloud.store import open_store\nfrom gpt2cloud.store.transfer import upload_dir\n"
+            "upload_dir(sys.argv[1], open_store(sys.argv[2], endpoint_url=sys.argv[3]), progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(src), f"s3://{s3_bucket}/run/ckpt", s3_server],
+                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    try:
+        small = {"run/ckpt/optimizer.pt", "run/ckpt/trainer_state.json"}
+        deadline = time.monotonic() + 60
+        while not (part_one_stored.is_set() and small <= _keys(s3, s3_bucket)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "stuck"
+            time.sleep(0.02)
+        proc.kill()  # SIGKILL, mid multipart upload
+        assert proc.wait(timeout=30) == -9
+    finally:
+        proc.kill()
+        proc.wait()
+        release.set()
+    uploads = s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert [u["Key"] for u in uploads] == ["run/ckpt/model.safetensors"]
+    killed_upload.append(uploads[0]["UploadId"])
+    assert _keys(s3, s3_bucket) == small  # no manifest: nobody sees the set yet
+
+    received.clear()
+    store = open_store(f"s3://{s3_bucket}/run/ckpt", endpoint_url=s3_server)
+    r = upload_dir(src, store, progress=False)
+    assert (r["uploaded"], r["skipped"], r["bytes"]) == (1, 2, big) and r["manifest_uploaded"]
+    data = [(kind, n) for kind, key, n in received if key != "run/ckpt/manifest.json"]
+    assert sum(n for _, n in data) == big and {kind for kind, _ in data} == {"part"}  # model.safetensors alone
+    assert not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")  # the dead upload was aborted
+    assert _keys(s3, s3_bucket) == small | {"run/ckpt/model.safetensors", "run/ckpt/manifest.json"}
+    d = download_dir(store, "", tmp_path / "back", progress=False)
+    assert d["verified"] == 3 and (tmp_path / "back" / "model.safetensors").read_bytes() == \
+        (src / "model.safetensors").read_bytes()
+
+
+def _keys(s3, bucket) -> set[str]:
+    return {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}

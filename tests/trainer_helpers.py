@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,20 @@ def losses(out: Path) -> dict[int, float]:
     by_step = {r["step"]: r["loss"] for r in steps}
     assert len(by_step) == len(steps), "a step was logged twice"
     return by_step
+
+
+class FakeClock:
+    """Stands in for the `time` module of model.train (monkeypatch `model.train.time`): time() moves
+    only when advance() is called, by step_seconds; every other attribute is the real time module's."""
+
+    def __init__(self, step_seconds: float, start: float = 1.7e9):
+        self.now, self.step_seconds = start, step_seconds
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self) -> None:
+        self.now += self.step_seconds
+
+    def __getattr__(self, name):
+        return getattr(time, name)

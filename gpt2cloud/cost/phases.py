@@ -6,6 +6,7 @@
     compile       torch.compile and the first step's allocations
     training      the training loop (the estimate's wall_hours)
     evals         validation, HellaSwag and checkpoints between the steps
+    finish        the trainer's exit and the final push of the last checkpoint
     idle          the minutes before autostop removes the node
     recovery      spot only: relaunches after preemptions, and the steps redone since the last checkpoint
 The node bills GPUs x price for the sum of these hours; a spot run also pays SkyPilot's managed-jobs
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from gpt2cloud.cost.hardware import table, user_points
 
-PHASES = ("provisioning", "setup", "data", "compile", "training", "evals", "idle", "recovery")
+PHASES = ("provisioning", "setup", "data", "compile", "training", "evals", "finish", "idle", "recovery")
 PER_LAUNCH = ("provisioning", "setup", "compile")  # measured by finished runs, one value per launch
 HELLASWAG_EXAMPLES = 10042
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW's two fp32 moments (written, then read to hash)
@@ -70,6 +71,7 @@ def bill(est, cfg, local: bool = False, spot: bool = False, idle_minutes: float 
         "compile": d["compile"][0] / 60,
         "training": est.wall_hours,
         "evals": evals_s / 3600,
+        "finish": (d["finish"][0] * 60 + CHECKPOINT_BYTES_PER_PARAM * params / (d["data_mb_per_s"][0] * 1e6)) / 3600,
         "idle": 0.0 if local else idle_minutes / 60,
         "recovery": 0.0,
     }
@@ -77,6 +79,7 @@ def bill(est, cfg, local: bool = False, spot: bool = False, idle_minutes: float 
                "data": f"{est.tokens * 2 / 1e9:.1f} GB at {d['data_mb_per_s'][0]:g} MB/s: {d['data_mb_per_s'][1]}",
                "compile": d["compile"][1], "training": est.mfu_source,
                "evals": "val loss (forward passes), HellaSwag and checkpoints at the recipe's intervals",
+               "finish": f"{d['finish'][1]}, and the last checkpoint uploaded at the data rate",
                "idle": "--idle-minutes before autostop tears the node down" if not local else "no idle node",
                "recovery": "on-demand: no preemption"}
     controller_usd = 0.0
