@@ -11,7 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	@# setuptools warns that an editable install maps recipes/ into the package: that is the layout, on purpose
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 # SkyPilot needs rsync to launch (even a dry run through its API server), and so do the tests that
