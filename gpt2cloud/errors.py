@@ -28,5 +28,6 @@ def positive(flag: str, value, example: str = "", upper: float | None = None):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise UserError(f"{flag} {value}: must be a finite number greater than 0{hint}")
     if upper is not None and value > upper:
-        raise UserError(f"{flag} {value}: must be at most {upper:g}{hint}")
+        raise UserError(f"{flag} {value}: must be at most {upper:,}{hint}" if isinstance(upper, int)
+                        else f"{flag} {value}: must be at most {upper:g}{hint}")
     return value

@@ -47,7 +47,8 @@ class TrainConfig:
     # batch
     tokens_per_step: int = 524288
     micro_batch: int = 64
-    steps: int = 19073
+    steps: int = 19073  # where this run stops (`--steps`); the schedule's length is schedule_steps
+    schedule_steps: int = 0  # the cosine schedule's length; 0: steps (the trainer resolves it and checkpoints it)
     seed: int = 1337
     # optimizer and schedule
     lr: float = 6e-4

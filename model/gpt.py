@@ -92,17 +92,20 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx, targets=None):
+        """(logits, None) without targets (sampling, evaluation); (None, mean cross-entropy) with them."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence length {T} exceeds block size {self.config.block_size}"
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
-        return logits, loss
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        # training: the loss only. The logits are not returned, so they (the largest activation) are
+        # freed with the backward pass instead of staying alive until the next micro-step's forward.
+        logits = self.lm_head(x)
+        return None, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
 
     def configure_optimizer(self, lr, weight_decay, betas, eps, device_type):
         """AdamW with weight decay on 2-D tensors (matmuls, embeddings) only, fused on CUDA."""
