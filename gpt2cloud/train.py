@@ -137,13 +137,15 @@ def summarize(out: Path) -> dict:
 
 def train(recipe: str, data: str | Path, out: str | Path, nproc: int = 1, steps: int | None = None,
           resume: str = "auto", compile: bool | None = None, price: float | None = None,
-          max_cost: float | None = None, stream: TextIO | None = None) -> dict:
+          max_cost: float | None = None, stream: TextIO | None = None, schedule_steps: int | None = None) -> dict:
     """Train a recipe on local data with `nproc` processes; return summarize(out)."""
     data, out = Path(data), Path(out)
     positive("--price", price, "2.99")
     positive("--max-cost", max_cost, "5")
     positive("--nproc", nproc, "2", upper=1024)
-    cfg = load_recipe(recipe).to_train_config(steps=steps, compile=compile, price_per_gpu_hour=price,
+    positive("--schedule-steps", schedule_steps, "19073", upper=MAX_STEPS)
+    cfg = load_recipe(recipe).to_train_config(steps=steps, schedule_steps=schedule_steps, compile=compile,
+                                               price_per_gpu_hour=price,
                                                max_cost_usd=max_cost)
     cfg = fit_to_ranks(cfg, nproc, stream or sys.stdout)
     check_inputs(cfg, data, out, nproc, resume)

@@ -55,6 +55,11 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
+def read_manifest(path: str | Path) -> dict:
+    """A checkpoint's manifest, checked for format but not against the files (verify_checkpoint does that)."""
+    return _read_manifest(Path(path))
+
+
 def _complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     """Of a run's OUT dir, or of its checkpoints dir itself."""
     return local_checkpoints(out_dir.parent if out_dir.name == CHECKPOINTS else out_dir)

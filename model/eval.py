@@ -110,7 +110,7 @@ def render_example(example: dict, block_size: int):
 def ending_logprobs(model, example: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per ending: (sum of log-probs of its tokens, number of its tokens)."""
     config = unwrap(model).config
-    tokens, mask, _ = render_example(example, config.block_size)
+    tokens, mask, _ = rendered(example, config.block_size)
     tokens, mask = tokens.to(device), mask.to(device)
     with _autocast(device):
         logits, _ = model(tokens)
@@ -120,19 +120,65 @@ def ending_logprobs(model, example: dict, device) -> tuple[torch.Tensor, torch.T
     return (logp * target_mask).sum(dim=1).cpu(), target_mask.sum(dim=1).cpu()
 
 
-def hellaswag_scores(model, examples: list[dict], device, rank: int = 0, world_size: int = 1) -> dict:
-    """Score this rank's stride of examples (i % world_size == rank).
+def rendered(example: dict, block_size: int):
+    """render_example's result, tokenized once per example and block size (kept in the example dict)."""
+    cached = example.get("_rendered")
+    if cached is None or cached[0] != block_size:
+        cached = example["_rendered"] = (block_size, *render_example(example, block_size))
+    return cached[1:]
+
+
+HELLASWAG_BATCH = 16  # examples per forward (x 4 endings each)
+
+
+@torch.no_grad()
+def hellaswag_counts(model, examples: list[dict], device, rank: int = 0, world_size: int = 1,
+                     batch: int = HELLASWAG_BATCH) -> torch.Tensor:
+    """(correct, correct_norm, n) of this rank's stride of examples as a long tensor on `device`.
+
+    `batch` examples go through the model in one forward: their endings' rows, right-padded to the
+    longest. Causal attention makes a row's logits independent of the padding after it, so the scores
+    are those of scoring the examples one by one (ending_logprobs). The counts stay on the device:
+    no host sync per example.
+    """
+    config = unwrap(model).config
+    device = _device_of(device)
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    mine = examples[rank::world_size]
+    for i in range(0, len(mine), batch):
+        group = [rendered(e, config.block_size) for e in mine[i: i + batch]]
+        width = max(t.size(1) for t, _, _ in group)
+        tokens = torch.cat([F.pad(t, (0, width - t.size(1))) for t, _, _ in group]).to(device, non_blocking=True)
+        mask = torch.cat([F.pad(m, (0, width - m.size(1))) for _, m, _ in group]).to(device, non_blocking=True)
+        with _autocast(device):
+            logits, _ = model(tokens)
+        logits = logits[:, :-1, : config.vocab_size].float()
+        targets, target_mask = tokens[:, 1:], mask[:, 1:]
+        logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        del logits
+        sums, lengths = (logp * target_mask).sum(dim=1), target_mask.sum(dim=1)
+        labels = torch.tensor([label for _, _, label in group], device=device)
+        sizes = [t.size(0) for t, _, _ in group]
+        if len(set(sizes)) == 1:  # the usual case: every example has 4 endings
+            s, n = sums.view(len(group), -1), lengths.view(len(group), -1)
+            counts[0] += (s.argmax(dim=1) == labels).sum()
+            counts[1] += ((s / n).argmax(dim=1) == labels).sum()
+        else:
+            for j, (s, n) in enumerate(zip(sums.split(sizes), lengths.split(sizes))):
+                counts[0] += (s.argmax() == labels[j]).long()
+                counts[1] += ((s / n).argmax() == labels[j]).long()
+        counts[2] += len(group)
+    return counts
+
+
+def hellaswag_scores(model, examples: list[dict], device, rank: int = 0, world_size: int = 1,
+                     batch: int = HELLASWAG_BATCH) -> dict:
+    """Score this rank's stride of examples (i % world_size == rank), `batch` examples per forward.
 
     Returns acc, acc_norm and n for this rank, plus `correct` and `correct_norm` counts: with DDP,
     all-reduce (sum) correct, correct_norm and n, then divide.
     """
-    correct = correct_norm = n = 0
-    for example in examples[rank::world_size]:
-        sums, counts = ending_logprobs(model, example, device)
-        label = example["label"]
-        correct += int(sums.argmax().item() == label)
-        correct_norm += int((sums / counts).argmax().item() == label)
-        n += 1
+    correct, correct_norm, n = hellaswag_counts(model, examples, device, rank, world_size, batch).tolist()
     return {
         "acc": correct / n if n else math.nan,
         "acc_norm": correct_norm / n if n else math.nan,

@@ -30,7 +30,7 @@ from gpt2cloud.store.layout import CHECKPOINTS, METRICS, TIMELINE
 from model import checkpoint as ckpt
 from model.config import BatchError, TrainConfig
 from model.data import TokenLoader, find_shards
-from model.eval import EvalDataError, hellaswag_scores, load_hellaswag
+from model.eval import EvalDataError, hellaswag_counts, load_hellaswag
 from model.gpt import GPT
 from model.metrics import MetricsLog, console_line, cost_usd, mfu, node_seconds_before, parse_metrics, truncate_after
 from model.sample import generate_text
@@ -43,14 +43,21 @@ class TrainError(RuntimeError):
     """A problem the user can fix (config, resume); printed as one line, exit code 2."""
 
 
+def schedule_length(cfg: TrainConfig) -> int:
+    """The cosine schedule's length: schedule_steps, or steps when it is 0 (unset)."""
+    return cfg.schedule_steps or cfg.steps
+
+
 def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at the schedule's
+    last step (schedule_steps; `--steps` only says where this run stops), then flat at the minimum."""
     max_lr, min_lr = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    total = schedule_length(cfg)
     if it < cfg.warmup_steps:
         return max_lr * (it + 1) / cfg.warmup_steps
-    if it >= cfg.steps:
+    if it >= total:
         return min_lr
-    decay = (it - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    decay = (it - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay)) * (max_lr - min_lr)
 
 
@@ -118,21 +125,30 @@ def train_step(model, optimizer, scaler, loader, grad_accum, amp, grad_clip, lr,
     return loss_accum, norm
 
 
-@torch.no_grad()
-def evaluate(model, loader, world, amp, device, ddp) -> float:
-    """Mean loss over the val shard's first micro-batches (val_steps // world on each rank).
+def val_loader_steps(val_steps: int, world: int) -> int:
+    """Micro-batches each rank reads so that the ranks together cover the first val_steps batches."""
+    return max(1, -(-val_steps // world))
 
-    The loader rewinds first, so every evaluation reads the same batches; rank r takes every
-    world-th one, so val loss is comparable between runs with different numbers of processes.
+
+@torch.no_grad()
+def evaluate(model, loader, world, amp, device, ddp, val_steps=None) -> float:
+    """Mean loss over the val shard's first `val_steps` micro-batches, whatever the number of ranks.
+
+    The loader rewinds first, so every evaluation reads the same batches. Micro-step k of rank r reads
+    batch k * world + r; batches at or past val_steps (the last round when world does not divide it)
+    are read but weigh nothing, so 1, 2 or 3 ranks average exactly the same val_steps batches.
     """
+    n = val_steps if val_steps else loader.accum * world
     loader.rewind()
     model.eval()
     total = torch.zeros((), device=device)
-    for _ in range(loader.accum):
+    for k in range(loader.accum):
         x, y = loader.next_batch()
+        if k * world + loader.rank >= n:
+            continue
         with amp():
             _, loss = model(x.to(device), y.to(device))
-        total += loss.detach() / (loader.accum * world)
+        total += loss.detach() / n
     model.train()
     if ddp:
         dist.all_reduce(total)  # each rank holds its share of the mean: the sum is the mean
@@ -143,13 +159,28 @@ def evaluate(model, loader, world, amp, device, ddp) -> float:
 def hellaswag_eval(model, examples, device, rank, world, ddp) -> dict:
     """HellaSwag acc / acc_norm over all examples, each rank scoring its stride (model/eval.py)."""
     model.eval()
-    s = hellaswag_scores(model, examples, device, rank, world)
+    counts = hellaswag_counts(model, examples, device, rank, world)  # on the device: one sync, below
     model.train()
-    counts = torch.tensor([s["correct"], s["correct_norm"], s["n"]], dtype=torch.long, device=device)
     if ddp:
         dist.all_reduce(counts)
     correct, correct_norm, n = counts.tolist()
     return {"hellaswag_acc_norm": correct_norm / n, "hellaswag_acc": correct / n, "hellaswag_n": n}
+
+
+CHECK_SECONDS = 2.0  # the budget/time check (a host-device sync) runs about this often, or every step if slower
+
+
+def steps_that_fit(step_seconds: float, *seconds_left: float) -> int:
+    """How many more steps of `step_seconds` (the slowest recent, with its margin) fit in every one of
+    `seconds_left`, and no more than CHECK_SECONDS of them: the steps before the budget check must run
+    again. 1 while no step time is known yet (check before every step until one is)."""
+    if step_seconds <= 0:
+        return 1
+    fit = max(1, int(CHECK_SECONDS / step_seconds))
+    for left in seconds_left:
+        if left != math.inf:
+            fit = min(fit, int(max(0.0, left) / step_seconds * (1 - 1e-9)))
+    return max(0, fit)
 
 
 def run(args, t_start: float) -> None:
@@ -157,14 +188,21 @@ def run(args, t_start: float) -> None:
         cfg = TrainConfig.load(args.config)
     except (OSError, ValueError, TypeError) as e:
         raise TrainError(f"config {args.config}: {e}") from None
+    # The schedule's length is the config's (recipe's) steps unless schedule_steps says otherwise;
+    # --steps only moves where this run stops, so 20 steps then 40 follow one schedule.
+    if args.schedule_steps:
+        cfg.schedule_steps = args.schedule_steps
+    cfg.schedule_steps = schedule_length(cfg)
     if args.steps:
         cfg.steps = args.steps
     if os.environ.get("GPT2CLOUD_PRICE_PER_GPU_HOUR"):  # an any_of launch: the price of the cloud it landed on
         cfg.price_per_gpu_hour = float(os.environ["GPT2CLOUD_PRICE_PER_GPU_HOUR"])
 
     # ---- processes: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; nccl on CUDA, gloo on CPU ----
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    launched = "RANK" in os.environ  # under torchrun
+    rank, local_rank, world = ((int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if launched
+                               else (0, 0, 1))
+    ddp = world > 1  # one process (torchrun or not) needs no process group, no DDP wrapper, no all-reduce
     if cfg.device == "cuda":  # rented GPUs: training on the node's CPU would bill for nothing
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -194,7 +232,7 @@ def run(args, t_start: float) -> None:
     val_loader = None
     if val_shards and cfg.val_every > 0:
         try:
-            val_loader = TokenLoader(val_shards, B, T, rank, world, max(1, cfg.val_steps // world), log=log)
+            val_loader = TokenLoader(val_shards, B, T, rank, world, val_loader_steps(cfg.val_steps, world), log=log)
         except ShardError as e:
             log(f"note: no validation loss: {e}")
 
@@ -237,21 +275,38 @@ def run(args, t_start: float) -> None:
             raise TrainError(f"rank {rank} cannot see {latest}: --out must be on a filesystem every node "
                              "shares, or be copied to every node before resuming")
     start_step, elapsed_before, tokens_seen, loss = 0, 0.0, 0, None
+    gpu_seconds_before = 0.0  # GPU-seconds the runs this one resumes used, each at its own world size
     slowest_iter_before = 0.0  # the resumed run's slowest recent loop iteration (the budget check's estimate)
     if latest is not None and args.resume == "never":
         raise TrainError(f"{out} already holds checkpoints (newest {latest.name}); use --resume auto to "
                          "continue that run, or a new --out to start another")
     if latest is not None:
+        # the sha256 of every file once per node (its LOCAL_RANK 0 reads them all); the other ranks
+        # read the manifest only, and no rank goes on if the check failed anywhere
+        error = None
         try:
-            saved = ckpt.verify_checkpoint(latest)
+            saved = ckpt.verify_checkpoint(latest) if local_rank == 0 else ckpt.read_manifest(latest)
         except ckpt.CheckpointError as e:
-            raise TrainError(f"{e}; delete {latest} to resume from the checkpoint before it") from None
+            error = str(e)
+        if ddp:
+            failed = torch.tensor(int(error is not None), device=device)
+            dist.all_reduce(failed)
+            if failed.item() and error is None:
+                error = f"{latest}: a file failed its sha256 check on another node"
+        if error is not None:
+            raise TrainError(f"{error}; delete {latest} to resume from the checkpoint before it")
         if saved["config"]["model"] != dataclasses.asdict(cfg.model):
             raise TrainError(f"{latest} holds a model of shape {saved['config']['model']}, but the config asks for "
                              f"{dataclasses.asdict(cfg.model)}; use a new --out for a different model")
+        saved_schedule = saved["config"].get("schedule_steps") or saved["config"]["steps"]
+        if saved_schedule != cfg.schedule_steps:
+            raise TrainError(f"{latest} was trained on a {saved_schedule}-step learning-rate schedule but this run "
+                             f"asks for {cfg.schedule_steps} steps of schedule; resume with --schedule-steps "
+                             f"{saved_schedule} (--steps only sets where the run stops), or use a new --out")
         state = ckpt.load_training_state(latest, raw_model, optimizer, scaler, rank, device)
         train_loader.set_state(state["data"])
         start_step, elapsed_before = state["step"], state["elapsed_seconds"]
+        gpu_seconds_before = state.get("gpu_seconds", elapsed_before * state["world_size"])
         tokens_seen, loss = state["tokens_seen"], state["loss"]
         slowest_iter_before = state.get("slowest_iteration_seconds", 0.0)
         if state["world_size"] != world:
@@ -263,8 +318,8 @@ def run(args, t_start: float) -> None:
 
     # ---- wrap; the raw module is what we save and sample from ----
     model = eval_model = s.model
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    if ddp:  # gradients live in DDP's buckets: no second copy of them
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True)
 
     # ---- metrics ----
     metrics_path = out / METRICS
@@ -276,7 +331,7 @@ def run(args, t_start: float) -> None:
     metrics = MetricsLog(metrics_path, enabled=master)
     metrics.write({"event": "start", "world_size": world, "config": dataclasses.asdict(cfg),
                    "resumed_from": start_step if latest is not None else None, "device": device_type,
-                   "dtype": str(dtype).removeprefix("torch."), "grad_accum": grad_accum,
+                   "dtype": str(dtype).removeprefix("torch."), "grad_accum": grad_accum, "ddp": ddp,
                    "params": raw_model.num_params()})
     flops_tok = cfg.model.flops_per_token()
     budget = cfg.max_cost_usd > 0 and cfg.price_per_gpu_hour > 0
@@ -286,6 +341,16 @@ def run(args, t_start: float) -> None:
             return node_before + time.time() - node_up
         return elapsed_before + time.time() - t_start
 
+    def gpu_seconds() -> float:
+        """GPU-seconds so far: each earlier run's at its own world size (from the checkpoint), this one's at
+        ours. On a node: its node time (all attempts) x the GPUs it has."""
+        if node_up is not None:
+            return elapsed() * world
+        return gpu_seconds_before + (time.time() - t_start) * world
+
+    def cost_so_far(extra_seconds: float = 0.0) -> float:
+        return cost_usd(gpu_seconds() + extra_seconds * world, 1, cfg.price_per_gpu_hour)
+
     def save_checkpoint(step: int) -> None:
         rngs = [ckpt.rng_state()]
         if ddp:  # every rank's RNG, gathered to rank 0 (no shared filesystem needed)
@@ -294,6 +359,7 @@ def run(args, t_start: float) -> None:
             rngs = gathered
         if master:
             state = {"step": step, "tokens_seen": tokens_seen, "elapsed_seconds": elapsed(), "loss": loss,
+                     "gpu_seconds": gpu_seconds(),
                      "data": train_loader.state(), "world_size": world, "grad_accum": grad_accum,
                      "slowest_iteration_seconds": max(recent_iters, default=0.0)}
             opt_state = {"optimizer": optimizer.state_dict(),
@@ -307,6 +373,50 @@ def run(args, t_start: float) -> None:
         if ddp:
             dist.barrier()
 
+    # ---- a step's numbers, read from the device one step late ----
+    # On CUDA, reading a step's loss right after queueing it would stall the host until the GPU is done
+    # and leave the GPU idle while the next step is queued. So step k's loss and norm are read after step
+    # k+1 is queued (the GPU is still busy), and before anything that needs them (val, checkpoint, the
+    # budget check, the end). Each record still holds its own step's loss, norm and (CUDA events) time.
+    # On CPU the ops are synchronous anyway: read at once (GPT2CLOUD_DEFER_READS=1 defers there too).
+    defer = device_type == "cuda" or os.environ.get("GPT2CLOUD_DEFER_READS") == "1"
+    pending = None  # the step queued and not yet read: (step, loss tensor, norm tensor, lr, timer)
+
+    def finish_pending() -> None:
+        nonlocal pending, loss
+        if pending is None:
+            return
+        (done, loss_t, norm_t, lr_done, timer, tokens_at), pending = pending, None
+        loss = loss_t.item()  # waits for that step on the device
+        dt = timer()
+        tok_s = cfg.tokens_per_step / dt
+        record = {"step": done, "loss": loss, "lr": lr_done, "grad_norm": norm_t.item(), "step_seconds": dt,
+                  "tokens_per_second": tok_s, "mfu": mfu(tok_s, flops_tok, cfg.peak_flops_per_gpu, world),
+                  "tokens_seen": tokens_at, "elapsed_seconds": elapsed()}
+        if cfg.price_per_gpu_hour > 0:
+            record["cost_usd"] = cost_so_far()
+        metrics.write(record)
+        log(console_line(done, cfg.steps, loss, lr_done, record["grad_norm"], tok_s, dt))
+        watchdog.beat(f"step {done}")
+
+    def start_timer():
+        """Returns stop(); stop()() -> the step's seconds (CUDA events: no sync until it is read)."""
+        if device_type == "cuda":
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+
+            def stop():
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                return lambda: (end.synchronize(), begin.elapsed_time(end) / 1000)[1]
+            return stop
+        t0 = time.perf_counter()
+
+        def stop_cpu():
+            dt = time.perf_counter() - t0
+            return lambda: dt
+        return stop_cpu
+
     # ---- the loop ----
     if start_step >= cfg.steps:
         log(f"nothing to do: {latest.name} is at step {start_step} of {cfg.steps}")
@@ -316,24 +426,37 @@ def run(args, t_start: float) -> None:
     # from the slowest its checkpoint saw: else one stopped at its cap would take a step past it.
     recent_iters = collections.deque([slowest_iter_before] if slowest_iter_before else [], maxlen=10)
     iter_start = None
+    next_check = step  # the budget/time check runs before this step (then every few steps, see below)
     while step < cfg.steps:
         now = time.time()
         if iter_start is not None:
             recent_iters.append(now - iter_start)
         iter_start = now
-        if budget or cfg.max_hours > 0:
-            # stop before a step that would take the cost or the wall time past its cap; rank 0 decides for all
-            later = elapsed() + 1.5 * max(recent_iters, default=0.0)
-            over_cost = budget and cost_usd(later, world, cfg.price_per_gpu_hour) > cfg.max_cost_usd
-            over_time = cfg.max_hours > 0 and later > cfg.max_hours * 3600
-            stop = torch.tensor(int(over_cost) + 2 * int(over_time), device=device)
+        if (budget or cfg.max_hours > 0) and step >= next_check:
+            # Stop before a step that would take the cost or the wall time past its cap; rank 0 decides
+            # for all, and how many steps surely fit before the next check: each check waits for the
+            # device (the time is only known then), so it runs about every CHECK_SECONDS, never less often
+            # than the caps allow.
+            finish_pending()
+            decision = torch.zeros(2, dtype=torch.long, device=device)
+            if master:
+                margin = 1.5 * max(recent_iters, default=0.0)
+                over_cost = budget and cost_so_far(margin) > cfg.max_cost_usd
+                over_time = cfg.max_hours > 0 and elapsed() + margin > cfg.max_hours * 3600
+                fit = steps_that_fit(margin, cfg.max_cost_usd / cfg.price_per_gpu_hour * 3600 / world
+                                     - gpu_seconds() / world if budget else math.inf,
+                                     cfg.max_hours * 3600 - elapsed() if cfg.max_hours > 0 else math.inf)
+                decision[0] = int(over_cost) + 2 * int(over_time)
+                decision[1] = fit
             if ddp:
-                dist.broadcast(stop, 0)
-            if stop.item():
+                dist.broadcast(decision, 0)
+            stop, fit = decision.tolist()
+            next_check = step + max(1, fit)
+            if stop:
                 if saved_step != step:
                     save_checkpoint(step)
-                spent = cost_usd(elapsed(), world, cfg.price_per_gpu_hour)
-                if stop.item() & 1:
+                spent = cost_so_far()
+                if stop & 1:
                     metrics.write({"event": "budget_stop", "step": step, "cost_usd": spent})
                     log(f"budget: stopping at step {step}, ${spent:.2f} spent of ${cfg.max_cost_usd:.2f}; "
                         "raise max_cost_usd and resume to continue")
@@ -343,51 +466,56 @@ def run(args, t_start: float) -> None:
                         "limit; raise max_hours and resume to continue")
                 break
 
-        t0 = time.perf_counter()
         lr = get_lr(step, cfg)
+        stop_timer = start_timer()
         loss_t, norm = train_step(model, optimizer, scaler, train_loader, grad_accum, amp, cfg.grad_clip, lr,
                                   ddp, device)
         if ddp:
             dist.all_reduce(loss_t)  # the logged loss: mean over ranks and micro-steps
             loss_t /= world
-        loss = loss_t.item()  # waits for the device, so dt below is the real step time
-        dt = time.perf_counter() - t0
+        timer = stop_timer()
         step += 1
         tokens_seen += cfg.tokens_per_step
-        tok_s = cfg.tokens_per_step / dt
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(), "step_seconds": dt,
-                  "tokens_per_second": tok_s, "mfu": mfu(tok_s, flops_tok, cfg.peak_flops_per_gpu, world),
-                  "tokens_seen": tokens_seen, "elapsed_seconds": elapsed()}
-        if cfg.price_per_gpu_hour > 0:
-            record["cost_usd"] = cost_usd(record["elapsed_seconds"], world, cfg.price_per_gpu_hour)
-        metrics.write(record)
-        log(console_line(step, cfg.steps, loss, lr, record["grad_norm"], tok_s, dt))
-        watchdog.beat(f"step {step}")
+        queued = (step, loss_t, norm, lr, timer, tokens_seen)
+        if defer:
+            finish_pending()  # the step before this one: done, or nearly, while this one runs
+            pending = queued
+        else:
+            pending = queued
+            finish_pending()
 
-        if val_loader is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+        val_due = val_loader is not None and (step % cfg.val_every == 0 or step == cfg.steps)
+        # sampling needs the GPT-2 vocabulary (tests use tiny ones); the raw module also works when compiled
+        sample_due = (master and cfg.sample_every > 0 and step % cfg.sample_every == 0
+                      and cfg.model.vocab_size >= VOCAB_SIZE)
+        hellaswag_due = bool(hellaswag) and (step % cfg.hellaswag_every == 0 or step == cfg.steps)
+        checkpoint_due = step % cfg.checkpoint_every == 0 or step == cfg.steps
+        if val_due or sample_due or hellaswag_due or checkpoint_due:
+            finish_pending()  # this step's line first, and the loss a checkpoint stores
+        if val_due:
             t0 = time.perf_counter()
-            val_loss = evaluate(eval_model, val_loader, world, amp, device, ddp)
+            val_loss = evaluate(eval_model, val_loader, world, amp, device, ddp, cfg.val_steps)
             metrics.write({"step": step, "val_loss": val_loss, "seconds": time.perf_counter() - t0})
             log(f"step {step}/{cfg.steps} | val loss {val_loss:.4f}")
             watchdog.beat(f"val loss at step {step}")
-        # sampling needs the GPT-2 vocabulary (tests use tiny ones); the raw module also works when compiled
-        if master and cfg.sample_every > 0 and step % cfg.sample_every == 0 and cfg.model.vocab_size >= VOCAB_SIZE:
+        if sample_due:
             text = generate_text(raw_model, cfg.sample_prompt, cfg.sample_tokens, top_k=50, seed=cfg.seed + step,
                                  autocast_dtype=dtype if dtype != torch.float32 else None)[0]
             metrics.write({"step": step, "sample": text})
             log(f"step {step}/{cfg.steps} | sample: {text!r}")
             watchdog.beat(f"sample at step {step}")
-        if hellaswag and (step % cfg.hellaswag_every == 0 or step == cfg.steps):
+        if hellaswag_due:
             t0 = time.perf_counter()
             hs = hellaswag_eval(raw_model, hellaswag, device, rank, world, ddp)
             metrics.write({"step": step, **hs, "seconds": time.perf_counter() - t0})
             log(f"step {step}/{cfg.steps} | hellaswag acc_norm {hs['hellaswag_acc_norm']:.4f} ({hs['hellaswag_n']})")
             watchdog.beat(f"HellaSwag at step {step}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if checkpoint_due:
             save_checkpoint(step)
             saved_step = step
             watchdog.beat(f"checkpoint at step {step}")
     else:
+        finish_pending()
         metrics.write({"event": "end", "step": step, "final_loss": loss})
         log(f"done: step {step}, final loss {loss if loss is None else round(loss, 4)}")
     watchdog.stop()
@@ -403,7 +531,10 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl and checkpoints/")
     p.add_argument("--resume", choices=["auto", "never"], default="auto",
                    help="auto: continue from the newest complete checkpoint in --out (default)")
-    p.add_argument("--steps", type=int, default=None, help="override the config's total steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="stop after this step (default: the config's steps); the schedule keeps its length")
+    p.add_argument("--schedule-steps", type=int, default=None,
+                   help="the cosine schedule's length (default: the config's schedule_steps, else its steps)")
     p.add_argument("--hellaswag", default=None,
                    help="HellaSwag JSONL for hellaswag_every (default: DATA/hellaswag_val.jsonl if present)")
     return p.parse_args(argv)

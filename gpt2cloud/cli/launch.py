@@ -51,6 +51,8 @@ def launch_command(
     bucket: str = typer.Option(..., "--bucket", help="Where the run's checkpoints, metrics and logs go."),
     name: Optional[str] = typer.Option(None, "--name", help="Run id (and cluster name); the same id resumes."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the recipe's steps."),
+    schedule_steps: Optional[int] = typer.Option(None, "--schedule-steps", help="Length of the learning-rate "
+                                                 "schedule (default: the recipe's steps; --steps only stops early)."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Override the micro-batch per GPU."),
     tokens_per_step: Optional[int] = typer.Option(None, "--tokens-per-step", help="Override tokens per step."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD: the trainer stops before it."),
@@ -70,7 +72,7 @@ def launch_command(
     from gpt2cloud.launch.plan import plan
 
     offline = dry_run or export_yaml is not None
-    p = plan(recipe, gpus, nodes=nodes, infra=infra, spot=spot, data=data, bucket=bucket, name=name, steps=steps,
+    p = plan(recipe, gpus, nodes=nodes, infra=infra, spot=spot, data=data, bucket=bucket, name=name, steps=steps, schedule_steps=schedule_steps,
              max_cost=max_cost, max_hours=max_hours, idle_minutes=idle_minutes, price=price, push_every=push_every,
              offline=offline, micro_batch=micro_batch, tokens_per_step=tokens_per_step)
     console = Console(stderr=as_json)

@@ -16,6 +16,7 @@ def train_command(
     out: str = typer.Option(..., "--out", help="Run directory: config.json, metrics.jsonl, checkpoints/."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (one per GPU; gloo ranks on CPU)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the recipe's number of steps."),
+    schedule_steps: Optional[int] = typer.Option(None, "--schedule-steps", help="Length of the learning-rate schedule (default: the recipe's steps; --steps only stops early)."),
     resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest checkpoint in --out; never: refuse if there is one."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: the recipe's setting)."),
     price: Optional[float] = typer.Option(None, "--price", help="USD per GPU-hour, for cost_usd in the metrics."),
@@ -25,7 +26,7 @@ def train_command(
     """Train locally under torchrun; Ctrl-C stops every process, rerunning resumes exactly."""
     from gpt2cloud.train import train
 
-    result = train(recipe, data, out, nproc=nproc, steps=steps, resume=resume, compile=compile_,
+    result = train(recipe, data, out, nproc=nproc, steps=steps, schedule_steps=schedule_steps, resume=resume, compile=compile_,
                    price=price, max_cost=max_cost, stream=sys.stderr if as_json else sys.stdout)
     if as_json:
         print_json(result)

@@ -15,19 +15,40 @@ from gpt2cloud.errors import MAX_MICRO_BATCH, MAX_STEPS, MAX_TOKENS_PER_STEP, Us
 from model.config import FLOPS_FORMULA, BatchError, GPTConfig, TrainConfig
 
 GIB = 2**30
-# Bytes kept per token per layer for the backward pass, bf16 with flash attention (no T x T scores):
-# Korthikanti et al. 2022 count 34*d per token per layer; GPT-2 here has no dropout masks (-2*d).
-ACTIVATION_BYTES_PER_TOKEN_LAYER = 32
-# Per token of logits: bf16 logits (2) + fp32 copy for the loss (4) + fp32 gradient (4).
-LOGIT_BYTES_PER_TOKEN_VOCAB = 10
-FIXED_OVERHEAD_GIB = 2.0  # CUDA context, NCCL buffers, allocator slack
+# Memory per GPU of one eager training step (model/train.py train_step: bf16 autocast forward, backward,
+# clip, fused AdamW), fitted to benchmarks/bench_memory.py's trace of the real model (fake tensors, every
+# storage the step creates and frees) for 124M..1558M at micro-batches 4..64, where it agrees within ~1%.
+# Per parameter (of the padded model): fp32 weights 4, autocast's cached bf16 copies 2, fp32 gradients 4,
+# AdamW's two fp32 moments 8. The gradients are alive during the forward from the second micro-step on.
+# DDP: the trainer turns on gradient_as_bucket_view, so the all-reduce buckets are the .grad tensors and
+# DDP adds no second copy of the gradients (without it, add another 4 bytes per parameter).
+WEIGHT_BYTES_PER_PARAM = 4
+BF16_WEIGHT_BYTES_PER_PARAM = 2
+GRADIENT_BYTES_PER_PARAM = 4
+OPTIMIZER_BYTES_PER_PARAM = 8
+# Saved for the backward pass, per token per layer per unit of width, with flash attention (no T x T
+# scores), no dropout: the fp32 residual stream at both LayerNorm inputs (4 + 4), the bf16 LayerNorm
+# outputs fed to the matmuls (2 + 2), q/k/v (6), the attention output (2), the MLP's c_fc output and
+# its GELU (8 + 8) = 36. (Korthikanti et al. 2022 count 34 with 16-bit LayerNorm inputs and dropout
+# masks; autocast keeps this model's residual stream in fp32.)
+ACTIVATION_BYTES_PER_TOKEN_LAYER = 36
+# Outside the layers, per token per unit of width: ln_f's fp32 input (4) and its bf16 output (2).
+ACTIVATION_BYTES_PER_TOKEN_EXTRA = 6
+# Per token per (padded) vocabulary entry, at the end of the forward: the bf16 logits (2), their fp32
+# copy for the loss (4), the fp32 log-softmax saved for the backward (4), and the previous micro-step's
+# bf16 logits, which train_step still holds (2). The backward's fp32 gradients of the logits replace
+# the fp32 copy, so this is also the backward's high-water mark.
+LOGIT_BYTES_PER_TOKEN_VOCAB = 12
+# Not in the trace: the CUDA context (~0.5 GiB), cuBLAS workspaces, NCCL buffers and the caching
+# allocator's fragmentation; also the ~3 GiB we keep spare when choosing a recipe's micro-batch.
+FIXED_OVERHEAD_GIB = 3.0
 
 
 @dataclass
 class Memory:
     weights_gib: float  # fp32 master weights
     bf16_weights_gib: float  # autocast's bf16 copies of the weights
-    gradients_gib: float
+    gradients_gib: float  # fp32; DDP with gradient_as_bucket_view adds no bucket copy
     optimizer_gib: float  # AdamW: two fp32 moments
     activations_gib: float
     logits_gib: float
@@ -37,16 +58,22 @@ class Memory:
     def total_gib(self) -> float:
         return sum(asdict(self).values())
 
+    @property
+    def traced_gib(self) -> float:
+        """What benchmarks/bench_memory.py's trace measures: everything but the fixed overhead."""
+        return self.total_gib - self.overhead_gib
+
 
 def memory_per_gpu(m: GPTConfig, micro_batch: int) -> Memory:
     n = m.param_count(padded=True)
     tokens = micro_batch * m.block_size
     return Memory(
-        weights_gib=4 * n / GIB,
-        bf16_weights_gib=2 * n / GIB,
-        gradients_gib=4 * n / GIB,
-        optimizer_gib=8 * n / GIB,
-        activations_gib=ACTIVATION_BYTES_PER_TOKEN_LAYER * m.n_layer * m.n_embd * tokens / GIB,
+        weights_gib=WEIGHT_BYTES_PER_PARAM * n / GIB,
+        bf16_weights_gib=BF16_WEIGHT_BYTES_PER_PARAM * n / GIB,
+        gradients_gib=GRADIENT_BYTES_PER_PARAM * n / GIB,
+        optimizer_gib=OPTIMIZER_BYTES_PER_PARAM * n / GIB,
+        activations_gib=(ACTIVATION_BYTES_PER_TOKEN_LAYER * m.n_layer + ACTIVATION_BYTES_PER_TOKEN_EXTRA)
+        * m.n_embd * tokens / GIB,
         logits_gib=LOGIT_BYTES_PER_TOKEN_VOCAB * m.padded_vocab_size * tokens / GIB,
         overhead_gib=FIXED_OVERHEAD_GIB,
     )

@@ -43,6 +43,8 @@ class TrainSpec(_Strict):
     tokens_per_step: PositiveInt
     micro_batch: PositiveInt
     steps: PositiveInt
+    # the cosine schedule's length when it differs from steps (a run meant to stop early); default: steps
+    schedule_steps: Optional[PositiveInt] = None
     seed: int = 1337
     compile: bool = False
 
@@ -97,6 +99,7 @@ class Recipe(_Strict):
             model=m.config(),
             recipe_name=self.name,
             tokens_per_step=t.tokens_per_step, micro_batch=t.micro_batch, steps=t.steps, seed=t.seed,
+            schedule_steps=t.schedule_steps or t.steps,  # `--steps` stops early; the schedule keeps this
             compile=t.compile,
             lr=o.lr, min_lr_ratio=o.min_lr_ratio, warmup_steps=o.warmup_steps,
             weight_decay=o.weight_decay, beta1=o.betas[0], beta2=o.betas[1], eps=o.eps,

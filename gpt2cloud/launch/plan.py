@@ -21,7 +21,7 @@ from gpt2cloud import home
 from gpt2cloud.cost.estimate import Estimate, estimate
 from gpt2cloud.cost.hardware import gpu_from_device_name, parse_gpus
 from gpt2cloud.cost.recipes import load_recipe
-from gpt2cloud.errors import UserError, positive
+from gpt2cloud.errors import MAX_STEPS, UserError, positive
 from gpt2cloud.launch import build, task
 from gpt2cloud.launch.task import ANY, LOCAL
 from gpt2cloud.runs import registry
@@ -112,7 +112,8 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
          data: str = "", bucket: str = "", name: Optional[str] = None, steps: Optional[int] = None,
          max_cost: Optional[float] = None, idle_minutes: int = 10, price: Optional[float] = None,
          push_every: int = 60, offline: bool = False, max_hours: Optional[float] = None,
-         micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None) -> Plan:
+         micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None,
+         schedule_steps: Optional[int] = None) -> Plan:
     infra = normalize_infra(infra)
     r = load_recipe(recipe)
     if gpus is None:
@@ -123,6 +124,8 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
     # Money inputs: a nan or a negative would switch a cap off, or make the pusher spin.
     positive("--max-cost", max_cost, "300")
     positive("--max-hours", max_hours, "24")
+    if schedule_steps is not None:
+        positive("--schedule-steps", schedule_steps, "19073", upper=MAX_STEPS)
     positive("--idle-minutes", idle_minutes, "10")
     positive("--push-every", push_every, "60")
     if gpu_type == CPU and infra != LOCAL:
@@ -170,7 +173,7 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
 
     run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
     train_cfg = r.to_train_config(
-        steps=steps, micro_batch=est.micro_batch, tokens_per_step=tokens_per_step, max_cost_usd=max_cost or 0.0,
+        steps=steps, schedule_steps=schedule_steps, micro_batch=est.micro_batch, tokens_per_step=tokens_per_step, max_cost_usd=max_cost or 0.0,
         price_per_gpu_hour=est.price_per_gpu_hour, max_hours=max_hours or 0.0,
         device="auto" if infra == LOCAL else "cuda", stall_minutes=stall_minutes(est),
         # MFU in the metrics needs the real peak: a local run of `--gpus H100:2` on CPU ranks has none
