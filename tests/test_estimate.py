@@ -79,7 +79,8 @@ def test_default_mfu_interpolates_and_names_its_source():
 def test_memory_verdicts():
     xl, small = load_recipe("gpt2-1558m").model.config(), load_recipe("gpt2-124m").model.config()
     assert memory_per_gpu(xl, 64).total_gib > 80  # needs recomputation at micro-batch 64
-    assert memory_per_gpu(xl, 16).total_gib <= 80  # llm.c's micro-batch 16 fits
+    assert memory_per_gpu(xl, 16).total_gib > 80  # llm.c's micro-batch 16: ~78 GiB traced, +3 GiB of context
+    assert memory_per_gpu(xl, 8).total_gib <= 80 - 3  # the recipe's 8, with room to spare
     assert memory_per_gpu(small, 64).total_gib <= 80
     assert not estimate(load_recipe("gpt2-1558m"), "H100", 8, micro_batch=64).fits
     assert estimate(load_recipe("gpt2-124m"), "H100", 8).fits

@@ -34,10 +34,10 @@ OPTIMIZER_BYTES_PER_PARAM = 8
 ACTIVATION_BYTES_PER_TOKEN_LAYER = 36
 # Outside the layers, per token per unit of width: ln_f's fp32 input (4) and its bf16 output (2).
 ACTIVATION_BYTES_PER_TOKEN_EXTRA = 6
-# Per token per (padded) vocabulary entry, at the end of the forward: the bf16 logits (2), their fp32
-# copy for the loss (4), the fp32 log-softmax saved for the backward (4), and the previous micro-step's
-# bf16 logits, which train_step still holds (2). The backward's fp32 gradients of the logits replace
-# the fp32 copy, so this is also the backward's high-water mark.
+# Per token per (padded) vocabulary entry, at the start of the backward (the step's high-water mark,
+# with every activation still saved): the fp32 log-softmax saved by the loss (4), the gradient the
+# loss hands it (4) and the gradient it computes (4). (The forward's bf16 logits and their fp32 copy,
+# 2 + 4, are freed by then; the model no longer returns the logits in training.)
 LOGIT_BYTES_PER_TOKEN_VOCAB = 12
 # Not in the trace: the CUDA context (~0.5 GiB), cuBLAS workspaces, NCCL buffers and the caching
 # allocator's fragmentation; also the ~3 GiB we keep spare when choosing a recipe's micro-batch.
