@@ -14,6 +14,8 @@ Public helpers other parts call: latest_checkpoint, verify_checkpoint, load_mode
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -25,7 +27,7 @@ import torch
 
 from gpt2cloud.store import StorageError, atomic_write  # the one part of gpt2cloud model/ imports
 from gpt2cloud.store.layout import CHECKPOINTS, MANIFEST, STEP_DIR, local_checkpoints, step_dir
-from gpt2cloud.store.transfer import check_files, file_entry
+from gpt2cloud.store.transfer import check_files
 from model import hf
 from model.config import GPTConfig
 from model.gpt import GPT
@@ -137,25 +139,52 @@ def weights_state_dict(raw_model: torch.nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in raw_model.state_dict().items() if k != TIED}
 
 
+class _HashingWriter(io.RawIOBase):
+    """A file opened for writing that hashes what goes through it: the manifest's sha256 without reading
+    the file back. close() fsyncs (the data must be on disk before the manifest vouches for it)."""
+
+    def __init__(self, path: Path):
+        self.name, self.fh, self.sha, self.size = path.name, open(path, "wb"), hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.fh.write(view)
+        self.sha.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def entry(self) -> dict:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        return {"name": self.name, "size": self.size, "sha256": self.sha.hexdigest()}
+
+
 def write_checkpoint(out_dir: str | Path, step: int, raw_model: GPT, optimizer_state: dict,
                      trainer_state: dict, rng_states: list[dict], config: dict, keep: int) -> Path:
     """Write one checkpoint (rank 0 only), manifest last, then prune to the newest `keep`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     path = Path(out_dir) / CHECKPOINTS / step_dir(step)
     if path.exists():
         shutil.rmtree(path)  # an incomplete attempt at this step (a killed run): start it over
     path.mkdir(parents=True)
-    save_file(weights_state_dict(raw_model), str(path / WEIGHTS), metadata={"format": "pt"})
-    torch.save(optimizer_state, path / "optimizer.pt")
-    (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    for r, s in enumerate(rng_states):
-        torch.save(s, path / f"rng_rank{r}.pt")
     files = []
-    for f in sorted(path.iterdir()):
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())  # the data must be on disk before the manifest vouches for it
-        files.append(file_entry(path, f.name))
+
+    def write(name: str, save) -> None:
+        out = _HashingWriter(path / name)
+        save(out)
+        files.append(out.entry())
+
+    write(WEIGHTS, lambda f: f.write(safetensors_bytes(weights_state_dict(raw_model), metadata={"format": "pt"})))
+    write("optimizer.pt", lambda f: torch.save(optimizer_state, f))
+    write("trainer_state.json", lambda f: f.write(json.dumps(trainer_state, indent=2).encode()))
+    for r, s in enumerate(rng_states):
+        write(f"rng_rank{r}.pt", lambda f, s=s: torch.save(s, f))
+    files.sort(key=lambda e: e["name"])
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": len(rng_states),
                 "recipe": config.get("recipe_name"), "config": config, "files": files}
     atomic_write(path / MANIFEST, json.dumps(manifest, indent=2))
