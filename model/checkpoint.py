@@ -20,6 +20,8 @@ import json
 import os
 import random
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -163,9 +165,62 @@ class _HashingWriter(io.RawIOBase):
         return {"name": self.name, "size": self.size, "sha256": self.sha.hexdigest()}
 
 
-def write_checkpoint(out_dir: str | Path, step: int, raw_model: GPT, optimizer_state: dict,
+def to_host(obj):
+    """A copy of a (nested) state with every tensor on the CPU: what a background write may take its
+    time over while training goes on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Writes checkpoints on one background thread, so training goes on while the disk works.
+
+    The caller takes a host copy first (to_host: the device-to-host copy is the only part on the
+    critical path); one write at a time (a second waits for the first); wait() before the process ends.
+    A write that fails is raised by the next wait() or submit().
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.done: list[dict] = []  # what finished: {"step", "path", "write_seconds"}, for the metrics
+
+    def submit(self, step: int, write) -> None:
+        self.wait()
+
+        def run():
+            t0 = time.perf_counter()
+            try:
+                path = write()
+                self.done.append({"step": step, "path": str(path), "write_seconds": time.perf_counter() - t0})
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"checkpoint-{step}", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def pop_done(self) -> list[dict]:
+        done, self.done = self.done, []
+        return done
+
+
+def write_checkpoint(out_dir: str | Path, step: int, raw_model, optimizer_state: dict,
                      trainer_state: dict, rng_states: list[dict], config: dict, keep: int) -> Path:
-    """Write one checkpoint (rank 0 only), manifest last, then prune to the newest `keep`."""
+    """Write one checkpoint (rank 0 only), manifest last, then prune to the newest `keep`. `raw_model` is
+    the module, or its weights already copied to the host (weights_state_dict)."""
     from safetensors.torch import save as safetensors_bytes
 
     path = Path(out_dir) / CHECKPOINTS / step_dir(step)
@@ -179,7 +234,8 @@ def write_checkpoint(out_dir: str | Path, step: int, raw_model: GPT, optimizer_s
         save(out)
         files.append(out.entry())
 
-    write(WEIGHTS, lambda f: f.write(safetensors_bytes(weights_state_dict(raw_model), metadata={"format": "pt"})))
+    weights = raw_model if isinstance(raw_model, dict) else weights_state_dict(raw_model)
+    write(WEIGHTS, lambda f: f.write(safetensors_bytes(weights, metadata={"format": "pt"})))
     write("optimizer.pt", lambda f: torch.save(optimizer_state, f))
     write("trainer_state.json", lambda f: f.write(json.dumps(trainer_state, indent=2).encode()))
     for r, s in enumerate(rng_states):

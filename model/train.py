@@ -351,6 +351,18 @@ def run(args, t_start: float) -> None:
     def cost_so_far(extra_seconds: float = 0.0) -> float:
         return cost_usd(gpu_seconds() + extra_seconds * world, 1, cfg.price_per_gpu_hour)
 
+    writer = ckpt.BackgroundWriter()
+    copy_seconds: dict[int, float] = {}  # step -> the blocking part of its checkpoint
+
+    def report_checkpoints(wait: bool = False) -> None:
+        """The metrics line and log of every checkpoint whose background write has finished."""
+        if wait:
+            writer.wait()
+        for done in writer.pop_done():
+            metrics.write({"event": "checkpoint", "step": done["step"], "path": done["path"],
+                           "seconds": copy_seconds.pop(done["step"], 0.0), "write_seconds": done["write_seconds"]})
+            log(f"checkpoint {done['path']}")
+
     def save_checkpoint(step: int) -> None:
         rngs = [ckpt.rng_state()]
         if ddp:  # every rank's RNG, gathered to rank 0 (no shared filesystem needed)
@@ -362,14 +374,15 @@ def run(args, t_start: float) -> None:
                      "gpu_seconds": gpu_seconds(),
                      "data": train_loader.state(), "world_size": world, "grad_accum": grad_accum,
                      "slowest_iteration_seconds": max(recent_iters, default=0.0)}
-            opt_state = {"optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler.is_enabled() else None}
             t0 = time.perf_counter()
-            path = ckpt.write_checkpoint(out, step, raw_model, opt_state, state, rngs,
-                                         dataclasses.asdict(cfg), cfg.keep_checkpoints)
-            metrics.write({"event": "checkpoint", "step": step, "path": str(path),
-                           "seconds": time.perf_counter() - t0})
-            log(f"checkpoint {path}")
+            # the host copy is all the training waits for; the disk write goes on in the background
+            weights = ckpt.to_host(ckpt.weights_state_dict(raw_model))
+            opt_state = ckpt.to_host({"optimizer": optimizer.state_dict(),
+                                      "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+            config = dataclasses.asdict(cfg)
+            writer.submit(step, lambda: ckpt.write_checkpoint(out, step, weights, opt_state, state, rngs, config,
+                                                              cfg.keep_checkpoints))
+            copy_seconds[step] = time.perf_counter() - t0
         if ddp:
             dist.barrier()
 
@@ -455,6 +468,7 @@ def run(args, t_start: float) -> None:
             if stop:
                 if saved_step != step:
                     save_checkpoint(step)
+                report_checkpoints(wait=True)
                 spent = cost_so_far()
                 if stop & 1:
                     metrics.write({"event": "budget_stop", "step": step, "cost_usd": spent})
@@ -514,10 +528,13 @@ def run(args, t_start: float) -> None:
             save_checkpoint(step)
             saved_step = step
             watchdog.beat(f"checkpoint at step {step}")
+        report_checkpoints()
     else:
         finish_pending()
+        report_checkpoints(wait=True)  # the last checkpoint is on disk before the run says it ended
         metrics.write({"event": "end", "step": step, "final_loss": loss})
         log(f"done: step {step}, final loss {loss if loss is None else round(loss, 4)}")
+    report_checkpoints(wait=True)
     watchdog.stop()
     metrics.close()
     if ddp:
