@@ -78,7 +78,7 @@ print(f'{memory_per_gpu(load_recipe(\"$r\").to_train_config().model, $mb).total_
   traced=n/a
   if [ -f benchmarks/bench_memory.py ]; then
     traced=$(timeout $T_MEM "$PY" benchmarks/bench_memory.py --recipe $r --micro-batch $mb --json 2>/dev/null | tail -1 | \
-             "$PY" -c 'import json,sys; print(f"{json.load(sys.stdin)["peak_gib"]:.2f} GiB")' 2>/dev/null || echo n/a)
+             "$PY" -c 'import json,sys; print("%.2f GiB" % json.load(sys.stdin)["peak_gib"])' 2>/dev/null || echo n/a)
   fi
   row "peak memory $r mb $mb" "measured $measured | estimate $est | traced $traced"
 done
