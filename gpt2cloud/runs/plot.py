@@ -135,8 +135,10 @@ def plot_run(data: RunData, out: str | Path, log_x: bool = False, estimate: Opti
         ax_cost.plot(steps, [r.get("cost_usd", 0) for r in data.train], color="tab:green",
                      label=f"spent {usd(data.cost_usd)}")
         if estimate:
-            ax_cost.axhline(estimate.cost_usd, color="tab:red", linestyle="--", linewidth=1,
-                            label=f"estimated total {usd(estimate.cost_usd)}")
+            # the node bills from its boot (and the cost line counts it): compare with the all-in estimate
+            total = estimate.all_in_cost_usd or estimate.cost_usd
+            ax_cost.axhline(total, color="tab:red", linestyle="--", linewidth=1,
+                            label=f"estimated {'all-in ' if estimate.all_in_cost_usd else ''}total {usd(total)}")
         ax_cost.set_ylabel("US dollars")
         ax_cost.set_title("cost")
     elif data.train:
