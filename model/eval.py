@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
 from model.hf import unwrap
@@ -232,3 +233,47 @@ def val_loss(model, shard_dir_or_files, steps: int, batch: int, T: int, device,
         logits = logits[..., : config.vocab_size].float()
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
     return total / steps
+
+
+# ---- during training: every rank scores its share, one all-reduce ----
+
+def val_loader_steps(val_steps: int, world: int) -> int:
+    """Micro-batches each rank reads so that the ranks together cover the first val_steps batches."""
+    return max(1, -(-val_steps // world))
+
+
+@torch.no_grad()
+def evaluate(model, loader, world, amp, device, ddp, val_steps=None) -> float:
+    """Mean loss over the val shard's first `val_steps` micro-batches, whatever the number of ranks.
+
+    The loader rewinds first, so every evaluation reads the same batches. Micro-step k of rank r reads
+    batch k * world + r; batches at or past val_steps (the last round when world does not divide it)
+    are read but weigh nothing, so 1, 2 or 3 ranks average exactly the same val_steps batches.
+    """
+    n = val_steps if val_steps else loader.accum * world
+    loader.rewind()
+    model.eval()
+    total = torch.zeros((), device=device)
+    for k in range(loader.accum):
+        x, y = loader.next_batch()
+        if k * world + loader.rank >= n:
+            continue
+        with amp():
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.detach() / n
+    model.train()
+    if ddp:
+        dist.all_reduce(total)  # each rank holds its share of the mean: the sum is the mean
+    return total.item()
+
+
+@torch.no_grad()
+def hellaswag_eval(model, examples, device, rank, world, ddp) -> dict:
+    """HellaSwag acc / acc_norm over all examples, each rank scoring its stride (model/eval.py)."""
+    model.eval()
+    counts = hellaswag_counts(model, examples, device, rank, world)  # on the device: one sync, below
+    model.train()
+    if ddp:
+        dist.all_reduce(counts)
+    correct, correct_norm, n = counts.tolist()
+    return {"hellaswag_acc_norm": correct_norm / n, "hellaswag_acc": correct / n, "hellaswag_n": n}

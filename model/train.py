@@ -16,12 +16,10 @@ import dataclasses
 import functools
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -30,141 +28,17 @@ from gpt2cloud.store.layout import CHECKPOINTS, METRICS, TIMELINE
 from model import checkpoint as ckpt
 from model.config import BatchError, TrainConfig
 from model.data import TokenLoader, find_shards
-from model.eval import EvalDataError, hellaswag_counts, load_hellaswag
-from model.gpt import GPT
+from model.eval import EvalDataError, evaluate, hellaswag_eval, load_hellaswag, val_loader_steps
 from model.metrics import MetricsLog, console_line, cost_usd, mfu, node_seconds_before, parse_metrics, truncate_after
 from model.sample import generate_text
 from model.shards import ShardError
+from model.step import get_lr, pick_dtype, schedule_length, setup_training, train_step  # noqa: F401 (re-exported)
 from model.tokenizer import VOCAB_SIZE
 from model.watchdog import Watchdog
 
 
 class TrainError(RuntimeError):
     """A problem the user can fix (config, resume); printed as one line, exit code 2."""
-
-
-def schedule_length(cfg: TrainConfig) -> int:
-    """The cosine schedule's length: schedule_steps, or steps when it is 0 (unset)."""
-    return cfg.schedule_steps or cfg.steps
-
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at the schedule's
-    last step (schedule_steps; `--steps` only says where this run stops), then flat at the minimum."""
-    max_lr, min_lr = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    total = schedule_length(cfg)
-    if it < cfg.warmup_steps:
-        return max_lr * (it + 1) / cfg.warmup_steps
-    if it >= total:
-        return min_lr
-    decay = (it - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay)) * (max_lr - min_lr)
-
-
-def pick_dtype(setting: str, device_type: str) -> torch.dtype:
-    """auto: bf16 on CUDA that has it, fp16 (with a GradScaler) on older CUDA, fp32 on CPU."""
-    if setting == "auto":
-        if device_type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
-
-
-@dataclasses.dataclass
-class Setup:
-    """The model and what trains it, as the trainer and benchmarks/bench_train.py both build them."""
-
-    raw_model: GPT  # what is saved and sampled from: never compiled, never DDP-wrapped
-    model: torch.nn.Module  # raw_model, compiled when cfg.compile
-    dtype: torch.dtype
-    amp: functools.partial  # autocast context for the forward passes
-    scaler: torch.amp.GradScaler  # enabled for fp16 only
-    optimizer: torch.optim.Optimizer
-
-
-def setup_training(cfg: TrainConfig, device: str) -> Setup:
-    """Seed, precision, model, optimizer (the same seed on every rank: identical initial weights)."""
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32
-        torch.backends.cudnn.allow_tf32 = True
-    raw_model = GPT(cfg.model).to(device)
-    dtype = pick_dtype(cfg.dtype, device_type)
-    amp = functools.partial(torch.autocast, device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    optimizer = raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
-    # compiled lazily, at the first forward: loading a checkpoint into raw_model first is fine
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    return Setup(raw_model, model, dtype, amp, scaler, optimizer)
-
-
-def train_step(model, optimizer, scaler, loader, grad_accum, amp, grad_clip, lr, ddp, device):
-    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, gradient norm)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        x, y = loader.next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if ddp:
-            # all-reduce gradients once per step, during the last micro-step's backward
-            model.require_backward_grad_sync = micro == grad_accum - 1
-        with amp():
-            _, loss = model(x, y)
-        loss = loss / grad_accum  # gradients of the step's mean loss, not of a sum of means
-        loss_accum += loss.detach()
-        scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scaler.step(optimizer)
-    scaler.update()
-    return loss_accum, norm
-
-
-def val_loader_steps(val_steps: int, world: int) -> int:
-    """Micro-batches each rank reads so that the ranks together cover the first val_steps batches."""
-    return max(1, -(-val_steps // world))
-
-
-@torch.no_grad()
-def evaluate(model, loader, world, amp, device, ddp, val_steps=None) -> float:
-    """Mean loss over the val shard's first `val_steps` micro-batches, whatever the number of ranks.
-
-    The loader rewinds first, so every evaluation reads the same batches. Micro-step k of rank r reads
-    batch k * world + r; batches at or past val_steps (the last round when world does not divide it)
-    are read but weigh nothing, so 1, 2 or 3 ranks average exactly the same val_steps batches.
-    """
-    n = val_steps if val_steps else loader.accum * world
-    loader.rewind()
-    model.eval()
-    total = torch.zeros((), device=device)
-    for k in range(loader.accum):
-        x, y = loader.next_batch()
-        if k * world + loader.rank >= n:
-            continue
-        with amp():
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.detach() / n
-    model.train()
-    if ddp:
-        dist.all_reduce(total)  # each rank holds its share of the mean: the sum is the mean
-    return total.item()
-
-
-@torch.no_grad()
-def hellaswag_eval(model, examples, device, rank, world, ddp) -> dict:
-    """HellaSwag acc / acc_norm over all examples, each rank scoring its stride (model/eval.py)."""
-    model.eval()
-    counts = hellaswag_counts(model, examples, device, rank, world)  # on the device: one sync, below
-    model.train()
-    if ddp:
-        dist.all_reduce(counts)
-    correct, correct_norm, n = counts.tolist()
-    return {"hellaswag_acc_norm": correct_norm / n, "hellaswag_acc": correct / n, "hellaswag_n": n}
 
 
 CHECK_SECONDS = 2.0  # the budget/time check (a host-device sync) runs about this often, or every step if slower
