@@ -71,9 +71,9 @@ def test_report_compares_every_phase_and_calibrates_them(tmp_path, monkeypatch):
     assert rows["training"][2].endswith("%")
     # the per-launch phases feed the next estimate: the local defaults give way to this run's
     points = [json.loads(line) for line in user_calibration_path().read_text().splitlines()]
-    phases = {p["phase"]: p["hours"] for p in points if p.get("kind") == "phase"}
+    phases = {p["phase"]: p.get("hours", p.get("value")) for p in points if p.get("kind") == "phase"}
     assert phases == {"provisioning": pytest.approx(2 / 3600), "setup": pytest.approx(3 / 3600),
-                      "compile": pytest.approx(7 / 3600)}
+                      "compile": pytest.approx(7 / 3600), "finish": pytest.approx(0.9 / 3600)}  # 0.5 s data: too short to time
     again = estimate(load_recipe("gpt2-tiny"), gpu_type="CPU", gpus_per_node=2, steps=30, local=True)
     assert again.breakdown_hours["setup"] == pytest.approx(3 / 3600)
     assert "median of 1 of your runs" in again.phase_sources["setup"]
@@ -86,3 +86,22 @@ def test_a_damaged_calibration_file_breaks_nothing(tmp_path, monkeypatch):
     user_calibration_path().write_bytes(b'{"gpu": "H100", "params": 1\n\x00\xff not json\n[1, 2]\n')
     r = CliRunner().invoke(app, ["estimate", "gpt2-124m", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["all_in_hours"] > 0
+
+
+def test_a_timed_download_calibrates_the_data_rate(tmp_path, monkeypatch):
+    from gpt2cloud.cost.phases import defaults
+    from gpt2cloud.runs.calibrate import record_phases
+    from gpt2cloud.runs.rundata import read_metrics
+
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
+    spec = registry.RunSpec(run_id="rate1", kind="local", infra="local", run_url="file:///tmp/b/rate1",
+                            bucket="file:///tmp/b", data_url="file:///tmp/d", recipe="gpt2-tiny", gpu_type="CPU",
+                            gpus_per_node=2, nodes=1, spot=False, price_per_gpu_hour=0.05, total_steps=30,
+                            estimate=None)
+    write_run(tmp_path / "out", launched=1000.0)
+    with open(tmp_path / "out" / "timeline.jsonl", "a") as f:  # a second attempt downloaded 300 MB in 2 s
+        f.write(json.dumps({"event": "data", "start": 5000.0, "time": 5002.0, "bytes": 300_000_000}) + "\n")
+    points, _ = record_phases(read_metrics(tmp_path / "out", spec=spec))
+    assert [p["value"] for p in points if p["phase"] == "data_mb_per_s"] == [150.0]
+    value, source = defaults(local=True)["data_mb_per_s"]
+    assert value == 150.0 and "your runs" in source

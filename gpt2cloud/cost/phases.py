@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from gpt2cloud.cost.hardware import table, user_points
 
 PHASES = ("provisioning", "setup", "data", "compile", "training", "evals", "finish", "idle", "recovery")
-PER_LAUNCH = ("provisioning", "setup", "compile")  # measured by finished runs, one value per launch
+PER_LAUNCH = ("provisioning", "setup", "compile", "finish")  # measured by finished runs, one value per launch
+RATES = ("data_mb_per_s",)  # measured by finished runs as a rate
 HELLASWAG_EXAMPLES = 10042
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW's two fp32 moments (written, then read to hash)
 
@@ -42,11 +43,12 @@ def defaults(local: bool) -> dict[str, tuple[float, str]]:
     out = {k: (float(v.get("minutes", v.get("value", 0))), v["source"]) for k, v in rows.items()}
     measured: dict[str, list[float]] = {}
     for p in user_points():
-        if p.get("kind") == "phase" and p.get("phase") in PER_LAUNCH and bool(p.get("local")) == local:
-            try:
-                measured.setdefault(p["phase"], []).append(float(p["hours"]) * 60)
+        if p.get("kind") == "phase" and p.get("phase") in (*PER_LAUNCH, *RATES) and bool(p.get("local")) == local:
+            try:  # per-launch phases in hours (the table's are minutes), rates as they are
+                value = float(p["value"]) if p["phase"] in RATES else float(p["hours"]) * 60
             except (KeyError, TypeError, ValueError):
                 continue
+            measured.setdefault(p["phase"], []).append(value)
     for phase, minutes in measured.items():
         out[phase] = (statistics.median(minutes), f"median of {len(minutes)} of your runs (gpt2cloud report)")
     return out

@@ -101,8 +101,9 @@ def measured_phases(data: RunData) -> dict[str, float]:
 
 
 def record_phases(data: RunData) -> tuple[list[dict], str]:
-    """Append the per-launch phases a finished run measured (provisioning, setup, compile) to the user
-    calibration file, once per run: later estimates use their median instead of the table's defaults."""
+    """Append the per-launch phases a finished run measured (provisioning, setup, compile, finish) and its
+    data download rate to the user calibration file, once per run: later estimates use their median
+    instead of the table's defaults."""
     if data.spec is None or not data.finished:
         return [], "not recorded: " + ("not a registry run" if data.spec is None else "the run has not finished")
     phases = measured_phases(data)
@@ -114,6 +115,12 @@ def record_phases(data: RunData) -> tuple[list[dict], str]:
     launches = max(1, sum(1 for e in data.metrics.events if e.get("event") == "node_up"))
     points = [{"kind": "phase", "phase": p, "hours": round(phases[p] / launches, 9), "local": data.spec.local,
                "gpu": data.spec.gpu_type, "source": source} for p in PER_LAUNCH if p in phases]
+    downloads = [e for e in data.metrics.events if e.get("event") == "data" and e.get("bytes")
+                 and isinstance(e.get("start"), (int, float)) and e["time"] - e["start"] > 1]
+    if downloads:  # a rate from downloads long enough to time (a cached, already verified set is not one)
+        seconds = sum(e["time"] - e["start"] for e in downloads)
+        points.append({"kind": "phase", "phase": "data_mb_per_s", "local": data.spec.local, "gpu": data.spec.gpu_type,
+                       "value": round(sum(e["bytes"] for e in downloads) / 1e6 / seconds, 3), "source": source})
     path = user_calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
