@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -292,12 +293,10 @@ def storage_settings(urls: list[str], env: Optional[dict] = None) -> tuple[dict,
             if env.get(k):
                 secrets[k] = env[k]
         if "AWS_ACCESS_KEY_ID" not in secrets:
+            creds = boto3_credentials()
             try:
-                import boto3
-
-                creds = boto3.session.Session().get_credentials()
                 frozen = creds.get_frozen_credentials() if creds else None
-            except Exception:  # noqa: BLE001 - no boto3 or a broken profile: the node gets none
+            except Exception:  # noqa: BLE001 - a refresh that fails (an expired SSO login): the node gets none
                 frozen = None
             if frozen and frozen.access_key:
                 secrets["AWS_ACCESS_KEY_ID"] = frozen.access_key
@@ -320,10 +319,21 @@ def credential_expiry(env: Optional[dict] = None) -> Optional[datetime.datetime]
             return None
     if env.get("AWS_ACCESS_KEY_ID"):
         return None  # plain environment keys: boto3 knows no expiry for them
+    return getattr(boto3_credentials(), "_expiry_time", None)
+
+
+def boto3_credentials():
+    """boto3's credential chain (profile, ~/.aws, SSO, instance role), looked up once per AWS_* environment
+    (storage_settings and credential_expiry both ask); None when there is no boto3, no credentials, or a
+    broken profile."""
+    return _credentials(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+
+
+@functools.lru_cache(maxsize=4)
+def _credentials(aws_env: tuple):
     try:
         import boto3
 
-        creds = boto3.session.Session().get_credentials()
-    except Exception:  # noqa: BLE001 - no boto3 or a broken profile: unknown
+        return boto3.session.Session().get_credentials()
+    except Exception:  # noqa: BLE001 - ProfileNotFound and the like: the node gets no credentials
         return None
-    return getattr(creds, "_expiry_time", None)
