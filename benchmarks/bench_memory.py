@@ -50,6 +50,7 @@ from torch.utils._pytree import tree_leaves
 from gpt2cloud.cost.recipes import load_recipe
 from model.config import TrainConfig
 from model.gpt import GPT
+from model.muon import build_optimizer
 from model.train import train_step
 
 GIB = 2**30
@@ -142,8 +143,8 @@ def trace_step(cfg: TrainConfig, accum: int = 2, steps: int = 2, fake: bool = Tr
         # setup_training's model, without its .to(device) (which fake tensors cannot swap in place)
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model)
-        # the fused AdamW the trainer builds on CUDA (fused AdamW also runs on CPU tensors)
-        optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, "cuda")
+        # the optimizer the trainer builds on CUDA: fused AdamW (it also runs on CPU tensors), or Muon + AdamW
+        optimizer = build_optimizer(model, cfg, "cuda")
         amp = lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16)
         scaler = torch.amp.GradScaler("cpu", enabled=False)  # bf16: no loss scaling
         params = list(model.parameters())
@@ -194,7 +195,7 @@ def main(argv=None) -> None:
     if a.estimate or not a.json:
         from gpt2cloud.cost.estimate import memory_per_gpu
         cfg = load_recipe(a.recipe).to_train_config(micro_batch=r["micro_batch"])
-        est = memory_per_gpu(cfg.model, r["micro_batch"])
+        est = memory_per_gpu(cfg.model, r["micro_batch"], cfg.optimizer)
     if a.json:
         out = {"recipe": r["recipe"], "micro_batch": r["micro_batch"], "peak_gib": round(r["peak_gib"], 3),
                "by_kind": {k: round(v, 3) for k, v in r["by_kind"].items()}}

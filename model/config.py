@@ -59,6 +59,12 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | muon (Muon for the 2-D hidden matrices, AdamW at `lr` for the rest)
+    muon_lr: float = 0.02  # the Muon group's peak lr; the schedule scales it like `lr`
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable at the peak, linear cooldown over the last cooldown_frac)
+    cooldown_frac: float = 0.0
     # what the run writes, and how often
     val_every: int = 250
     val_steps: int = 20

@@ -13,22 +13,31 @@ import torch
 
 from model.config import TrainConfig
 from model.gpt import GPT
+from model.muon import build_optimizer
 
 
 def schedule_length(cfg: TrainConfig) -> int:
-    """The cosine schedule's length: schedule_steps, or steps when it is 0 (unset)."""
+    """The schedule's length: schedule_steps, or steps when it is 0 (unset)."""
     return cfg.schedule_steps or cfg.steps
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at the schedule's
-    last step (schedule_steps; `--steps` only says where this run stops), then flat at the minimum."""
+    """Linear warmup to cfg.lr over warmup_steps, then down to lr * min_lr_ratio at the schedule's last step
+    (schedule_steps; `--steps` only says where this run stops), then flat at the minimum. The way down:
+    cosine: a cosine from the end of warmup. wsd (warmup-stable-decay): flat at the peak, then linear over
+    the last cooldown_frac of the schedule."""
     max_lr, min_lr = cfg.lr, cfg.lr * cfg.min_lr_ratio
     total = schedule_length(cfg)
     if it < cfg.warmup_steps:
         return max_lr * (it + 1) / cfg.warmup_steps
     if it >= total:
         return min_lr
+    if cfg.schedule == "wsd":
+        cooldown = cfg.cooldown_frac * total
+        left = total - it  # steps until the end: the cooldown runs while fewer than `cooldown` are left
+        if left >= cooldown:
+            return max_lr
+        return min_lr + (max_lr - min_lr) * left / cooldown
     decay = (it - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay)) * (max_lr - min_lr)
 
@@ -67,14 +76,15 @@ def setup_training(cfg: TrainConfig, device: str) -> Setup:
     dtype = pick_dtype(cfg.dtype, device_type)
     amp = functools.partial(torch.autocast, device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    optimizer = raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device_type)
+    optimizer = build_optimizer(raw_model, cfg, device_type)  # AdamW, or Muon + AdamW (cfg.optimizer)
     # compiled lazily, at the first forward: loading a checkpoint into raw_model first is fine
     model = torch.compile(raw_model) if cfg.compile else raw_model
     return Setup(raw_model, model, dtype, amp, scaler, optimizer)
 
 
 def train_step(model, optimizer, scaler, loader, grad_accum, amp, grad_clip, lr, ddp, device):
-    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, gradient norm)."""
+    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, gradient norm).
+    lr is the schedule's value for cfg.lr; a group with an "lr_ratio" (Muon's) runs at lr * lr_ratio."""
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
     for micro in range(grad_accum):
@@ -91,7 +101,7 @@ def train_step(model, optimizer, scaler, loader, grad_accum, amp, grad_clip, lr,
     scaler.unscale_(optimizer)  # clip the true gradients, not fp16-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
     scaler.step(optimizer)
     scaler.update()
     return loss_accum, norm

@@ -2,7 +2,8 @@
 
     python -m model.sync push OUT URL [--every 60] [--rank R] [--keep 3]   # loop; final push on exit/SIGTERM
     python -m model.sync pull URL OUT [--rank R]     # newest complete checkpoint (+ metrics) for --resume auto
-    python -m model.sync data URL DIR                # the token shards, sha256-verified against their manifest
+    python -m model.sync data URL DIR [--max-mb-per-s X] [--timeline FILE]   # the token shards (below)
+    python -m model.sync wait DIR [--pid PID] [--timeout S]   # until DIR holds what training needs first
 
 Bucket layout under URL (= <bucket>/<run id>): the same tree as OUT (gpt2cloud/store/layout.py), each
 checkpoint directory's manifest.json uploaded last, metrics.jsonl from the head node, logs/node-R.log
@@ -12,6 +13,16 @@ A checkpoint is complete once its manifest is there; a reader ignores a director
 newest complete local checkpoint is pushed as soon as the trainer finishes writing it (its manifest
 exists), so a preempted or failed node loses at most the steps since its last checkpoint.
 
+`data` streams: it writes the set's manifest into DIR first, then downloads the validation shards and
+the first training shard (what the first step and the first val loss need), then the other training
+shards in name order, 4 at a time, each sha256-verified before it gets its final name; DIR/download.json
+says how far it got and ends "complete" or "failed" (model/datadir.py). The node's run script starts it
+in the background, waits (`wait --pid`) until it is ready and starts the trainer, whose loader waits
+for any shard still on its way (model/data.py). `--timeline` appends a data_complete event when all
+is in. Exit code EXIT_DATA when the download fails. Every node of a multi-node run streams its own
+copy: behind training it costs bandwidth, not time (docs/cloud.md, "The data streams in", has the
+measured rates and the reasons).
+
 Imports only the standard library and gpt2cloud's store package (boto3 is imported when an s3:// URL
 is opened). Never imports typer, pydantic or skypilot.
 """
@@ -19,17 +30,22 @@ is opened). Never imports typer, pydantic or skypilot.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import signal
 import sys
 import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from gpt2cloud.store import StorageError, open_store
+from gpt2cloud.store import NoSuchObject, StorageError, atomic_write, open_store, sha256_file
+from gpt2cloud.store.base import remove_stale_tmp
 from gpt2cloud.store.layout import (CHECKPOINTS, LOGS, MANIFEST, METRICS, TIMELINE, local_checkpoints, node_log,
                                     remote_checkpoints)
-from gpt2cloud.store.transfer import download_dir, upload_dir
+from gpt2cloud.store.transfer import FILE_WORKERS, download_dir, parse_manifest, upload_dir
+from model import datadir
 
 # Exit codes: the node's run script passes them on (gpt2cloud/launch/task.py renders them into it).
 EXIT_DATA = 3  # could not download the shards from --data
@@ -189,16 +205,150 @@ def pull(url: str, out: str | Path, rank: int = 0) -> int:
     return 0
 
 
-def data(url: str, dest: str | Path) -> int:
-    t0 = time.monotonic()
+class RateLimit:
+    """Paces the bytes moved to at most `mb_per_s`, all threads together (None or 0: no limit): the
+    progress callback sleeps. In slices, so a large file does not hold back the small ones beside it.
+    For tests (a shard that lands late, on purpose) and for links shared with other work."""
+
+    SLICE = 16 * 1024
+
+    def __init__(self, mb_per_s: float | None):
+        self.bytes_per_s = (mb_per_s or 0) * 1e6
+        self.lock = threading.Lock()
+        self.free_at = time.monotonic()
+
+    def take(self, n: int) -> None:
+        while self.bytes_per_s > 0 and n > 0:
+            piece = min(n, self.SLICE)
+            with self.lock:
+                self.free_at = max(self.free_at, time.monotonic()) + piece / self.bytes_per_s
+                until = self.free_at
+            time.sleep(max(0.0, until - time.monotonic()))
+            n -= piece
+
+
+class Download:
+    """The shards at URL into DIR in the order the trainer reads them, with DIR/download.json saying
+    how far it got (model/datadir.py): the files training needs first, then the rest, `workers` at a
+    time. A file already in DIR is kept if its sha256 checks out (a rerun resumes)."""
+
+    def __init__(self, url: str, dest: str | Path, max_mb_per_s: float | None = None, workers: int = FILE_WORKERS):
+        self.url, self.dest, self.workers = url, Path(dest), workers
+        self.limit = RateLimit(max_mb_per_s)
+        self.lock = threading.Lock()
+        self.status = {"state": datadir.RUNNING, "error": None, "pid": os.getpid(), "start": time.time(),
+                       "time": time.time(), "files": None, "ready": None, "arrived": {}, "bytes": 0,
+                       "total_bytes": None}
+        self.fetched = 0  # bytes of the files actually downloaded (not already there)
+
+    def save(self, **changes) -> None:
+        with self.lock:
+            self.status.update(changes, time=time.time())
+            datadir.write_status(self.dest, self.status)
+
+    def moved(self, n: int) -> None:
+        self.limit.take(n)
+        with self.lock:
+            self.status["bytes"] += n
+
+    def fetch(self, store, f: dict) -> None:
+        path = self.dest / f["name"]
+        kept = path.is_file() and path.stat().st_size == f["size"] and sha256_file(path) == f["sha256"]
+        if not kept:  # (an earlier download's file that checks out is kept)
+            remove_stale_tmp(path)
+            # get_file verifies the sha256 before the file gets its final name: arrival means verified
+            store.get_file(f["name"], path, progress=self.moved, sha256=f["sha256"])
+            with self.lock:
+                self.fetched += f["size"]
+        with self.lock:
+            self.status["arrived"][f["name"]] = time.time()
+        self.save()
+
+    def fetch_in_order(self, store, files: list[dict]) -> None:
+        """`workers` files at a time, started in list order; the first error stops the rest."""
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            futures = [pool.submit(self.fetch, store, f) for f in files]
+            parent = os.getppid()
+            while True:
+                done, pending = wait(futures, timeout=2.0, return_when=FIRST_EXCEPTION)
+                failed = next((f for f in done if f.exception() is not None), None)
+                if failed is not None:
+                    # said at once (a waiting trainer stops waiting), then the transfers in flight are cut
+                    self.save(state=datadir.FAILED, error=str(failed.exception()))
+                    for f in pending:
+                        f.cancel()
+                    store.abort()
+                    raise failed.exception()
+                if not pending:
+                    return
+                if os.getppid() != parent:  # the run script is gone: nobody needs the rest
+                    log("data: the run script ended; stopping the download")
+                    os._exit(1)
+                self.save()  # bytes so far: the trainer's wait sees the download progress
+
+    def run(self) -> dict:
+        self.dest.mkdir(parents=True, exist_ok=True)
+        self.save()
+        store = open_store(self.url)
+        try:
+            manifest_bytes = store.get_bytes(MANIFEST)
+        except NoSuchObject:
+            raise StorageError(f"{store.url_for(MANIFEST)}: no manifest there; the set was never uploaded or its "
+                               "upload did not finish: run `gpt2cloud data upload` (again), or check the URL") from None
+        files = parse_manifest(manifest_bytes, store.url_for(MANIFEST))["files"]
+        first, rest = datadir.download_order(files)
+        atomic_write(self.dest / MANIFEST, manifest_bytes)  # first: the trainer knows every shard to come
+        self.save(files=len(files), ready=[f["name"] for f in first], total_bytes=sum(f["size"] for f in files))
+        t0 = time.monotonic()
+        self.fetch_in_order(store, first)
+        log(f"data: ready: {len(first)} files ({sum(f['size'] for f in first) / 1e6:.1f} MB) in "
+            f"{time.monotonic() - t0:.1f} s; {len(rest)} more on the way")
+        self.fetch_in_order(store, rest)
+        self.save(state=datadir.COMPLETE)
+        return {"files": len(files), "bytes": self.fetched, "seconds": time.monotonic() - t0}
+
+
+def data(url: str, dest: str | Path, max_mb_per_s: float | None = None, timeline: str | None = None,
+         workers: int = FILE_WORKERS) -> int:
+    """Download the shards at URL into DEST (see Download); note `data_complete` in TIMELINE at the end."""
+    download = Download(url, dest, max_mb_per_s, workers)
     try:
-        result = download_dir(open_store(url), "", dest, progress=False)
-    except StorageError as e:
+        result = download.run()
+    except (StorageError, OSError) as e:
         log(f"cannot fetch the data: {e}")
+        with contextlib.suppress(OSError):  # (DIR itself may be what fails)
+            download.save(state=datadir.FAILED, error=str(e))
         return EXIT_DATA
-    log(f"data: {result['files']} files, {result['bytes'] / 1e6:.1f} MB downloaded "
-        f"({result['skipped']} already there) in {time.monotonic() - t0:.1f} s, all sha256-verified")
+    log(f"data: {result['files']} files, {result['bytes'] / 1e6:.1f} MB downloaded in {result['seconds']:.1f} s "
+        f"({result['bytes'] / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s), all sha256-verified")
+    if timeline:
+        event = {"event": "data_complete", "time": time.time(), "start": download.status["start"],
+                 "bytes": result["bytes"], "files": result["files"]}
+        with open(timeline, "a", encoding="utf-8") as f:  # one short append: whole, beside the script's own notes
+            f.write(json.dumps(event) + "\n")
     return 0
+
+
+def wait_ready(dest: str | Path, pid: int | None = None, timeout: float = 0, poll: float = 0.2) -> int:
+    """Block until DEST holds what training needs first; print the bytes moved so far (for the timeline).
+    EXIT_DATA once the download failed or its process (`pid`, else the status file's) is gone."""
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    while True:
+        status = datadir.read_status(dest)
+        if status is not None and pid is not None and status.get("pid") != pid:
+            status = None  # an earlier download's file: not this one's yet
+        why = datadir.failure(status) if status is not None else (
+            None if pid is None or datadir.process_alive(pid) else f"the data download (pid {pid}) ended at once")
+        if why:  # even when what training needs first is in: the rest will not come
+            log(f"data not ready: {why}")
+            return EXIT_DATA
+        if status is not None and datadir.ready_now(status):
+            print(status.get("bytes", 0), flush=True)
+            return 0
+        if deadline is not None and time.monotonic() > deadline:
+            log(f"data not ready after {timeout:g} s")
+            return EXIT_DATA
+        time.sleep(poll)
 
 
 def main(argv=None) -> int:
@@ -216,15 +366,23 @@ def main(argv=None) -> int:
     pl.add_argument("url")
     pl.add_argument("out")
     pl.add_argument("--rank", type=int, default=0)
-    pd = sub.add_parser("data", help="download the token shards at URL into DIR (manifest-verified)")
+    pd = sub.add_parser("data", help="download the token shards at URL into DIR (manifest-verified), in order")
     pd.add_argument("url")
     pd.add_argument("dir")
+    pd.add_argument("--max-mb-per-s", type=float, default=None, help="cap the download rate (tests, shared links)")
+    pd.add_argument("--timeline", default=None, help="append a data_complete event to this file at the end")
+    pw = sub.add_parser("wait", help="wait until DIR holds the validation and first training shards")
+    pw.add_argument("dir")
+    pw.add_argument("--pid", type=int, default=None, help="the process id of `data` running in the background")
+    pw.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0: never)")
     a = p.parse_args(argv)
     if a.cmd == "push":
         return push_loop(a.out, a.url, a.every, a.rank, a.keep, once=a.once, retry_seconds=a.retry_seconds)
     if a.cmd == "pull":
         return pull(a.url, a.out, rank=a.rank)
-    return data(a.url, a.dir)
+    if a.cmd == "wait":
+        return wait_ready(a.dir, pid=a.pid, timeout=a.timeout)
+    return data(a.url, a.dir, max_mb_per_s=a.max_mb_per_s, timeline=a.timeline)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,7 @@ def run(args, t_start: float) -> None:
                   for r in parse_metrics((out / name).read_text(encoding="utf-8"))]
         node_before = node_seconds_before(pulled, node_up)
     watchdog = Watchdog(cfg.stall_minutes * 60, out, functools.partial(print, f"rank {rank}:", flush=True)).start()
+    train_loader.set_heartbeat(watchdog.beat)  # waiting for a shard that is still downloading is not a stall
     latest = ckpt.latest_checkpoint(out)
     if ddp:  # rank 0 chooses; every rank must see that same checkpoint (shared or synced OUT on every node)
         chosen = [latest.name if latest is not None else None]

@@ -10,8 +10,27 @@ from trainer_helpers import make_shards
 from typer.testing import CliRunner
 
 from gpt2cloud.cli import app
+from gpt2cloud.cost.recipes import _bundled_dir
 
 RECIPE = "gpt2-tiny"
+# variants of the bundled gpt2-124m-fast recipe, one mistake each: file name -> (text, replaced by)
+FAST_RECIPE_MISTAKES = {
+    "opt_name": ("name: muon", "name: sgd"),
+    "opt_schedule": ("schedule: wsd", "schedule: linear"),
+    "cooldown_one": ("cooldown_frac: 0.4", "cooldown_frac: 1.0"),
+    "cooldown_negative": ("cooldown_frac: 0.4", "cooldown_frac: -0.1"),
+    "wsd_no_cooldown": ("cooldown_frac: 0.4", "cooldown_frac: 0"),
+    "muon_lr_zero": ("muon_lr: 0.02", "muon_lr: 0"),
+    "adamw_lr_negative": ("lr: 6.0e-4", "lr: -6.0e-4"),
+    "muon_momentum_one": ("muon_momentum: 0.95", "muon_momentum: 1.0"),
+    "muon_fields_on_adamw": ("name: muon", "name: adamw"),
+    "token_ratio_above_1": ("token_ratio: 0.6", "token_ratio: 1.5"),
+    "basis_missing": ("\nbasis: ", "\n# basis: "),
+    "faster_than_unknown": ("faster_than: gpt2-124m", "faster_than: gpt2-125m"),
+    "faster_than_a_fast_one": ("faster_than: gpt2-124m", "faster_than: gpt2-1558m-fast"),
+    "fast_other_model": ("n_layer: 12", "n_layer: 6"),
+    "fast_steps_not_the_ratio": ("steps: 11444", "steps: 19073"),
+}
 LOCAL = ["--infra", "local", "--gpus", "CPU:2"]
 
 
@@ -34,6 +53,10 @@ def world(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     (tmp_path / "g2" / "runs").mkdir(parents=True)
     (tmp_path / "g2" / "runs" / "broken.json").write_text("{not json")
+    fast = (_bundled_dir() / "gpt2-124m-fast.yaml").read_text()
+    for name, (text, replacement) in FAST_RECIPE_MISTAKES.items():
+        assert text in fast, name
+        (tmp_path / f"{name}.yaml").write_text(fast.replace(text, replacement, 1))
     return tmp_path
 
 
@@ -52,6 +75,22 @@ CASES = [
     ("recipe YAML syntax", ["estimate", "bad.yaml"], "YAML syntax error"),
     ("recipe not a mapping", ["estimate", "list.yaml"], "expected a YAML mapping"),
     ("recipe is a directory", ["estimate", "empty"], "directory"),
+    # recipe fields of the fast recipes: optimizer, schedule, and what a fast recipe shortens
+    ("optimizer name", ["estimate", "opt_name.yaml"], "optimizer.name: Input should be 'adamw' or 'muon'"),
+    ("schedule name", ["estimate", "opt_schedule.yaml"], "optimizer.schedule: Input should be 'cosine' or 'wsd'"),
+    ("cooldown_frac 1", ["estimate", "cooldown_one.yaml"], "optimizer.cooldown_frac: Input should be less than 1"),
+    ("cooldown_frac negative", ["estimate", "cooldown_negative.yaml"], "optimizer.cooldown_frac"),
+    ("wsd without cooldown", ["estimate", "wsd_no_cooldown.yaml"], "needs cooldown_frac in (0, 1)"),
+    ("muon_lr 0", ["estimate", "muon_lr_zero.yaml"], "optimizer.muon_lr: Input should be greater than 0"),
+    ("adamw lr negative", ["estimate", "adamw_lr_negative.yaml"], "optimizer.lr: Input should be greater than 0"),
+    ("muon_momentum 1", ["estimate", "muon_momentum_one.yaml"], "optimizer.muon_momentum"),
+    ("muon fields with adamw", ["estimate", "muon_fields_on_adamw.yaml"], "only apply with name: muon"),
+    ("token_ratio above 1", ["estimate", "token_ratio_above_1.yaml"], "token_ratio: Input should be less than 1"),
+    ("fast recipe without basis", ["estimate", "basis_missing.yaml"], "missing basis"),
+    ("faster_than unknown", ["estimate", "faster_than_unknown.yaml"], "faster_than: unknown recipe 'gpt2-125m'"),
+    ("faster_than a fast one", ["estimate", "faster_than_a_fast_one.yaml"], "is itself a fast recipe"),
+    ("fast recipe changes the model", ["estimate", "fast_other_model.yaml"], "keeps the architecture of gpt2-124m"),
+    ("fast recipe steps off its ratio", ["estimate", "fast_steps_not_the_ratio.yaml"], "train.steps: 19,073 is not"),
     # GPUs and counts
     ("GPU count 0", ["estimate", "gpt2-124m", "--gpus", "H100:0"], "1 to 64"),
     ("GPU count missing", ["estimate", "gpt2-124m", "--gpus", "H100:"], "expected TYPE:COUNT"),
@@ -111,7 +150,21 @@ CASES = [
     ("upload scheme", ["data", "upload", "data", "ftp://host/x"], "unsupported URL scheme"),
     ("upload missing dir", ["data", "upload", "nope", "file:///tmp/x"], "no such directory"),
     ("download nothing there", ["data", "download", "file:///nonexistent/set", "dl"], "no manifest"),
+    ("download hf no repo", ["data", "download", "hf://onlyorg", "dl"], "name the repo as ORG/REPO"),
+    ("download hf ..", ["data", "download", "hf://org/repo/../x", "dl"], "'..'"),
+    ("download hf space", ["data", "download", "hf://spaces/org/app", "dl"], "use a dataset repo"),
+    ("download hf endpoint-url", ["data", "download", "hf://org/repo", "dl", "--endpoint-url", "http://x"], "HF_ENDPOINT"),
+    ("launch data hf no repo", ["launch", RECIPE, *LOCAL, "--data", "hf://org", "--bucket", "file:///b"], "name the repo"),
+    ("launch data hf ..", ["launch", RECIPE, *LOCAL, "--data", "hf://org/r/../x", "--bucket", "file:///b"], "'..'"),
+    ("launch bucket on the hub", ["launch", RECIPE, *LOCAL, "--data", "hf://org/r", "--bucket", "hf://org/b"], "read-only"),
     ("prepare missing source", ["data", "prepare", "nope.txt", "--out", "shards"], ""),
+    # data prepare --on-cloud: refused before SkyPilot is imported or anything is built
+    ("prepare on-cloud local out", ["data", "prepare", "owner/set:cfg", "--out", "shards", "--on-cloud", "--dry-run"], "s3://"),
+    ("prepare on-cloud file out", ["data", "prepare", "owner/set:cfg", "--out", "file:///tmp/s", "--on-cloud", "--dry-run"], "cannot write to a file://"),
+    ("prepare on-cloud cpus 0", ["data", "prepare", "owner/set:cfg", "--out", "s3://b/s", "--on-cloud", "--cpus", "0", "--dry-run"], "--cpus 0"),
+    ("prepare on-cloud local source", ["data", "prepare", "notes.txt", "--out", "s3://b/s", "--on-cloud", "--dry-run"], "cannot read"),
+    ("prepare on-cloud bad name", ["data", "prepare", "owner/set:cfg", "--out", "s3://b/s", "--on-cloud", "--name", "my_train", "--dry-run"], "--name"),
+    ("prepare cloud flag without on-cloud", ["data", "prepare", "notes.txt", "--out", "shards", "--cpus", "8"], "only with --on-cloud"),
     # runs
     ("status unknown run", ["status", "nope"], "unknown run"),
     ("status broken record", ["status", "broken"], "not a readable run record"),

@@ -215,3 +215,81 @@ def test_cpu_ranks_are_estimated_from_their_measured_point_and_left_out_of_compa
     assert e.mfu == 0.166 and "CPU ranks" in e.mfu_source
     assert 1500 < e.tokens_per_second < 4000  # the dev machine measured ~2,444 tokens/s
     assert all(r.gpu_type != "CPU" for r in compare(load_recipe("gpt2-124m")))
+
+
+# ---- fast recipes: Muon's memory and FLOPs, the faithful recipe side by side ----
+
+def test_muon_keeps_one_momentum_buffer_for_the_hidden_matrices():
+    from gpt2cloud.cost.estimate import GIB, hidden_matrix_params
+
+    xl = load_recipe("gpt2-1558m").model.config()
+    assert hidden_matrix_params(xl) == 48 * 12 * 1600 * 1600
+    adamw, muon = memory_per_gpu(xl, 8), memory_per_gpu(xl, 8, "muon")
+    assert adamw.optimizer_gib - muon.optimizer_gib == pytest.approx(4 * hidden_matrix_params(xl) / GIB)
+    assert muon.total_gib < adamw.total_gib and muon.activations_gib == adamw.activations_gib
+    assert max_micro_batch(xl, 80, "muon") >= max_micro_batch(xl, 80)
+
+
+def test_newton_schulz_flops_are_counted_in_the_step_time():
+    from gpt2cloud.cost.estimate import newton_schulz_flops
+
+    xl = load_recipe("gpt2-1558m").model.config()
+    assert newton_schulz_flops(xl) == pytest.approx(5.5e13, rel=0.01)  # per step, on every rank
+    fast = estimate(load_recipe("gpt2-1558m-fast"), "H100", 8, price=3.0)
+    faithful = estimate(load_recipe("gpt2-1558m"), "H100", 8, price=3.0)
+    share = fast.optimizer_flops_per_step / (fast.flops_per_token * fast.tokens_per_step)
+    assert 0.03 < share < 0.05  # each of 8 ranks orthogonalizes all 48 x 4 matrices: ~4% of its share
+    assert fast.step_seconds == pytest.approx(faithful.step_seconds * (1 + share))
+    assert estimate(load_recipe("gpt2-1558m-fast"), "H100", 1, price=3.0, micro_batch=8).optimizer_flops_per_step \
+        == pytest.approx(fast.optimizer_flops_per_step / 8)
+
+
+def test_fast_recipe_estimate_puts_the_faithful_one_beside_it():
+    fast = estimate(load_recipe("gpt2-1558m-fast"), "H100", 8, price=3.0)
+    faithful = estimate(load_recipe("gpt2-1558m"), "H100", 8, price=3.0)
+    assert fast.tokens == 19_200 * 1_048_576 and fast.token_ratio == 0.6 and "modded-nanogpt" in fast.basis
+    assert fast.faithful["recipe"] == "gpt2-1558m" and fast.faithful["tokens"] == faithful.tokens
+    assert fast.faithful["all_in_cost_usd"] == pytest.approx(faithful.all_in_cost_usd)
+    assert fast.faithful["cost_usd"] == pytest.approx(faithful.cost_usd)
+    # 0.6x the tokens, a little more per step for Newton-Schulz: ~$380 of training against ~$600
+    assert 0.6 * faithful.cost_usd < fast.cost_usd < 0.65 * faithful.cost_usd
+    assert fast.fits and fast.memory_gb_per_gpu < faithful.memory_gb_per_gpu
+    # and the other way round: the faithful recipe names its fast sibling
+    assert faithful.fast["recipe"] == "gpt2-1558m-fast"
+    assert faithful.fast["all_in_cost_usd"] == pytest.approx(fast.all_in_cost_usd)
+    # --steps on the fast recipe: the faithful run it shortens is steps / 0.6 long
+    short = estimate(load_recipe("gpt2-1558m-fast"), "H100", 8, price=3.0, steps=600)
+    assert short.faithful["steps"] == 1000
+
+
+def test_cli_fast_recipe_says_what_it_rests_on():
+    res = _run("estimate", "gpt2-1558m-fast", "--gpus", "H100:8", "--price", "3")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())  # rich wraps long values
+    assert "gpt2-1558m (faithful):" in text and "-> gpt2-1558m-fast:" in text
+    assert "rests on modded-nanogpt optimizer-only speedrun" in text and "Muon 3,250-3,600" in text
+    assert "Newton-Schulz" in text and "19,200 steps" in text
+    d = json.loads(_run("estimate", "gpt2-1558m-fast", "--gpus", "H100:8", "--price", "3", "--json").output)
+    assert d["token_ratio"] == 0.6 and "modded-nanogpt" in d["basis"] and d["optimizer"] == "muon"
+    assert d["faithful"]["recipe"] == "gpt2-1558m" and d["faithful"]["all_in_cost_usd"] > d["all_in_cost_usd"]
+    assert "bench_optim_step_ratio" in d
+    res = _run("estimate", "gpt2-1558m", "--gpus", "H100:8", "--price", "3")
+    assert "fast recipe" in res.output and "gpt2-1558m-fast" in res.output
+
+
+def test_cli_compare_shows_faithful_and_fast_dollars():
+    rows = json.loads(_run("estimate", "gpt2-124m-fast", "--compare", "--json").output)
+    assert rows and all(r["faithful"]["recipe"] == "gpt2-124m" for r in rows)
+    assert all(r["all_in_cost_usd"] < r["faithful"]["all_in_cost_usd"] for r in rows)
+    res = _run("estimate", "gpt2-1558m-fast", "--compare", "--price", "3")
+    assert res.exit_code == 0 and "faithful all-in $" in res.output and "rests on" in res.output
+    res = _run("estimate", "gpt2-1558m", "--compare", "--price", "3")
+    assert res.exit_code == 0 and "fast all-in $" in res.output and "gpt2-1558m-fast" in res.output
+
+
+def test_an_edited_faithful_recipe_has_no_fast_sibling(tmp_path):
+    from gpt2cloud.cost.recipes import _bundled_dir
+
+    text = (_bundled_dir() / "gpt2-1558m.yaml").read_text().replace("steps: 32000", "steps: 1000")
+    e = estimate(load_recipe(_write(tmp_path, text)), "H100", 8, price=3.0)
+    assert e.fast is None and e.faithful is None

@@ -70,7 +70,9 @@ def test_h100x8_on_lambda(sky_mod, env):
     # The node installs the shipped wheel with --no-deps, plus only what the trainer imports.
     assert "pip install -q --no-deps" in task.setup
     assert not [line for line in task.setup.splitlines() if "pip" in line and "skypilot" in line]
-    assert '"$GPT2CLOUD_TORCH_SPEC" numpy tiktoken safetensors boto3' in task.setup
+    from gpt2cloud.launch.build import NODE_REQUIREMENTS
+
+    assert f'DEPS="$GPT2CLOUD_TORCH_SPEC {" ".join(NODE_REQUIREMENTS)}"' in task.setup
     best = _optimize(sky, task)
     assert best.instance_type == "gpu_8x_h100_sxm5"
     config = json.loads(p.train_cfg.to_json())  # what start.py writes to the workdir

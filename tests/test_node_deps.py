@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from gpt2cloud.launch.build import NODE_REQUIREMENTS
-from gpt2cloud.launch.task import SETUP_SCRIPT
+from gpt2cloud.launch.task import SETUP_SCRIPT, render
 
 REPO = Path(__file__).resolve().parent.parent
 # what the node's pip line installs, by import name; gpt2cloud's storage layer ships in the wheel
@@ -30,8 +30,12 @@ def imported_top_level(path: Path, module_level_only: bool = False) -> set[str]:
 
 
 def test_model_package_imports_only_what_the_node_installs():
-    pip_line = next(line for line in SETUP_SCRIPT.splitlines() if "GPT2CLOUD_TORCH_SPEC" in line and "install" in line)
-    installed = set(re.findall(r"[A-Za-z0-9_-]+", pip_line.split('"$GPT2CLOUD_TORCH_SPEC"', 1)[1])) | {"torch"}
+    script = render(SETUP_SCRIPT)
+    deps_line = next(line for line in script.splitlines() if line.startswith('DEPS="$GPT2CLOUD_TORCH_SPEC '))
+    installed = set(re.findall(r"[A-Za-z0-9_-]+", deps_line.split("$GPT2CLOUD_TORCH_SPEC", 1)[1])) | {"torch"}
+    # the install lines install exactly those: torch by its spec, the rest by the same list
+    assert f'"${{INSTALL[@]}}" {" ".join(NODE_REQUIREMENTS)}' in script
+    assert '"${INSTALL[@]}" "${TORCH_INDEX[@]}" "$GPT2CLOUD_TORCH_SPEC"' in script
     third_party = set()
     for path in (REPO / "model").glob("*.py"):
         third_party |= imported_top_level(path) - set(sys.stdlib_module_names) - {"model", "gpt2cloud"}

@@ -121,7 +121,7 @@ def test_a_failed_final_push_fails_the_job(tmp_path):
     workdir = tmp_path / "workdir"
     build.write_workdir(workdir, build.wheel_bytes(), tiny_config(steps=4).to_json(), "")
     e = {**env(), "GPT2CLOUD_PYTHON": sys.executable, "GPT2CLOUD_NODE_HOME": str(tmp_path / "node"),
-         "GPT2CLOUD_DEVICE": "auto", "GPT2CLOUD_GPUS_PER_NODE": "1", "GPT2CLOUD_BUILD": "test",
+         "GPT2CLOUD_DEVICE": "auto", "GPT2CLOUD_GPUS_PER_NODE": "1", "GPT2CLOUD_BUILD": "test", "GPT2CLOUD_TORCH_SPEC": "torch",
          "GPT2CLOUD_RUN_ID": "r1", "GPT2CLOUD_RUN_URL": run_dir.as_uri(), "GPT2CLOUD_DATA_URL": (tmp_path / "data").as_uri(),
          "GPT2CLOUD_PUSH_EVERY": "1", "GPT2CLOUD_KEEP_CHECKPOINTS": "2", "GPT2CLOUD_PUSH_RETRY_SECONDS": "0.05",
          "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_NODES": "1",
@@ -139,9 +139,12 @@ def test_a_failed_final_push_fails_the_job(tmp_path):
     assert (run_dir / "checkpoints" / "step_000004" / "manifest.json").is_file()
     assert (tmp_path / "node" / "out" / "checkpoints" / "step_000004" / "manifest.json").is_file()
     # the node's timeline, in the bucket: every phase, in order, with its span
-    timeline = [json.loads(line) for line in (run_dir / "timeline.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "timeline.jsonl").read_text().splitlines()]
+    # data_complete comes from the background download, whenever it is done (tests/test_streaming_data.py)
+    timeline = [e for e in lines if e["event"] != "data_complete"]
     events = [e["event"] for e in timeline]
     assert events == ["node_up", "setup", "pull", "data", "train_start", "train_end", "final_push"], events
+    assert [e["event"] for e in lines].count("data_complete") == 1
     assert all(e["time"] >= timeline[0]["time"] for e in timeline) and timeline[5]["code"] == 0
     assert timeline[3]["bytes"] > 0 and timeline[1]["time"] >= timeline[1]["start"]
 

@@ -37,8 +37,40 @@ def render(e, console: Console) -> None:
         ("memory per GPU", f"{e.memory_gb_per_gpu:.1f} of {e.gpu_memory_gb:g} GiB: {verdict}; "
                            f"largest micro-batch that fits: {e.max_micro_batch}"),
     ]
-    key_values(rows, console)
+    key_values(rows + fast_rows(e), console)
     render_phases(e, console)
+
+
+def side_by_side(faithful: dict, fast: dict) -> str:
+    """gpt2-1558m (faithful): 25.6 h, $613 -> gpt2-1558m-fast: 16.1 h, $386 all-in (-$227, -37%)"""
+    saved = faithful["all_in_cost_usd"] - fast["all_in_cost_usd"]
+    return (f"{faithful['recipe']} (faithful): {hours(faithful['all_in_hours'])}, ${faithful['all_in_cost_usd']:,.0f}"
+            f" -> {fast['recipe']}: {hours(fast['all_in_hours'])}, ${fast['all_in_cost_usd']:,.0f} all-in "
+            f"({'-' if saved >= 0 else '+'}${abs(saved):,.0f}, {-saved / faithful['all_in_cost_usd']:+.0%})")
+
+
+def fast_rows(e) -> list[tuple[str, str]]:
+    """For a fast recipe: its optimizer, the faithful recipe side by side, the measurement it rests on.
+    For a faithful recipe with a fast one: that one side by side."""
+    rows = []
+    if e.optimizer == "muon":
+        share = e.optimizer_flops_per_step / (e.flops_per_token * e.tokens_per_step)
+        rows.append(("optimizer", f"Muon on the hidden matrices, AdamW on embeddings, biases, LayerNorms; "
+                                  f"Newton-Schulz on every GPU adds {share:.1%} to each step's FLOPs (counted)"))
+    if e.faithful:
+        mine = {"recipe": e.recipe, "all_in_hours": e.all_in_hours, "all_in_cost_usd": e.all_in_cost_usd}
+        rows.append(("vs faithful", f"[bold]{side_by_side(e.faithful, mine)}[/]"))
+        rows.append(("token saving", f"{e.token_ratio:g}x {e.faithful['recipe']}'s ({e.tokens:,} of "
+                               f"{e.faithful['tokens']:,}); the same GPT-2, tokenizer and batch"))
+        rows.append(("rests on", e.basis))
+        rows.append(("CPU benchmark", f"Muon reached AdamW's final val loss in {e.bench_optim_step_ratio:g}x the "
+                                      "steps (benchmarks/bench_optim.py)" if e.bench_optim_step_ratio is not None
+                     else "[dim]no bench_optim_step_ratio in this recipe[/]"))
+    if e.fast:
+        mine = {"recipe": e.recipe, "all_in_hours": e.all_in_hours, "all_in_cost_usd": e.all_in_cost_usd}
+        rows.append(("fast recipe", f"{side_by_side(mine, e.fast)}: {e.fast['token_ratio']:g}x the tokens with Muon "
+                                    f"[dim](rests on: {e.fast['basis']})[/]"))
+    return rows
 
 
 def render_phases(e, console: Console) -> None:
@@ -64,17 +96,35 @@ def _where(e) -> str:
 
 
 def render_compare(rows: list, console: Console) -> None:
-    t = Table(title=f"{rows[0].recipe}: GPU types and counts, cheapest all-in first")
-    for col in ("GPUs", "where", "MFU", "tok/s", "train", "all-in", "$/GPU-h", "train $", "all-in $", "mem/GPU", "fits"):
+    """One row per GPU type and count; a fast recipe (or a faithful one with a fast sibling) gets a last
+    column with the other recipe's all-in dollars on the same GPUs and price."""
+    first = rows[0]
+    other = "faithful" if first.faithful else "fast" if first.fast else None
+    title = f"{first.recipe}: GPU types and counts, cheapest all-in first"
+    caption = None
+    if other:
+        sib = getattr(first, other)
+        title += f"; last column: {sib['recipe']} ({other}) on the same GPUs and price"
+        basis = first.basis or sib.get("basis")
+        caption = f"{first.token_ratio or sib.get('token_ratio'):g}x the tokens with Muon; rests on: {basis}"
+    t = Table(title=title, caption=caption)
+    cols = ["GPUs", "where", "MFU", "tok/s", "train", "all-in", "$/GPU-h", "train $", "all-in $", "mem/GPU", "fits"]
+    if other:
+        cols.append(f"{other} all-in $")
+    for col in cols:
         t.add_column(col, justify="left" if col in ("GPUs", "where", "fits") else "right", no_wrap=col != "where")
     for e in rows:
-        t.add_row(
+        cells = [
             f"{e.gpu_type}:{e.gpus_per_node}", _where(e), f"{e.mfu:.0%}", human(e.tokens_per_second),
             hours(e.wall_hours), hours(e.all_in_hours), f"{e.price_per_gpu_hour:.2f}", f"${e.cost_usd:,.0f}",
             f"${e.all_in_cost_usd:,.0f}", f"{e.memory_gb_per_gpu:.0f}/{e.gpu_memory_gb:g}G",
             ("yes" + (f" (mb {e.micro_batch} x {e.grad_accum})" if e.micro_batch_note else "")) if e.fits else
-            f"no (mb<={e.max_micro_batch})", style=None if e.fits else "dim",
-        )
+            f"no (mb<={e.max_micro_batch})",
+        ]
+        if other:
+            sib = getattr(e, other)
+            cells.append(f"${sib['all_in_cost_usd']:,.0f}" + ("" if sib["fits"] else " (no fit)"))
+        t.add_row(*cells, style=None if e.fits else "dim")
     console.print(t)
 
 
@@ -123,7 +173,7 @@ def estimate_command(
         clouds = [c.strip().lower() for c in (infra or "").split(",") if c.strip()] if not local else []
         rows = compare(r, price=price, prices=catalog_prices(clouds, spot) if clouds and price is None else None,
                        **common)
-        console = Console(width=max(console.width, 130))  # the table needs ~130 columns
+        console = Console(width=max(console.width, 145))  # the table needs ~130 columns, ~145 side by side
         if as_json:
             print_json([e.to_dict() for e in rows])
         else:

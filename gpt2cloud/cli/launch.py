@@ -29,6 +29,8 @@ def _print_plan(p, console: Console) -> None:
     if not s.spot and not s.local:
         console.print(f"[bold]teardown[/]       autostop after {s.idle_minutes} idle minutes, then down "
                       "(nothing keeps billing)")
+    if s.image:
+        console.print(f"[bold]node image[/]     {s.image} (its CUDA torch is used as is)")
     if s.max_hours:
         console.print(f"[bold]time limit[/]     the trainer stops before {s.max_hours:g} h")
     if s.max_cost_usd:
@@ -47,7 +49,8 @@ def launch_command(
     infra: Optional[str] = typer.Option(None, "--infra", help="lambda, aws, gcp, azure, kubernetes, runpod, ... "
                                         "(optionally /region), or local; default: any enabled cloud."),
     spot: bool = typer.Option(False, "--spot", help="Spot instances as a managed job (resumes after preemption)."),
-    data: str = typer.Option(..., "--data", help="Token shards with a manifest: s3://... (file:// for local)."),
+    data: str = typer.Option(..., "--data", help="Token shards: s3://... with a manifest, hf://ORG/REPO[/PATH][@REV] "
+                                          "(Hugging Face Hub), file:// for local."),
     bucket: str = typer.Option(..., "--bucket", help="Where the run's checkpoints, metrics and logs go."),
     name: Optional[str] = typer.Option(None, "--name", help="Run id (and cluster name); the same id resumes."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the recipe's steps."),
@@ -60,6 +63,8 @@ def launch_command(
                                               "stops (with a checkpoint) before it; the node kills it soon after."),
     idle_minutes: int = typer.Option(10, "--idle-minutes", help="Tear the cluster down after this many idle minutes."),
     price: Optional[float] = typer.Option(None, "--price", help="USD per GPU-hour (default: bundled table)."),
+    image: Optional[str] = typer.Option(None, "--image", help="Node image: docker:REPO:TAG with CUDA torch inside "
+                                        "(setup skips the torch download) or a cloud image id (SkyPilot image_id)."),
     push_every: int = typer.Option(60, "--push-every", help="Seconds between syncs of OUT to the bucket."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the SkyPilot YAML (secrets redacted); launch nothing."),
     export_yaml: Optional[Path] = typer.Option(None, "--export-yaml", help="Write the SkyPilot YAML for `sky launch "
@@ -74,7 +79,8 @@ def launch_command(
     offline = dry_run or export_yaml is not None
     p = plan(recipe, gpus, nodes=nodes, infra=infra, spot=spot, data=data, bucket=bucket, name=name, steps=steps, schedule_steps=schedule_steps,
              max_cost=max_cost, max_hours=max_hours, idle_minutes=idle_minutes, price=price, push_every=push_every,
-             offline=offline, micro_batch=micro_batch, tokens_per_step=tokens_per_step)
+             offline=offline, micro_batch=micro_batch, tokens_per_step=tokens_per_step,
+             image=image)
     console = Console(stderr=as_json)
     for w in p.warnings:
         Console(stderr=True).print(f"[yellow]warning:[/] {w}", soft_wrap=True)
@@ -101,7 +107,7 @@ def launch_command(
                                        f"{task.sky_command(p.task_cfg, str(export_yaml))}", soft_wrap=True)
         return
 
-    start.preflight(p)
+    p = start.preflight(p)
     if not as_json or not yes:
         _print_plan(p, Console(stderr=True) if as_json else console)
     if not yes:

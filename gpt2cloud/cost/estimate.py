@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from gpt2cloud.cost import phases
 from gpt2cloud.cost.hardware import default_mfu, default_price, gpu_spec, known_gpus
-from gpt2cloud.cost.recipes import Recipe
+from gpt2cloud.cost.recipes import Recipe, fast_recipe_of, faithful_recipe
 from gpt2cloud.errors import MAX_MICRO_BATCH, MAX_STEPS, MAX_TOKENS_PER_STEP, UserError, positive
 from model.config import FLOPS_FORMULA, BatchError, GPTConfig, TrainConfig
 
@@ -26,6 +26,9 @@ WEIGHT_BYTES_PER_PARAM = 4
 BF16_WEIGHT_BYTES_PER_PARAM = 2
 GRADIENT_BYTES_PER_PARAM = 4
 OPTIMIZER_BYTES_PER_PARAM = 8
+# optimizer: muon (model/muon.py) keeps one fp32 momentum buffer for the blocks' 2-D matrices and AdamW's two
+# moments for the rest (embeddings, biases, LayerNorms).
+MUON_BYTES_PER_PARAM = 4
 # Saved for the backward pass, per token per layer per unit of width, with flash attention (no T x T
 # scores), no dropout: the fp32 residual stream at both LayerNorm inputs (4 + 4), the bf16 LayerNorm
 # outputs fed to the matmuls (2 + 2), q/k/v (6), the attention output (2), the MLP's c_fc output and
@@ -49,7 +52,7 @@ class Memory:
     weights_gib: float  # fp32 master weights
     bf16_weights_gib: float  # autocast's bf16 copies of the weights
     gradients_gib: float  # fp32; DDP with gradient_as_bucket_view adds no bucket copy
-    optimizer_gib: float  # AdamW: two fp32 moments
+    optimizer_gib: float  # AdamW: two fp32 moments; Muon: one fp32 momentum for the hidden matrices
     activations_gib: float
     logits_gib: float
     overhead_gib: float
@@ -64,14 +67,28 @@ class Memory:
         return self.total_gib - self.overhead_gib
 
 
-def memory_per_gpu(m: GPTConfig, micro_batch: int) -> Memory:
+def hidden_matrix_params(m: GPTConfig) -> int:
+    """The blocks' 2-D weights, Muon's share under optimizer muon: attention qkv (3d x d) and output (d x d),
+    MLP up (4d x d) and down (d x 4d) = 12 d^2 per layer."""
+    return m.n_layer * 12 * m.n_embd * m.n_embd
+
+
+def optimizer_bytes(m: GPTConfig, optimizer: str = "adamw") -> int:
+    n = m.param_count(padded=True)
+    if optimizer == "muon":
+        hidden = hidden_matrix_params(m)
+        return MUON_BYTES_PER_PARAM * hidden + OPTIMIZER_BYTES_PER_PARAM * (n - hidden)
+    return OPTIMIZER_BYTES_PER_PARAM * n
+
+
+def memory_per_gpu(m: GPTConfig, micro_batch: int, optimizer: str = "adamw") -> Memory:
     n = m.param_count(padded=True)
     tokens = micro_batch * m.block_size
     return Memory(
         weights_gib=WEIGHT_BYTES_PER_PARAM * n / GIB,
         bf16_weights_gib=BF16_WEIGHT_BYTES_PER_PARAM * n / GIB,
         gradients_gib=GRADIENT_BYTES_PER_PARAM * n / GIB,
-        optimizer_gib=OPTIMIZER_BYTES_PER_PARAM * n / GIB,
+        optimizer_gib=optimizer_bytes(m, optimizer) / GIB,
         activations_gib=(ACTIVATION_BYTES_PER_TOKEN_LAYER * m.n_layer + ACTIVATION_BYTES_PER_TOKEN_EXTRA)
         * m.n_embd * tokens / GIB,
         logits_gib=LOGIT_BYTES_PER_TOKEN_VOCAB * m.padded_vocab_size * tokens / GIB,
@@ -79,11 +96,29 @@ def memory_per_gpu(m: GPTConfig, micro_batch: int) -> Memory:
     )
 
 
-def max_micro_batch(m: GPTConfig, memory_gib: float) -> int:
+def max_micro_batch(m: GPTConfig, memory_gib: float, optimizer: str = "adamw") -> int:
     """The largest micro-batch whose memory fits (0 if not even 1 does)."""
-    fixed = memory_per_gpu(m, 0).total_gib
-    per_sample = memory_per_gpu(m, 1).total_gib - fixed
+    fixed = memory_per_gpu(m, 0, optimizer).total_gib
+    per_sample = memory_per_gpu(m, 1, optimizer).total_gib - fixed
     return max(0, int((memory_gib - fixed) // per_sample))
+
+
+# Newton-Schulz iterations per Muon step (model/muon.py NS_STEPS; cost/ may not import torch to read it)
+NEWTON_SCHULZ_STEPS = 5
+
+
+def newton_schulz_flops(m: GPTConfig) -> int:
+    """FLOPs of one Muon step's orthogonalizations, which every rank does in full (model/muon.py): per
+    iteration on an a x b matrix (a <= b, the smaller Gram matrix) X X^T 2a^2b, A A 2a^3, (..) X 2a^2b.
+    The model FLOPs (6N + 12LdT) do not count them: at 1558M it is ~5.5e13 per step per rank, ~0.5% of
+    a 1,048,576-token step's FLOPs on one GPU but ~4% of each rank's share on 8, so the estimate adds it
+    to the step time (at the same MFU: large bf16 matmuls, as efficient as the model's)."""
+    d = m.n_embd
+    per_layer = 0
+    for rows, cols in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d)):  # qkv, attention out, MLP up, MLP down
+        a, b = sorted((rows, cols))
+        per_layer += NEWTON_SCHULZ_STEPS * (4 * a * a * b + 2 * a**3)
+    return m.n_layer * per_layer
 
 
 @dataclass
@@ -124,6 +159,17 @@ class Estimate:
     controller_usd: float = 0.0  # spot: SkyPilot's managed-jobs controller VM, beside the node
     micro_batch_note: str = ""  # why the micro-batch differs from the recipe's, when it does
     phase_sources: dict = field(default_factory=dict)
+    # the optimizer: adamw, or muon (Muon for the hidden matrices, AdamW for the rest)
+    optimizer: str = "adamw"
+    optimizer_flops_per_step: float = 0.0  # Newton-Schulz on every rank (all ranks together); not in total_flops
+    # a fast recipe: the faithful recipe it shortens, on the same hardware and price (the SIBLING_FIELDS
+    # of its estimate), the share of its tokens and the measurement that share rests on
+    faithful: dict | None = None
+    token_ratio: float | None = None
+    basis: str = ""
+    bench_optim_step_ratio: float | None = None
+    # a faithful recipe with a bundled fast one: that one's summary, on the same hardware and price
+    fast: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,7 +195,11 @@ def estimate(
     spot: bool = False,
     idle_minutes: float = 10.0,
     price_source: str | None = None,
+    side_by_side: bool = True,
 ) -> Estimate:
+    """The estimate of a recipe on given hardware. side_by_side: a fast recipe also gets its faithful
+    recipe's estimate on the same hardware and price (est.faithful), and a faithful recipe with a bundled
+    fast one that one's (est.fast)."""
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: need at least 1 node")
     positive("--price", price, "2.99")
@@ -173,7 +223,29 @@ def estimate(
                            check_batch=check_batch, local=local, spot=spot, idle_minutes=idle_minutes,
                            price_source=price_source)
     est.micro_batch_note = note
+    if not side_by_side:
+        return est
+
+    def sibling(other: Recipe, other_steps: int | None) -> dict:
+        e = estimate(other, gpu_type, gpus_per_node, nodes, price, mfu, other_steps, tokens_per_step, micro_batch,
+                     check_batch, local, spot, idle_minutes, price_source, side_by_side=False)
+        return {k: getattr(e, k) for k in SIBLING_FIELDS}
+
+    if recipe.is_fast:
+        est.token_ratio, est.basis = recipe.token_ratio, recipe.basis
+        est.bench_optim_step_ratio = recipe.bench_optim_step_ratio
+        # --steps on a fast recipe: the faithful run it shortens is steps / token_ratio long
+        est.faithful = sibling(faithful_recipe(recipe),
+                               min(MAX_STEPS, round(steps / recipe.token_ratio)) if steps else None)
+    elif (fast := fast_recipe_of(recipe)) is not None:
+        est.fast = sibling(fast, max(1, round(steps * fast.token_ratio)) if steps else None)
+        est.fast.update(token_ratio=fast.token_ratio, basis=fast.basis)
     return est
+
+
+# what a side-by-side shows of the other recipe: its size, time, dollars and memory
+SIBLING_FIELDS = ("recipe", "optimizer", "steps", "tokens", "micro_batch", "wall_hours", "gpu_hours", "cost_usd",
+                  "all_in_hours", "all_in_cost_usd", "memory_gb_per_gpu", "fits")
 
 
 def fit_micro_batch(cfg: TrainConfig, gpus: int, memory_gib: float) -> int | None:
@@ -181,7 +253,7 @@ def fit_micro_batch(cfg: TrainConfig, gpus: int, memory_gib: float) -> int | Non
     fits in their memory; None when none does."""
     for m in range(cfg.micro_batch, 0, -1):
         if (cfg.tokens_per_step % (m * cfg.model.block_size * gpus) == 0
-                and memory_per_gpu(cfg.model, m).total_gib <= memory_gib):
+                and memory_per_gpu(cfg.model, m, cfg.optimizer).total_gib <= memory_gib):
             return m
     return None
 
@@ -218,22 +290,26 @@ def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: i
         price_source = price_source or "--price"
 
     tokens = steps * tokens_per_step
-    tokens_per_second = mfu * spec.peak_bf16_tflops * 1e12 * gpus / fpt
+    # Muon: every rank runs Newton-Schulz on every hidden matrix, each step (see newton_schulz_flops)
+    optimizer_flops = newton_schulz_flops(m) * gpus if cfg.optimizer == "muon" else 0
+    step_seconds = (fpt * tokens_per_step + optimizer_flops) / (mfu * spec.peak_bf16_tflops * 1e12 * gpus)
+    tokens_per_second = tokens_per_step / step_seconds
     wall_seconds = tokens / tokens_per_second
     gpu_hours = wall_seconds / 3600 * gpus
-    mem = memory_per_gpu(m, micro_batch)
+    mem = memory_per_gpu(m, micro_batch, cfg.optimizer)
     est = Estimate(
         recipe=name, params=params, flops_per_token=fpt, flops_formula=FLOPS_FORMULA,
         tokens=tokens, steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch,
         grad_accum=grad_accum,
         gpu_type=spec.name, gpus_per_node=gpus_per_node, nodes=nodes, gpus=gpus,
         peak_tflops_per_gpu=spec.peak_bf16_tflops, mfu=mfu, mfu_source=mfu_source,
-        tokens_per_second=tokens_per_second, step_seconds=tokens_per_step / tokens_per_second,
+        tokens_per_second=tokens_per_second, step_seconds=step_seconds,
         total_flops=float(fpt) * tokens, wall_hours=wall_seconds / 3600, gpu_hours=gpu_hours,
         price_per_gpu_hour=price, price_source=price_source, cost_usd=gpu_hours * price,
         memory_gb_per_gpu=round(mem.total_gib, 2), gpu_memory_gb=spec.memory_gib,
-        fits=mem.total_gib <= spec.memory_gib, max_micro_batch=max_micro_batch(m, spec.memory_gib),
+        fits=mem.total_gib <= spec.memory_gib, max_micro_batch=max_micro_batch(m, spec.memory_gib, cfg.optimizer),
         memory={k: round(v, 3) for k, v in asdict(mem).items()},
+        optimizer=cfg.optimizer, optimizer_flops_per_step=float(optimizer_flops),
     )
     b = phases.bill(est, cfg, local=local, spot=spot, idle_minutes=idle_minutes)
     est.breakdown_hours, est.all_in_hours, est.all_in_cost_usd = b.breakdown_hours, b.all_in_hours, b.all_in_cost_usd

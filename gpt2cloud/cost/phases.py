@@ -2,7 +2,8 @@
 
     provisioning  asking the cloud for the VM until it boots
     setup         the venv, torch for the node's CUDA, this build of the trainer
-    data          the token shards from the bucket (training tokens x 2 bytes)
+    data          the wait for the first shards: validation and the first training shard (the rest streams
+                  in behind the training loop, which waits only for a shard that has not landed yet)
     compile       torch.compile and the first step's allocations
     training      the training loop (the estimate's wall_hours)
     evals         validation, HellaSwag and checkpoints between the steps
@@ -25,6 +26,7 @@ PHASES = ("provisioning", "setup", "data", "compile", "training", "evals", "fini
 PER_LAUNCH = ("provisioning", "setup", "compile", "finish")  # measured by finished runs, one value per launch
 RATES = ("data_mb_per_s",)  # measured by finished runs as a rate
 HELLASWAG_EXAMPLES = 10042
+SHARD_TOKENS = 100_000_000  # llm.c's shard size: `data prepare`'s default and the published Hub shard sets'
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW's two fp32 moments (written, then read to hash)
 
 
@@ -65,7 +67,9 @@ def bill(est, cfg, local: bool = False, spot: bool = False, idle_minutes: float 
     evals_s = (val_evals * cfg.val_steps * cfg.micro_batch * cfg.model.block_size / (3 * tokens_per_s)  # forward only
                + hs_evals * HELLASWAG_EXAMPLES / est.gpus * d["hellaswag_seconds_per_example"][0]
                + checkpoints * CHECKPOINT_BYTES_PER_PARAM * params / (d["checkpoint_gb_per_s"][0] * 1e9))
-    data_s = est.tokens * 2 / (d["data_mb_per_s"][0] * 1e6)
+    # what the first step waits for: the val shard and the first training shard; the rest arrives while it trains
+    first_bytes = min(est.tokens, 2 * SHARD_TOKENS) * 2
+    data_s = first_bytes / (d["data_mb_per_s"][0] * 1e6)
     hours = {
         "provisioning": d["provisioning"][0] / 60,
         "setup": d["setup"][0] / 60,
@@ -78,7 +82,8 @@ def bill(est, cfg, local: bool = False, spot: bool = False, idle_minutes: float 
         "recovery": 0.0,
     }
     sources = {"provisioning": d["provisioning"][1], "setup": d["setup"][1],
-               "data": f"{est.tokens * 2 / 1e9:.1f} GB at {d['data_mb_per_s'][0]:g} MB/s: {d['data_mb_per_s'][1]}",
+               "data": (f"the first {first_bytes / 1e9:.1f} GB (val + first training shard) of {est.tokens * 2 / 1e9:.1f} GB "
+                        f"at {d['data_mb_per_s'][0]:g} MB/s, the rest streamed during training: {d['data_mb_per_s'][1]}"),
                "compile": d["compile"][1], "training": est.mfu_source,
                "evals": "val loss (forward passes), HellaSwag and checkpoints at the recipe's intervals",
                "finish": f"{d['finish'][1]}, and the last checkpoint uploaded at the data rate",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -50,6 +51,10 @@ class TrainSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
+    # adamw: AdamW for every parameter. muon: Muon (Newton-Schulz orthogonalized momentum) for the 2-D
+    # hidden matrices of the blocks, AdamW with the fields above the muon_* ones for the embeddings,
+    # biases and LayerNorms (model/muon.py).
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = Field(gt=0)
     min_lr_ratio: float = Field(ge=0, le=1)
     warmup_steps: int = Field(ge=0)
@@ -57,6 +62,27 @@ class OptimizerSpec(_Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(default=1e-8, gt=0)
     grad_clip: float = Field(default=1.0, ge=0)
+    muon_lr: float = Field(default=0.02, gt=0)
+    muon_momentum: float = Field(default=0.95, ge=0, lt=1)
+    muon_weight_decay: float = Field(default=0.0, ge=0)
+    # cosine: warmup, then cosine decay to lr * min_lr_ratio over the whole run. wsd (warmup-stable-decay):
+    # warmup, flat at the peak, then a linear cooldown to lr * min_lr_ratio over the last cooldown_frac.
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    cooldown_frac: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _fields_of_the_chosen_ones(self):
+        # a field the chosen optimizer or schedule would silently ignore is a mistake worth naming
+        if self.name != "muon":
+            given = sorted(f for f in self.model_fields_set if f.startswith("muon_"))
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply with name: muon (this recipe uses {self.name})")
+        if self.schedule != "wsd" and "cooldown_frac" in self.model_fields_set:
+            raise ValueError("cooldown_frac only applies with schedule: wsd")
+        if self.schedule == "wsd" and self.cooldown_frac == 0:
+            raise ValueError("schedule wsd needs cooldown_frac in (0, 1): the share of the steps spent "
+                             "decaying the lr")
+        return self
 
 
 class DataSpec(_Strict):
@@ -79,6 +105,15 @@ class Recipe(_Strict):
     name: str
     description: str
     source: str
+    # A fast recipe shortens a faithful one: the same model and tokenizer, another optimizer and schedule,
+    # fewer tokens. It names the recipe it shortens, the share of its tokens it trains on, and the
+    # measurement that share rests on (all three, or none).
+    faster_than: Optional[str] = None
+    token_ratio: Optional[float] = Field(default=None, gt=0, lt=1)
+    basis: Optional[str] = None
+    # the same ratio measured by this project's CPU benchmark (benchmarks/bench_optim.py: Muon's steps to
+    # reach AdamW's final val loss / AdamW's steps, mean over seeds); informative, steps follow token_ratio
+    bench_optim_step_ratio: Optional[float] = Field(default=None, gt=0)
     model: ModelSpec
     train: TrainSpec
     optimizer: OptimizerSpec
@@ -93,6 +128,23 @@ class Recipe(_Strict):
             raise ValueError(f"train.tokens_per_step: {e}") from None
         return self
 
+    @model_validator(mode="after")
+    def _shortening(self):
+        named = {"faster_than": self.faster_than, "token_ratio": self.token_ratio, "basis": self.basis}
+        missing = [k for k, v in named.items() if v is None or v == ""]
+        if len(missing) < 3 and missing:
+            raise ValueError(f"a fast recipe gives faster_than, token_ratio and basis together; missing "
+                             f"{', '.join(missing)}")
+        if self.bench_optim_step_ratio is not None and self.faster_than is None:
+            raise ValueError("bench_optim_step_ratio belongs to a fast recipe (one with faster_than)")
+        if self.faster_than == self.name:
+            raise ValueError(f"faster_than: a recipe cannot shorten itself ({self.name})")
+        return self
+
+    @property
+    def is_fast(self) -> bool:
+        return self.faster_than is not None
+
     def to_train_config(self, **overrides) -> TrainConfig:
         m, t, o, e = self.model, self.train, self.optimizer, self.eval
         cfg = TrainConfig(
@@ -104,6 +156,8 @@ class Recipe(_Strict):
             lr=o.lr, min_lr_ratio=o.min_lr_ratio, warmup_steps=o.warmup_steps,
             weight_decay=o.weight_decay, beta1=o.betas[0], beta2=o.betas[1], eps=o.eps,
             grad_clip=o.grad_clip,
+            optimizer=o.name, muon_lr=o.muon_lr, muon_momentum=o.muon_momentum,
+            muon_weight_decay=o.muon_weight_decay, schedule=o.schedule, cooldown_frac=o.cooldown_frac,
             val_every=e.val_every, val_steps=e.val_steps, sample_every=e.sample_every,
             sample_prompt=e.sample_prompt, sample_tokens=e.sample_tokens,
             checkpoint_every=e.checkpoint_every, keep_checkpoints=e.keep_checkpoints,
@@ -131,7 +185,16 @@ def _one_line(err: ValidationError) -> str:
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """A bundled recipe by name (gpt2-124m) or a YAML file by path; UserError on anything wrong."""
+    """A bundled recipe by name (gpt2-124m) or a YAML file by path; UserError on anything wrong. A fast
+    recipe is checked against the faithful recipe it shortens."""
+    recipe, where = _read_recipe(name_or_path)
+    if recipe.is_fast:
+        _check_shortening(recipe, faithful_recipe(recipe, where), where)
+    return recipe
+
+
+def _read_recipe(name_or_path: str) -> tuple[Recipe, str]:
+    """The recipe validated on its own, and how to name it in an error."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -160,6 +223,59 @@ def load_recipe(name_or_path: str) -> Recipe:
     if not isinstance(data, dict):
         raise UserError(f"recipe {where}: expected a YAML mapping of recipe fields")
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data), where
     except ValidationError as e:
         raise UserError(f"recipe {where}: {_one_line(e)}") from None
+
+
+def faithful_recipe(fast: Recipe, where: str | None = None) -> Recipe:
+    """The recipe a fast one shortens (its faster_than: a bundled name or a YAML path)."""
+    where = where or fast.name
+    try:
+        faithful, _ = _read_recipe(fast.faster_than)  # not load_recipe: a loop of fast recipes must end here
+    except UserError as e:
+        raise UserError(f"recipe {where}: faster_than: {e}") from None
+    if faithful.is_fast:
+        raise UserError(f"recipe {where}: faster_than: {fast.faster_than} is itself a fast recipe; name the "
+                        "faithful recipe it shortens")
+    return faithful
+
+
+def fast_recipe_of(recipe: Recipe) -> Recipe | None:
+    """The bundled fast recipe that shortens this one, when this one is a bundled faithful recipe as shipped
+    (a user's edited copy under the same name has no fast sibling: its steps or model may differ)."""
+    fast_name = _fast_names().get(recipe.name)
+    if fast_name is None or recipe != load_recipe(recipe.name):
+        return None
+    return load_recipe(fast_name)
+
+
+@functools.cache
+def _fast_names() -> dict[str, str]:
+    """faithful recipe name -> the bundled fast recipe naming it in faster_than."""
+    found = {}
+    for name in known_recipes():
+        data = yaml.safe_load((_bundled_dir() / f"{name}.yaml").read_text())
+        if isinstance(data, dict) and data.get("faster_than"):
+            found[data["faster_than"]] = name
+    return found
+
+
+# steps are whole numbers: tokens may miss token_ratio x the faithful tokens by this much
+TOKEN_RATIO_TOLERANCE = 0.01
+
+
+def _check_shortening(fast: Recipe, faithful: Recipe, where: str) -> None:
+    """A fast recipe trains the faithful recipe's GPT-2 (same model, tokenizer and batch) on token_ratio of its
+    tokens; anything else would make the side-by-side dollars compare two different things."""
+    if fast.model != faithful.model:
+        diff = ", ".join(f"{k} {v} vs {getattr(faithful.model, k)}" for k, v in fast.model
+                         if v != getattr(faithful.model, k))
+        raise UserError(f"recipe {where}: model: a fast recipe keeps the architecture of {faithful.name} ({diff})")
+    if fast.train.tokens_per_step != faithful.train.tokens_per_step:
+        raise UserError(f"recipe {where}: train.tokens_per_step: a fast recipe keeps {faithful.name}'s batch "
+                        f"({faithful.train.tokens_per_step:,} tokens per step); only steps change")
+    want = fast.token_ratio * faithful.train.steps
+    if abs(fast.train.steps - want) > TOKEN_RATIO_TOLERANCE * want:
+        raise UserError(f"recipe {where}: train.steps: {fast.train.steps:,} is not token_ratio {fast.token_ratio:g} "
+                        f"of {faithful.name}'s {faithful.train.steps:,} steps (about {round(want):,})")

@@ -27,10 +27,11 @@ SKIP_DIRS = {"__pycache__"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".tmp")
 # What the node needs besides the wheel and torch (skypilot is deliberately absent): the node's setup
 # (gpt2cloud/launch/task.py) installs exactly these.
-NODE_REQUIREMENTS = ("numpy", "tiktoken", "safetensors", "boto3")
+NODE_REQUIREMENTS = ("numpy", "tiktoken", "safetensors", "boto3", "huggingface_hub")  # huggingface_hub: --data hf://
 
 
-def _files_of(package: str, arc_prefix: str) -> list[tuple[str, bytes]]:
+def files_of(package: str, arc_prefix: str) -> list[tuple[str, bytes]]:
+    """(name in the wheel, content) of every source file of an installed package."""
     root = Path(str(importlib.resources.files(package)))
     out = []
     for p in sorted(root.rglob("*")):
@@ -46,20 +47,19 @@ def _record_hash(data: bytes) -> str:
     return f"sha256={digest}"
 
 
-def wheel_bytes() -> tuple[str, bytes]:
-    """(file name, wheel content) for the code this process runs."""
+def pack_wheel(files: list[tuple[str, bytes]], requires: tuple, summary: str) -> tuple[str, bytes]:
+    """(file name, content) of a pure-Python wheel of these files, built in memory: reproducible (fixed
+    timestamps), no build backend, no network."""
     version = gpt2cloud.__version__
-    files = [("gpt2cloud/__init__.py", Path(gpt2cloud.__file__).read_bytes())]
-    files += _files_of("gpt2cloud.store", "gpt2cloud/store") + _files_of("model", "model")
     dist_info = f"{NAME}-{version}.dist-info"
     metadata = (
         "Metadata-Version: 2.1\n"
         f"Name: {NAME}\nVersion: {version}\n"
-        "Summary: gpt2cloud trainer, shipped to a node by `gpt2cloud launch`\n"
-        + "".join(f"Requires-Dist: {r}\n" for r in ("torch", *NODE_REQUIREMENTS))
+        f"Summary: {summary}\n"
+        + "".join(f"Requires-Dist: {r}\n" for r in requires)
     ).encode()
     wheel = b"Wheel-Version: 1.0\nGenerator: gpt2cloud\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    files += [
+    files = files + [
         (f"{dist_info}/METADATA", metadata),
         (f"{dist_info}/WHEEL", wheel),
         (f"{dist_info}/top_level.txt", b"gpt2cloud\nmodel\n"),
@@ -75,6 +75,14 @@ def wheel_bytes() -> tuple[str, bytes]:
             info.compress_type = zipfile.ZIP_DEFLATED
             z.writestr(info, data)
     return f"{NAME}-{version}-py3-none-any.whl", buf.getvalue()
+
+
+def wheel_bytes() -> tuple[str, bytes]:
+    """(file name, wheel content) of the node's trainer: model/ and gpt2cloud's store, from the code this
+    process runs."""
+    files = [("gpt2cloud/__init__.py", Path(gpt2cloud.__file__).read_bytes())]
+    files += files_of("gpt2cloud.store", "gpt2cloud/store") + files_of("model", "model")
+    return pack_wheel(files, ("torch", *NODE_REQUIREMENTS), "gpt2cloud trainer, shipped to a node by `gpt2cloud launch`")
 
 
 def write_workdir(workdir: str | Path, wheel: tuple[str, bytes], train_config_json: str, task_yaml: str) -> None:

@@ -18,7 +18,7 @@ from gpt2cloud.launch.task import LOCAL
 
 
 
-def _sky():
+def sky_module():
     """import sky for in-process use: as a client (rich spinners, not the API server's encoded payloads)."""
     import logging
     import sys
@@ -40,7 +40,7 @@ def _cloud_name(cloud) -> str:
 
 def enabled_clouds() -> list[str]:
     """Lowercase names of the clouds SkyPilot may use for compute (empty when none)."""
-    sky = _sky()
+    sky = sky_module()
     from sky import check as sky_check
 
     try:
@@ -52,7 +52,7 @@ def enabled_clouds() -> list[str]:
 
 
 def _cloud(infra: str):
-    sky = _sky()
+    sky = sky_module()
 
     name = infra.split("/")[0]
     try:
@@ -87,7 +87,7 @@ def supports_spot(infra: str) -> bool:
 
 def gpu_offered(infra: str, gpu: str, count: int) -> Optional[bool]:
     """True/False from the cloud's catalog; None when the catalog could not be read (offline)."""
-    sky = _sky()
+    sky = sky_module()
 
     cloud = infra.split("/")[0]
     region = infra.split("/")[1] if "/" in infra else None
@@ -103,7 +103,7 @@ def gpu_offered(infra: str, gpu: str, count: int) -> Optional[bool]:
 
 
 def offered_counts(infra: str, gpu: str) -> list[int]:
-    sky = _sky()
+    sky = sky_module()
 
     try:
         offers = sky.catalog.list_accelerators(gpus_only=True, name_filter=gpu, clouds=infra.split("/")[0],
@@ -146,7 +146,7 @@ def choose_clouds(gpu: str, count: int, spot: bool) -> list[str]:
 def catalog_price(infra: str, gpu: str, count: int, spot: bool = False) -> Optional[tuple[float, str]]:
     """(USD per GPU-hour, where it comes from) of the cheapest `gpu:count` offer in SkyPilot's catalog of
     this cloud (and region, if given), on-demand or spot; None when the catalog cannot be read or has none."""
-    sky = _sky()
+    sky = sky_module()
 
     cloud, _, region = infra.partition("/")
     try:

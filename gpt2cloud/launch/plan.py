@@ -26,6 +26,8 @@ from gpt2cloud.launch import build, task
 from gpt2cloud.launch.task import ANY, LOCAL
 from gpt2cloud.runs import registry
 from gpt2cloud.runs.registry import CLUSTER, MANAGED_JOB, RunSpec
+from gpt2cloud.store import StorageError
+from gpt2cloud.store.hub import parse_hub_url
 from model.config import TrainConfig
 
 CPU = "CPU"  # the hardware table's entry for CPU ranks (local runs only)
@@ -63,9 +65,23 @@ def torch_spec() -> str:
 def _check_url(flag: str, url: str, infra: str) -> str:
     url = url.strip().rstrip("/")
     scheme = urlparse(url).scheme
+    if scheme == "hf":  # token shards on the Hugging Face Hub: each node downloads them itself
+        if flag != "--data":
+            raise UserError(f"{flag} {url}: the Hub is read-only here; the run's bucket is s3://BUCKET/PREFIX "
+                            "(or, with --infra local, file:///PATH)")
+        try:
+            parse_hub_url(url)
+        except StorageError as e:
+            raise UserError(f"{flag} {e}") from None
+        endpoint = os.environ.get("HF_ENDPOINT", "")
+        if infra != LOCAL and endpoint and _endpoint_is_local(endpoint):
+            raise UserError(f"{flag} {url}: HF_ENDPOINT {endpoint} is on this machine's loopback, which a cloud "
+                            "node cannot reach; unset it (the Hub itself) or use --infra local")
+        return url
     if scheme not in ("s3", "file"):
         raise UserError(f"{flag} {url}: use s3://BUCKET/PREFIX (AWS S3, R2, MinIO via AWS_ENDPOINT_URL)"
-                        " or, with --infra local, file:///PATH")
+                        + (", hf://ORG/REPO[/PATH][@REVISION] (shards on the Hugging Face Hub)" if flag == "--data"
+                           else "") + " or, with --infra local, file:///PATH")
     if scheme == "file" and infra != LOCAL:
         raise UserError(f"{flag} {url}: a cloud node cannot reach a file:// path on this machine; use an "
                         "s3:// bucket (`gpt2cloud data upload DIR s3://...`) or --infra local")
@@ -81,6 +97,24 @@ def _endpoint_is_local(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_image(image: Optional[str], infra: str) -> str:
+    """The node image: `docker:REPO[:TAG]` (a container with CUDA torch baked in: setup skips the ~3 GB
+    torch download) or a cloud machine image id, passed to SkyPilot as image_id."""
+    if not image:
+        return ""
+    image = image.strip()
+    if infra == LOCAL:
+        raise UserError(f"--image {image}: --infra local runs on this machine's Python; drop --image")
+    if image.startswith("docker:"):
+        ref = image[len("docker:"):]
+        if not ref or any(c.isspace() for c in ref) or ref.startswith(("-", ":", "/")):
+            raise UserError(f"--image {image}: expected docker:REPOSITORY[:TAG], e.g. "
+                            "docker:pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime")
+    elif any(c.isspace() for c in image) or image.startswith("-"):
+        raise UserError(f"--image {image!r}: expected docker:REPOSITORY[:TAG] or a cloud image id (e.g. ami-...)")
+    return image
 
 
 def stall_minutes(est: Estimate) -> float:
@@ -113,7 +147,7 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
          max_cost: Optional[float] = None, idle_minutes: int = 10, price: Optional[float] = None,
          push_every: int = 60, offline: bool = False, max_hours: Optional[float] = None,
          micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None,
-         schedule_steps: Optional[int] = None) -> Plan:
+         schedule_steps: Optional[int] = None, image: Optional[str] = None) -> Plan:
     infra = normalize_infra(infra)
     r = load_recipe(recipe)
     if gpus is None:
@@ -136,6 +170,7 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
             raise UserError("--infra local runs one node; drop --nodes (or launch on a cloud)")
         if spot:
             raise UserError("--infra local has no spot instances; drop --spot")
+    image = check_image(image, infra)
     data = _check_url("--data", data, infra)
     bucket = _check_url("--bucket", bucket, infra)
 
@@ -195,7 +230,7 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
         run_url=f"{bucket}/{run_id}", bucket=bucket, data_url=data, recipe=r.name, gpu_type=gpu_type,
         gpus_per_node=count, nodes=nodes, spot=spot, price_per_gpu_hour=est.price_per_gpu_hour,
         total_steps=est.steps, estimate=est, max_cost_usd=max_cost or 0.0, max_hours=max_hours or 0.0,
-        idle_minutes=idle_minutes,
+        idle_minutes=idle_minutes, image=image,
         build_sha256=hashlib.sha256(wheel[1]).hexdigest(),
     )
     node = task.NodeOptions(

@@ -7,6 +7,7 @@ interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -15,7 +16,7 @@ from gpt2cloud.errors import UserError
 from gpt2cloud.launch import build, task
 from gpt2cloud.launch.plan import Plan
 from gpt2cloud.runs import registry
-from gpt2cloud.store import StorageError, open_store
+from gpt2cloud.store import NoSuchObject, StorageError, open_store
 from gpt2cloud.store.layout import MANIFEST, RUN_JSON
 
 
@@ -24,21 +25,28 @@ def write_build(p: Plan) -> None:
     build.write_workdir(p.node.workdir, p.wheel, p.train_cfg.to_json(), task.to_yaml(p.task_cfg))
 
 
-def preflight(p: Plan) -> None:
+def preflight(p: Plan) -> Plan:
     """Check the storage the node will use, from here: the data's manifest, the bucket writable (the
-    run's spec goes there as run.json)."""
+    run's spec goes there as run.json). Returns the plan to launch: with Hub data (hf://) its URL pinned
+    to the commit read now, so every node and every spot recovery downloads the same bytes."""
     try:
-        has_manifest = open_store(p.spec.data_url).exists(MANIFEST)
-    except StorageError as e:
-        raise UserError(f"--data {p.spec.data_url}: cannot read it ({e})") from None
-    if not has_manifest:
+        data = open_store(p.spec.data_url)
+        data.get_bytes(MANIFEST)  # the Hub builds it from the repo's listing; S3 and files must hold one
+    except NoSuchObject:
         raise UserError(f"--data {p.spec.data_url}: no {MANIFEST} there, so the node cannot verify the shards; "
                         "prepare and upload them with `gpt2cloud data prepare` and `gpt2cloud data upload DIR "
-                        f"{p.spec.data_url}`")
+                        f"{p.spec.data_url}`") from None
+    except StorageError as e:
+        raise UserError(f"--data {p.spec.data_url}: cannot read it ({e})") from None
+    pinned = data.pinned_url() if hasattr(data, "pinned_url") else p.spec.data_url
+    if pinned != p.spec.data_url:
+        spec = dataclasses.replace(p.spec, data_url=pinned)
+        p = dataclasses.replace(p, spec=spec, task_cfg=task.build_config(spec, p.node))
     try:
         open_store(p.spec.run_url).put_bytes(RUN_JSON, (json.dumps(p.spec.to_dict(), indent=2) + "\n").encode())
     except StorageError as e:
         raise UserError(f"--bucket {p.spec.bucket}: the node could not write there ({e})") from None
+    return p
 
 
 def start(p: Plan) -> registry.RunRecord:

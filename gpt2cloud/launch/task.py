@@ -21,8 +21,10 @@ from typing import Optional
 
 import yaml
 
+from gpt2cloud.launch.build import NODE_REQUIREMENTS
 from gpt2cloud.runs.registry import RunSpec
 from gpt2cloud.store.layout import CONFIG, LOGS, NODE_HOME, TIMELINE
+from model.datadir import STATUS as DATA_STATUS  # the data download's status file
 from model.sync import EXIT_BUCKET, EXIT_DATA, EXIT_FINAL_PUSH  # the exit codes of the node's sync steps
 from model.watchdog import EXIT_STALLED, STALLED
 
@@ -43,37 +45,70 @@ HARD_LIMIT_GRACE_S = 600  # --max-hours: the trainer stops itself; the node kill
 S3_SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # Storage settings that are not secret and travel as plain envs.
 S3_PLAIN_ENVS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+# --data hf://...: the Hub token (private and gated repos) is a secret, a mirror's address is not.
+HUB_SECRET_NAMES = ("HF_TOKEN",)
+HUB_PLAIN_ENVS = ("HF_ENDPOINT",)
+SECRET_NAMES = S3_SECRET_NAMES + HUB_SECRET_NAMES
 
 SETUP_SCRIPT = r"""set -euo pipefail
 # gpt2cloud node setup: the trainer's dependencies (never skypilot) and this exact build of the trainer.
+# Fast paths, in order: dependencies already installed on this node (a relaunch: nothing to do); a baked
+# image whose Python has CUDA torch (--image docker:...: torch is not downloaded again); uv, which fetches
+# the ~3 GB of CUDA wheels in parallel (pip when uv is not to be had). Each part's span goes to the timeline.
 NODE_HOME="${GPT2CLOUD_NODE_HOME:-@NODE_HOME_DEFAULT@}"
 mkdir -p "$NODE_HOME"
-SETUP_START="$(date +%s.%N)"  # the run script puts the setup's span into the node's timeline
+: > "$NODE_HOME/setup_times"
+part() {  # part NAME START: a line "NAME START END" that the run script turns into timeline events
+  echo "$1 $2 $(date +%s.%N)" >> "$NODE_HOME/setup_times"
+}
+SETUP_START="$(date +%s.%N)"
+: "${GPT2CLOUD_TORCH_SPEC:=torch}"  # the task sets the exact pin; a hand-run setup gets the latest
+DEPS="$GPT2CLOUD_TORCH_SPEC @NODE_DEPS@"
 if [ -n "${GPT2CLOUD_PYTHON:-}" ]; then
-  PY="$GPT2CLOUD_PYTHON"  # --infra local: this machine's Python already has torch, numpy, tiktoken, boto3
-else
-  if [ ! -x "$NODE_HOME/venv/bin/python" ]; then
-    if command -v uv >/dev/null 2>&1 || [ -x "$HOME/.local/bin/uv" ]; then
-      UV="$(command -v uv || echo "$HOME/.local/bin/uv")"
-      "$UV" venv --seed --python 3.11 "$NODE_HOME/venv" || "$UV" venv --seed "$NODE_HOME/venv"
-    else
-      python3 -m venv "$NODE_HOME/venv"
-    fi
-  fi
+  PY="$GPT2CLOUD_PYTHON"  # --infra local: this machine's Python already has every dependency
+elif [ -x "$NODE_HOME/venv/bin/python" ] && [ "$(cat "$NODE_HOME/deps" 2>/dev/null)" = "$DEPS" ]; then
   PY="$NODE_HOME/venv/bin/python"
-  "$PY" -m pip install -q --upgrade pip
-  # torch built for a CUDA the driver runs: `nvidia-smi` names the newest CUDA the driver supports.
-  DRIVER_CUDA="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\)\.\([0-9]\).*/\1\2/p' | head -n1)"
-  TORCH_INDEX=()
-  for CU in @TORCH_CUDA_BUILDS@; do
-    if [ -n "$DRIVER_CUDA" ] && [ "$DRIVER_CUDA" -ge "$CU" ]; then
-      TORCH_INDEX=(--index-url "@TORCH_INDEX@/cu$CU" --extra-index-url https://pypi.org/simple); break
-    fi
-  done
-  echo "gpt2cloud: driver supports CUDA ${DRIVER_CUDA:-unknown}; torch from ${TORCH_INDEX[1]:-PyPI}"
-  "$PY" -m pip install -q "${TORCH_INDEX[@]}" "$GPT2CLOUD_TORCH_SPEC" numpy tiktoken safetensors boto3
+  echo "gpt2cloud: dependencies already on this node ($DEPS)"
+else
+  T="$(date +%s.%N)"
+  rm -rf "$NODE_HOME/venv" "$NODE_HOME/deps"
+  VENV_FLAGS=()
+  if python3 -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+    VENV_FLAGS=(--system-site-packages)  # a baked image: its CUDA torch is the one to use
+    BAKED_TORCH="$(python3 -c 'import torch; print(torch.__version__)')"
+  fi
+  python3 -m venv "${VENV_FLAGS[@]}" "$NODE_HOME/venv"
+  PY="$NODE_HOME/venv/bin/python"
+  INSTALL=("$PY" -m pip install -q)
+  if "$PY" -m pip install -q uv 2>/dev/null && "$PY" -m uv --version >/dev/null 2>&1; then
+    INSTALL=("$PY" -m uv pip install -q --python "$PY")
+  fi
+  part venv "$T"
+  T="$(date +%s.%N)"
+  if [ -n "${BAKED_TORCH:-}" ]; then
+    echo "gpt2cloud: torch $BAKED_TORCH from the image"
+  else
+    # torch built for a CUDA the driver runs: `nvidia-smi` names the newest CUDA the driver supports.
+    DRIVER_CUDA="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\)\.\([0-9]\).*/\1\2/p' | head -n1)"
+    TORCH_INDEX=()
+    for CU in @TORCH_CUDA_BUILDS@; do
+      if [ -n "$DRIVER_CUDA" ] && [ "$DRIVER_CUDA" -ge "$CU" ]; then
+        if [ "${INSTALL[2]}" = uv ]; then TORCH_INDEX=(--torch-backend "cu$CU")
+        else TORCH_INDEX=(--index-url "@TORCH_INDEX@/cu$CU" --extra-index-url https://pypi.org/simple); fi
+        break
+      fi
+    done
+    echo "gpt2cloud: driver supports CUDA ${DRIVER_CUDA:-unknown}; torch ${TORCH_INDEX[1]:-from PyPI} via ${INSTALL[2]}"
+    "${INSTALL[@]}" "${TORCH_INDEX[@]}" "$GPT2CLOUD_TORCH_SPEC"
+  fi
+  part torch "$T"
+  T="$(date +%s.%N)"
+  "${INSTALL[@]}" @NODE_DEPS@
+  echo "$DEPS" > "$NODE_HOME/deps"
+  part deps "$T"
 fi
 if [ "${GPT2CLOUD_DEVICE:-auto}" = cuda ]; then
+  T="$(date +%s.%N)"
   # Fail in seconds, not after an hour of billing on CPU: torch must see every GPU this node was given.
   "$PY" -c 'import os, sys, torch
 want = int(os.environ["GPT2CLOUD_GPUS_PER_NODE"])
@@ -82,11 +117,15 @@ if seen != want:
     sys.exit(f"gpt2cloud: torch {torch.__version__} (CUDA {torch.version.cuda}) sees {seen} of the {want} GPUs this "
              "node was given: the torch build does not match the driver (nvidia-smi); the job stops here")
 print(f"gpt2cloud: torch {torch.__version__} sees {seen} GPUs ({torch.cuda.get_device_name(0)})")' || exit @EXIT_NO_GPU@
+  part gpu_check "$T"
 fi
+# This build of the trainer, from the wheel in the workdir: no network.
+T="$(date +%s.%N)"
 rm -rf "$NODE_HOME/site"
 "$PY" -m pip install -q --no-deps --no-index --target "$NODE_HOME/site" ./gpt2cloud-*.whl
 echo "$PY" > "$NODE_HOME/python"
-echo "$SETUP_START $(date +%s.%N)" > "$NODE_HOME/setup_times"
+part wheel "$T"
+part setup "$SETUP_START"
 echo "gpt2cloud: node ready ($("$PY" --version 2>&1), build $GPT2CLOUD_BUILD)"
 """
 
@@ -117,13 +156,24 @@ print(json.loads(os.environ["GPT2CLOUD_CLOUD_PRICES"]).get(cloud, ""))')"
 fi
 printf '{"event": "node_up", "time": %s, "rank": %s, "price_per_gpu_hour": %s}\n' "$GPT2CLOUD_NODE_UP" "$RANK" \
   "${GPT2CLOUD_PRICE_PER_GPU_HOUR:-null}" >> "$OUT/@TIMELINE@"
-if read -r SETUP_START SETUP_END < "$NODE_HOME/setup_times" 2>/dev/null; then
-  printf '{"event": "setup", "time": %s, "start": %s}\n' "$SETUP_END" "$SETUP_START" >> "$OUT/@TIMELINE@"
+# the setup's span, with its parts' seconds (venv, torch, deps, gpu_check, wheel: what to speed up next)
+if read -r _ SETUP_START SETUP_END < <(grep '^setup ' "$NODE_HOME/setup_times" 2>/dev/null); then
+  PARTS="$(awk '$1 != "setup" {printf "%s\"%s\": %.3f", (n++ ? ", " : ""), $1, $3 - $2}' "$NODE_HOME/setup_times")"
+  printf '{"event": "setup", "time": %s, "start": %s, "parts": {%s}}\n' "$SETUP_END" "$SETUP_START" "$PARTS" \
+    >> "$OUT/@TIMELINE@"
 fi
 note pull "\"start\": $PULL_START"
+# The shards stream in the background, in the order the trainer reads them (model/sync.py data); the
+# trainer starts once the validation shards and the first training shard are in, and its loader waits
+# for a shard still on its way. "data" is that wait (the critical path); data_complete comes when all are in.
 DATA_START="$(date +%s.%N)"
-"$PY" -m model.sync data "$GPT2CLOUD_DATA_URL" "$DATA" || exit @EXIT_DATA@
-note data "\"start\": $DATA_START, \"bytes\": $(du -sb "$DATA" | cut -f1)"
+rm -f "$DATA/@DATA_STATUS@"
+"$PY" -m model.sync data "$GPT2CLOUD_DATA_URL" "$DATA" --timeline "$OUT/@TIMELINE@" \
+  ${GPT2CLOUD_DATA_MAX_MB_PER_S:+--max-mb-per-s "$GPT2CLOUD_DATA_MAX_MB_PER_S"} &
+DOWNLOADER=$!
+trap 'kill -TERM "$DOWNLOADER" 2>/dev/null' EXIT  # however the script ends, the download ends with it
+DATA_BYTES="$("$PY" -m model.sync wait "$DATA" --pid "$DOWNLOADER")" || exit @EXIT_DATA@
+note data "\"start\": $DATA_START, \"bytes\": $DATA_BYTES"
 "$PY" -m model.sync push "$OUT" "$GPT2CLOUD_RUN_URL" --rank "$RANK" --every "$GPT2CLOUD_PUSH_EVERY" \
   --keep "$GPT2CLOUD_KEEP_CHECKPOINTS" --retry-seconds "${GPT2CLOUD_PUSH_RETRY_SECONDS:-5}" &
 PUSHER=$!
@@ -141,6 +191,13 @@ wait "$TRAINER"; RC=$?
 if kill -0 "$TRAINER" 2>/dev/null; then wait "$TRAINER"; RC=$?; fi
 echo "gpt2cloud: trainer exited with code $RC"
 note train_end "\"code\": $RC"
+# The trainer is done with the data: a download still going stops here. Its failure is the job's only
+# when the trainer failed too (its loader then said which shard never came).
+kill -TERM "$DOWNLOADER" 2>/dev/null; wait "$DOWNLOADER" 2>/dev/null
+if [ "$RC" -ne 0 ] && grep -q '"state": "failed"' "$DATA/@DATA_STATUS@" 2>/dev/null; then
+  echo "gpt2cloud: the data download failed (see $DATA/@DATA_STATUS@); exit @EXIT_DATA@"
+  RC=@EXIT_DATA@
+fi
 if [ -f "$OUT/@STALLED@" ]; then
   echo "gpt2cloud: the trainer stalled ($(cat "$OUT/@STALLED@") was the last thing it finished); exit @EXIT_STALLED@"
   RC=@EXIT_STALLED@
@@ -162,7 +219,9 @@ def render(script: str) -> str:
     values = {"NODE_HOME_DEFAULT": NODE_HOME_DEFAULT, "MASTER_PORT": MASTER_PORT, "EXIT_DATA": EXIT_DATA,
               "EXIT_BUCKET": EXIT_BUCKET, "EXIT_FINAL_PUSH": EXIT_FINAL_PUSH, "EXIT_STALLED": EXIT_STALLED,
               "EXIT_NO_GPU": EXIT_NO_GPU, "STALLED": STALLED, "LOGS": LOGS, "CONFIG": CONFIG, "TIMELINE": TIMELINE,
-              "TORCH_CUDA_BUILDS": " ".join(TORCH_CUDA_BUILDS), "TORCH_INDEX": TORCH_INDEX}
+              "DATA_STATUS": DATA_STATUS,
+              "TORCH_CUDA_BUILDS": " ".join(TORCH_CUDA_BUILDS), "TORCH_INDEX": TORCH_INDEX,
+              "NODE_DEPS": " ".join(NODE_REQUIREMENTS)}
     for name, value in values.items():
         script = script.replace(f"@{name}@", str(value))
     return script
@@ -192,6 +251,8 @@ def resources(spec: RunSpec, node: NodeOptions) -> dict:
         # A managed job: the controller relaunches a preempted node, which resumes from the bucket.
         res["use_spot"] = True
         res["job_recovery"] = dict(JOB_RECOVERY)
+    if spec.image:  # a baked node: docker:IMAGE (CUDA torch inside) or the cloud's image id
+        res["image_id"] = spec.image
     if spec.infra not in (ANY, LOCAL):
         res["infra"] = spec.infra
     elif node.clouds:
@@ -220,7 +281,7 @@ def envs(spec: RunSpec, node: NodeOptions) -> dict:
     if spec.max_cost_usd:  # informational: the cap itself is in config.json, enforced by the trainer
         e["GPT2CLOUD_MAX_COST_USD"] = f"{spec.max_cost_usd:g}"
     for k, v in sorted(node.plain_envs):
-        if k in S3_SECRET_NAMES:
+        if k in SECRET_NAMES:
             raise ValueError(f"{k} is a secret; it cannot be a plain env")
         e[k] = str(v)
     return e
@@ -281,10 +342,18 @@ def storage_settings(urls: list[str], env: Optional[dict] = None) -> tuple[dict,
     """(plain envs, secrets) the node needs to reach these storage URLs, from this environment.
 
     S3: credentials from the environment or boto3's chain (profile, ~/.aws), endpoint and region as
-    plain envs. file:// needs nothing (and only works with --infra local).
+    plain envs. hf://: HF_TOKEN when set (a public repo needs none), HF_ENDPOINT as a plain env.
+    file:// needs nothing (and only works with --infra local).
     """
     env = os.environ if env is None else env
     plain, secrets = {}, {}
+    if any(u.startswith("hf://") for u in urls):
+        for k in HUB_PLAIN_ENVS:
+            if env.get(k):
+                plain[k] = env[k]
+        for k in HUB_SECRET_NAMES:
+            if env.get(k):
+                secrets[k] = env[k]
     if any(u.startswith("s3://") for u in urls):
         for k in S3_PLAIN_ENVS:
             if env.get(k):

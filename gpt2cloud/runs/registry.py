@@ -54,6 +54,7 @@ class RunSpec:
     max_hours: float = 0.0  # 0: no wall-time limit
     idle_minutes: int = 0
     build_sha256: str = ""  # the wheel shipped to the node: this exact version of the trainer
+    image: str = ""  # the node's image (SkyPilot image_id, e.g. docker:REPO:TAG with CUDA torch); "": the cloud's default
 
     @property
     def gpus(self) -> int:

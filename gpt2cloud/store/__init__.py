@@ -1,6 +1,7 @@
-"""Object storage for gpt2cloud and the node: `s3://bucket/prefix` (AWS S3, Cloudflare R2, MinIO, ...)
-and `file:///path`, behind one Store interface; whole directories moved as verified sets (transfer.py);
-the names of files and folders in a run's OUT and bucket (layout.py).
+"""Object storage for gpt2cloud and the node: `s3://bucket/prefix` (AWS S3, Cloudflare R2, MinIO, ...),
+`file:///path` and, read-only, `hf://ORG/REPO[/PATH][@REVISION]` (the Hugging Face Hub), behind one
+Store interface; whole directories moved as verified sets (transfer.py); the names of files and
+folders in a run's OUT and bucket (layout.py).
 
 The bottom floor of gpt2cloud: it imports nothing else of the package (an import-linter contract), and
 the standard library only at module top, so the wheel shipped to a GPU node holds just `model/` and this.
@@ -27,11 +28,13 @@ __all__ = ["NoSuchObject", "ObjectInfo", "StorageError", "Store", "FileStore", "
 
 
 def open_store(url: str, endpoint_url: str | None = None, *, region: str | None = None) -> Store:
-    """Open `s3://bucket[/prefix]` or `file:///path`.
+    """Open `s3://bucket[/prefix]`, `file:///path` or, read-only, `hf://ORG/REPO[/PATH][@REVISION]`.
 
     S3 uses boto3's standard credential chain (env vars, AWS_PROFILE, ~/.aws, instance roles);
     endpoint_url (or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) selects an S3-compatible store such as
     Cloudflare R2 or MinIO; region defaults to AWS_REGION / AWS_DEFAULT_REGION / the profile's.
+    hf:// reads a dataset repo (hf://models/... a model repo) with HF_TOKEN and HF_ENDPOINT from the
+    environment; huggingface_hub is imported when it is first used.
     """
     url = str(url).strip()
     parsed = urlparse(url)
@@ -55,8 +58,16 @@ def open_store(url: str, endpoint_url: str | None = None, *, region: str | None 
         if not path:
             raise StorageError(f"{url}: no path; use file:///absolute/path")
         return FileStore(Path(path).expanduser().resolve())
+    if scheme == "hf":
+        if endpoint_url:
+            raise StorageError(f"--endpoint-url applies to s3:// URLs only, not {url}; a Hub mirror is set "
+                               "with HF_ENDPOINT")
+        from gpt2cloud.store.hub import HubStore
+
+        return HubStore(url)
     if not scheme:
         raise StorageError(
-            f"{url!r} is not a storage URL; use s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH"
+            f"{url!r} is not a storage URL; use s3://BUCKET/PREFIX, file:///ABSOLUTE/PATH or hf://ORG/REPO"
         )
-    raise StorageError(f"unsupported URL scheme '{scheme}://' in {url}; use s3://BUCKET/PREFIX or file:///PATH")
+    raise StorageError(f"unsupported URL scheme '{scheme}://' in {url}; use s3://BUCKET/PREFIX, file:///PATH "
+                       "or (to read) hf://ORG/REPO[/PATH][@REVISION]")

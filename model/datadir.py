@@ -1,0 +1,113 @@
+"""A data directory that a download is still filling: what the downloader (model/sync.py `data`) and
+the token loader (model/data.py) agree on.
+
+- DIR/manifest.json is written FIRST (the set's manifest as stored): every shard that will come, with
+  its size and sha256. A shard appears under its final name only once its sha256 checked out.
+- DIR/download.json, the download's status, rewritten atomically as it goes:
+  {"state": "running" | "complete" | "failed", "error", "pid", "start", "time", "files", "ready",
+   "arrived": {name: time, in the order they arrived}, "bytes": bytes moved so far, "total_bytes"}.
+  "ready" lists the files training needs before its first step; ready_now() says whether they are in.
+- Which shards are validation: names containing "val"; if no name does, the first shard (llm.c's
+  shard 0). The rest, in name order, are training shards. The download goes in the order the trainer
+  reads: validation shards, then any other (small) file, then training shards in name order.
+
+Imports only the standard library (the node's sync runs without numpy or torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from gpt2cloud.store import atomic_write
+from gpt2cloud.store.layout import MANIFEST
+
+STATUS = "download.json"
+SHARD_SUFFIX = ".bin"
+RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
+
+
+def split_names(names: list[str]) -> tuple[list[str], list[str]]:
+    """(training, validation) shard names, each sorted; `names` are the .bin files of one directory."""
+    shards = sorted(names)
+    val = [n for n in shards if "val" in n]
+    if not val and len(shards) > 1:
+        val = shards[:1]  # llm.c convention: shard 0 is validation
+    return [n for n in shards if n not in val], val
+
+
+def is_shard(name: str) -> bool:
+    """A token shard of the directory itself (the loader reads no subdirectories)."""
+    return name.endswith(SHARD_SUFFIX) and "/" not in name
+
+
+def download_order(files: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the files training needs first, the rest), each in download order: validation shards and any
+    other small file (e.g. HellaSwag) with the first training shard; then the training shards by name."""
+    by_name = {f["name"]: f for f in files}
+    train, val = split_names([n for n in by_name if is_shard(n)])
+    others = sorted(n for n in by_name if not is_shard(n))
+    first = val + others + train[:1]
+    return [by_name[n] for n in first], [by_name[n] for n in train[1:]]
+
+
+def manifest_files(data_dir) -> list[dict] | None:
+    """The `files` of DIR/manifest.json, or None when there is none (a plain directory of shards)."""
+    path = Path(data_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid manifest ({e}); re-download the data") from None
+
+
+def read_status(data_dir) -> dict | None:
+    """DIR/download.json, or None when no download ever wrote one (or it cannot be read)."""
+    try:
+        return json.loads((Path(data_dir) / STATUS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_status(data_dir, status: dict) -> None:
+    # no fsync: it is rewritten often, and a crash of the node loses the download anyway
+    atomic_write(Path(data_dir) / STATUS, json.dumps(status) + "\n", fsync=False)
+
+
+def ready_now(status: dict | None) -> bool:
+    if not status:
+        return False
+    ready = status.get("ready")  # None until the manifest is read
+    return status.get("state") == COMPLETE or (ready is not None and set(ready) <= set(status.get("arrived") or {}))
+
+
+def process_alive(pid) -> bool:
+    """Whether the downloader process still runs (a zombie, killed but not yet reaped, does not)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc (macOS): ask the kernel
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def failure(status: dict | None) -> str | None:
+    """Why the download will deliver nothing more, or None while it still may (or has finished)."""
+    if status is None:
+        return "no download is filling the directory"
+    if status.get("state") == FAILED:
+        return f"the data download failed: {status.get('error') or 'unknown error'}"
+    if status.get("state") == RUNNING and not process_alive(status.get("pid")):
+        return f"the data download (pid {status.get('pid')}) ended before it finished"
+    return None
