@@ -63,7 +63,7 @@ class Arrivals:
         if size is None:
             raise FileNotFoundError(f"shard {path} does not exist")
         why = self.unavailable()
-        if why and not path.is_file():
+        if why:
             raise ShardError(f"{path} is listed in the manifest but not there: {why}")
         if size < HEADER_BYTES or (size - HEADER_BYTES) % 2:
             raise ShardError(f"{path.name}: the manifest says {size} bytes, which no llm.c shard has")

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from gpt2cloud.cli.output import key_values, print_json
+from gpt2cloud.cli.output import key_values, print_json, show_task
 from gpt2cloud.errors import UserError
 from gpt2cloud.units import duration, human, usd
 
@@ -98,7 +98,7 @@ def _print_job(job, console: Console) -> None:
 def prepare_on_cloud(source, out, *, cpus, infra, name, shard_tokens, val_tokens, limit_tokens, workers,
                      dry_run, export_yaml, yes, as_json) -> None:
     """`data prepare --on-cloud`: estimate, confirm, run the job, follow it, report what landed in --out."""
-    from gpt2cloud.launch import prepare_job, task
+    from gpt2cloud.launch import prepare_job
 
     offline = dry_run or export_yaml is not None
     job = prepare_job.plan_job(source, out, cpus=cpus, infra=infra, name=name, shard_tokens=shard_tokens,
@@ -107,24 +107,10 @@ def prepare_on_cloud(source, out, *, cpus, infra, name, shard_tokens, val_tokens
     if not as_json:
         _print_job(job, err)  # on stderr: a dry run's stdout is the YAML alone
     if offline:
-        if not job.spec.local:
-            from gpt2cloud.backends.skypilot import to_sky_task
-
-            to_sky_task(job.task_cfg)  # SkyPilot's own parser accepts it (or says why not)
-        text = task.to_yaml(job.task_cfg)
-        if export_yaml is not None:
-            prepare_job.write_workdir(job)  # `sky launch FILE` ships the workdir the file names
-            export_yaml.parent.mkdir(parents=True, exist_ok=True)
-            export_yaml.write_text(text)
-        if as_json:
-            print_json({"run": job.run_id, "dry_run": True, "yaml": text, "export_yaml": str(export_yaml or ""),
-                        "estimate": {"tokens": job.est.tokens, "seconds": job.est.seconds, "usd": job.est.usd,
-                                     "usd_per_hour": job.est.usd_per_hour, "price_from": job.est.price_from}})
-        elif dry_run:
-            sys.stdout.write(text)
-        if export_yaml is not None and not as_json:
-            err.print(f"wrote {export_yaml}; launch it with: {task.sky_command(job.task_cfg, str(export_yaml))}",
-                      soft_wrap=True)
+        show_task(job.task_cfg, run_id=job.run_id, local=job.spec.local, dry_run=dry_run, export_yaml=export_yaml,
+                  write_workdir=lambda: prepare_job.write_workdir(job), as_json=as_json,
+                  estimate={"tokens": job.est.tokens, "seconds": job.est.seconds, "usd": job.est.usd,
+                            "usd_per_hour": job.est.usd_per_hour, "price_from": job.est.price_from})
         return
     prepare_job.preflight(job)
     if not yes:

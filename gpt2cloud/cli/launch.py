@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from gpt2cloud.cli.output import print_json
+from gpt2cloud.cli.output import print_json, show_task
 from gpt2cloud.errors import UserError
 from gpt2cloud.units import usd
 
@@ -88,23 +88,8 @@ def launch_command(
         Console(stderr=True).print("note: no cloud is enabled here (`sky check`); the task names no infra, so "
                                    "SkyPilot picks the cheapest enabled cloud at `sky launch`")
     if offline:
-        if not p.spec.local:
-            from gpt2cloud.backends.skypilot import to_sky_task
-
-            to_sky_task(p.task_cfg)  # SkyPilot's own parser accepts it (or says why not)
-        text = task.to_yaml(p.task_cfg)
-        if export_yaml is not None:
-            start.write_build(p)  # `sky launch FILE` ships the workdir the file names
-            export_yaml.parent.mkdir(parents=True, exist_ok=True)
-            export_yaml.write_text(text)
-        if as_json:
-            print_json({"run": p.run_id, "dry_run": True, "yaml": text, "export_yaml": str(export_yaml or ""),
-                        "estimate": p.est.to_dict()})
-        elif dry_run:
-            sys.stdout.write(text)
-        if export_yaml is not None and not as_json:
-            Console(stderr=True).print(f"wrote {export_yaml}; launch it with: "
-                                       f"{task.sky_command(p.task_cfg, str(export_yaml))}", soft_wrap=True)
+        show_task(p.task_cfg, run_id=p.run_id, local=p.spec.local, dry_run=dry_run, export_yaml=export_yaml,
+                  write_workdir=lambda: start.write_build(p), as_json=as_json, estimate=p.est.to_dict())
         return
 
     p = start.preflight(p)

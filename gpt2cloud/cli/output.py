@@ -49,3 +49,29 @@ def key_values(rows: list[tuple[str, str]], console: Console | None = None) -> N
     for k, v in rows:
         t.add_row(k, v)
     (console or Console()).print(t)
+
+
+def show_task(task_cfg: dict, *, run_id: str, local: bool, dry_run: bool, export_yaml, write_workdir,
+              as_json: bool, estimate: dict) -> None:
+    """`--dry-run` / `--export-yaml` of a SkyPilot task (launch, data prepare --on-cloud): SkyPilot's own
+    parser checks it, the YAML (secrets redacted) goes to stdout or the file, nothing is launched.
+    write_workdir() writes what the file's `workdir` names (only for an export: a dry run writes nothing)."""
+    from gpt2cloud.launch import task
+
+    if not local:
+        from gpt2cloud.backends.skypilot import to_sky_task
+
+        to_sky_task(task_cfg)  # SkyPilot's own parser accepts it (or says why not)
+    text = task.to_yaml(task_cfg)
+    if export_yaml is not None:
+        write_workdir()  # `sky launch FILE` ships the workdir the file names
+        export_yaml.parent.mkdir(parents=True, exist_ok=True)
+        export_yaml.write_text(text)
+    if as_json:
+        print_json({"run": run_id, "dry_run": True, "yaml": text, "export_yaml": str(export_yaml or ""),
+                    "estimate": estimate})
+    elif dry_run:
+        sys.stdout.write(text)
+    if export_yaml is not None and not as_json:
+        err_console.print(f"wrote {export_yaml}; launch it with: {task.sky_command(task_cfg, str(export_yaml))}",
+                          soft_wrap=True)

@@ -85,13 +85,14 @@ def wheel_bytes() -> tuple[str, bytes]:
     return pack_wheel(files, ("torch", *NODE_REQUIREMENTS), "gpt2cloud trainer, shipped to a node by `gpt2cloud launch`")
 
 
-def write_workdir(workdir: str | Path, wheel: tuple[str, bytes], train_config_json: str, task_yaml: str) -> None:
-    """The node's workdir: this build's wheel (older ones removed), config.json and task.yaml."""
+def write_workdir(workdir: str | Path, wheel: tuple[str, bytes], train_config_json: str | None, task_yaml: str) -> None:
+    """The node's workdir: this build's wheel (older ones removed), config.json (a training run's) and task.yaml."""
     dest = Path(workdir)
     dest.mkdir(parents=True, exist_ok=True)
     name, data = wheel
     for old in dest.glob(f"{NAME}-*.whl"):
         old.unlink()
     atomic_write(dest / name, data)
-    atomic_write(dest / CONFIG, train_config_json)
+    if train_config_json is not None:
+        atomic_write(dest / CONFIG, train_config_json)
     atomic_write(dest / "task.yaml", task_yaml)

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 from gpt2cloud import home
 from gpt2cloud.backends import backend_for, state_of
 from gpt2cloud.errors import UserError
-from gpt2cloud.launch import build, task
+from gpt2cloud.launch import build, start, task
 from gpt2cloud.launch.plan import normalize_infra
 from gpt2cloud.launch.task import ANY, LOCAL
 from gpt2cloud.runs import registry
@@ -369,12 +369,7 @@ def whole_wheel() -> tuple[str, bytes]:
 
 def write_workdir(job: PrepareJob) -> None:
     """The VM's workdir: the wheel and the task as launched (for --export-yaml and a launch)."""
-    dest = Path(job.workdir)
-    dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob(f"{build.NAME}-*.whl"):
-        old.unlink()
-    (dest / job.wheel[0]).write_bytes(job.wheel[1])
-    (dest / "task.yaml").write_text(task.to_yaml(job.task_cfg))
+    build.write_workdir(job.workdir, job.wheel, None, task.to_yaml(job.task_cfg))
 
 
 # ---------------------------------------------------------------- running it
@@ -396,14 +391,7 @@ def start_job(job: PrepareJob) -> registry.RunRecord:
     that fails or is interrupted is cleaned up by the backend, as for `gpt2cloud launch`."""
     write_workdir(job)
     record = registry.RunRecord(spec=job.spec, started_at=time.time())
-    registry.note(record, "prepare job launch", state="LAUNCHING")
-    try:
-        backend_for(job.spec.kind).start(record, job.task_cfg, job.secrets, save=registry.save)
-    except BaseException:
-        registry.note(record, "launch failed", state="LAUNCH_FAILED")
-        raise
-    registry.note(record, "launched", state="LAUNCHED")
-    return record
+    return start.hand_to_backend(record, job.task_cfg, job.secrets, "prepare job launch")
 
 
 def wait_job(job: PrepareJob, record: registry.RunRecord, quiet: bool = False) -> dict:

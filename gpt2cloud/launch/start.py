@@ -61,9 +61,15 @@ def start(p: Plan) -> registry.RunRecord:
         launches=(old.launches + 1) if old else 1, history=list(old.history) if old else [],
         fetched_dir=old.fetched_dir if old else None,  # a relaunch continues the same run
     )
-    registry.note(record, "launch" if old is None else "relaunch (resumes from the bucket)", state="LAUNCHING")
+    return hand_to_backend(record, p.task_cfg, p.secrets,
+                           "launch" if old is None else "relaunch (resumes from the bucket)")
+
+
+def hand_to_backend(record: registry.RunRecord, task_cfg: dict, secrets: dict, what: str) -> registry.RunRecord:
+    """Start a recorded run (a training run or a prepare job) on its backend, noting each state as it goes."""
+    registry.note(record, what, state="LAUNCHING")
     try:
-        backend_for(p.spec.kind).start(record, p.task_cfg, p.secrets, save=registry.save)
+        backend_for(record.spec.kind).start(record, task_cfg, secrets, save=registry.save)
     except BaseException:
         # the backend cancelled and removed what it started, or printed which cluster may still bill
         registry.note(record, "launch failed", state="LAUNCH_FAILED")

@@ -347,20 +347,12 @@ def storage_settings(urls: list[str], env: Optional[dict] = None) -> tuple[dict,
     """
     env = os.environ if env is None else env
     plain, secrets = {}, {}
-    if any(u.startswith("hf://") for u in urls):
-        for k in HUB_PLAIN_ENVS:
-            if env.get(k):
-                plain[k] = env[k]
-        for k in HUB_SECRET_NAMES:
-            if env.get(k):
-                secrets[k] = env[k]
+    for scheme, plain_names, secret_names in (("hf://", HUB_PLAIN_ENVS, HUB_SECRET_NAMES),
+                                              ("s3://", S3_PLAIN_ENVS, S3_SECRET_NAMES)):
+        if any(u.startswith(scheme) for u in urls):
+            plain.update((k, env[k]) for k in plain_names if env.get(k))
+            secrets.update((k, env[k]) for k in secret_names if env.get(k))
     if any(u.startswith("s3://") for u in urls):
-        for k in S3_PLAIN_ENVS:
-            if env.get(k):
-                plain[k] = env[k]
-        for k in S3_SECRET_NAMES:
-            if env.get(k):
-                secrets[k] = env[k]
         if "AWS_ACCESS_KEY_ID" not in secrets:
             creds = boto3_credentials()
             try:
@@ -373,7 +365,6 @@ def storage_settings(urls: list[str], env: Optional[dict] = None) -> tuple[dict,
                 if frozen.token:
                     secrets["AWS_SESSION_TOKEN"] = frozen.token
     return plain, secrets
-
 
 
 def credential_expiry(env: Optional[dict] = None) -> Optional[datetime.datetime]:
