@@ -27,9 +27,10 @@ demo: install
 
 # The import rules (pyproject.toml [tool.importlinter]) first: a broken layer fails fast.
 # GPT2CLOUD_NO_SKIPS=1: a skipped test fails the run (everything it needs is installed above).
+# Each test has a time limit (pyproject: pytest-timeout); the 15 slowest are listed at the end.
 test: install
 	$(VENV)/bin/lint-imports
-	GPT2CLOUD_NO_SKIPS=1 $(PY) -m pytest tests
+	GPT2CLOUD_NO_SKIPS=1 $(PY) -m pytest tests --durations=15
 
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/bench_cli.py

@@ -10,11 +10,51 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
+
+from gpt2cloud.errors import UserError
 
 
 def home() -> Path:
     return Path(os.environ.get("GPT2CLOUD_HOME") or Path.home() / ".gpt2cloud")
+
+
+def _name() -> str:
+    return f"$GPT2CLOUD_HOME ({home()})" if os.environ.get("GPT2CLOUD_HOME") else f"{home()} (~/.gpt2cloud)"
+
+
+def unusable(e: OSError) -> UserError:
+    """The one line for a home this machine cannot write (a file, under a file, read only, ...)."""
+    what = e.strerror or type(e).__name__
+    return UserError(f"{_name()} cannot be used: {what}{f': {e.filename}' if e.filename else ''}; point "
+                     "GPT2CLOUD_HOME at a writable directory (e.g. export GPT2CLOUD_HOME=~/.gpt2cloud) or fix "
+                     "its permissions")
+
+
+def check_usable(write: bool = True) -> Path:
+    """Fail before anything is written anywhere (bucket included) if the home cannot hold the registry.
+
+    write=False (commands that only read it): a missing home is fine, one that is (or is below) a file
+    is not.
+    write=True: create the home and a probe file in it (O_EXCL, then removed): a permission check alone
+    says yes to root on a read-only directory, while a real create fails on a read-only file system,
+    under a regular file or in /proc."""
+    h = home()
+    if not write:
+        # the home, or the first of its parents that exists (a home not made yet), is a directory
+        there = next((p for p in (h, *h.parents) if p.exists()), Path("/"))
+        if not there.is_dir():
+            raise unusable(NotADirectoryError(20, "not a directory", str(there)))
+        return h
+    probe = h / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        h.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise unusable(e) from None
+    return h
 
 
 def runs_dir() -> Path:

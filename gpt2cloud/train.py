@@ -9,17 +9,20 @@ by PID first and then end every process in it; see gpt2cloud/processes.py.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import TextIO
 
 from gpt2cloud.cost.recipes import load_recipe
 from gpt2cloud.errors import MAX_STEPS, UserError, positive
 from gpt2cloud.processes import kill_process_tree
-from gpt2cloud.store.layout import CONFIG, METRICS
-from model.config import BatchError
+from gpt2cloud.store.layout import CHECKPOINTS, CONFIG, METRICS
+from model.config import ERROR_FILE_ENV, BatchError, TrainConfig
 from model.metrics import RunMetrics
 
 
@@ -53,6 +56,55 @@ def check_inputs(cfg, data: Path, out: Path, nproc: int, resume: str) -> None:
     if latest is not None and resume == "never":
         raise UserError(f"{out} already holds checkpoints (newest {latest.name}); use --resume auto to continue "
                         "that run, or a new --out to start another")
+    check_same_run(cfg, data, out, latest)
+
+
+RUN_FILES = (CONFIG, METRICS, CHECKPOINTS)  # what makes a directory a run's OUT (train or fetch wrote it)
+
+
+def _saved_run(out: Path, latest) -> tuple[Path, dict, dict | None]:
+    """(what it came from, the run's config, its data identity) of an OUT that holds a run: the newest
+    checkpoint's manifest and trainer state, else the config.json an earlier `train` wrote."""
+    from model.checkpoint import CheckpointError, damaged_refusal, read_manifest
+
+    if latest is not None:
+        try:
+            saved = read_manifest(latest)
+            state = json.loads((latest / "trainer_state.json").read_text())
+        except (CheckpointError, OSError, ValueError) as e:
+            raise UserError(damaged_refusal(latest, str(e))) from None
+        return latest, saved["config"], state.get("data_identity") if isinstance(state, dict) else None
+    try:
+        config = json.loads((out / CONFIG).read_text())
+        TrainConfig.from_dict(config)
+    except FileNotFoundError:
+        raise UserError(f"--out {out}: holds a run's files but no {CONFIG} and no complete checkpoint (a "
+                        "fetched run's metrics?); train into a new --out, or fetch a checkpoint of that run "
+                        "to resume it") from None
+    except (OSError, ValueError, TypeError, AttributeError):  # an export's, or another tool's
+        raise UserError(f"--out {out}: its {CONFIG} is not a gpt2cloud training config (an export's, or "
+                        "another tool's); give a new or empty directory, or a run's OUT to resume it") from None
+    return out / CONFIG, config, None
+
+
+def check_same_run(cfg, data: Path, out: Path, latest) -> None:
+    """--out is new, empty, or this same run's OUT (a resume may change only docs/training.md#resume's
+    fields); anything else is refused before anything is written there."""
+    from model.checkpoint import data_identity, resume_refusal
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not any((out / name).exists() for name in RUN_FILES):
+        there = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+        raise UserError(f"--out {out}: holds files `gpt2cloud train` did not write ({there}); give a new or "
+                        "empty directory, or a run's OUT to resume it")
+    source, saved, saved_data = _saved_run(out, latest)
+    try:
+        refusal = resume_refusal(source, saved, cfg, saved_data, data_identity(data) if saved_data else None)
+    except (KeyError, TypeError, ValueError) as e:  # a config.json or manifest of some other shape
+        raise UserError(f"{source}: not a gpt2cloud run's config ({e}); use a new --out") from None
+    if refusal:
+        raise UserError(refusal)
 
 
 def fit_to_ranks(cfg, nproc: int, stream: TextIO):
@@ -86,10 +138,12 @@ def _die_with_parent():
         pass  # not Linux: Ctrl-C and SIGTERM are still handled by stream_process
 
 
-def stream_process(cmd: list[str], stream: TextIO) -> tuple[int, str | None]:
+def stream_process(cmd: list[str], stream: TextIO, env: dict | None = None) -> tuple[int, list[str]]:
     """Run cmd, copying its output line by line to `stream`; kill its whole tree on Ctrl-C/SIGTERM.
 
-    Returns (exit code, the last `error: ...` line the trainer printed, if any).
+    Returns (exit code, the lines held back): from the trainer's first `error: ` line on, nothing is
+    copied, since what follows a refusal is torchrun's traceback of its child's exit; the caller
+    shows them only if the run failed some other way.
     """
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
@@ -97,21 +151,42 @@ def stream_process(cmd: list[str], stream: TextIO) -> tuple[int, str | None]:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True, preexec_fn=preexec)
-    error = None
+                            start_new_session=True, preexec_fn=preexec, env=env)
+    held: list[str] = []
     try:
         for line in proc.stdout:
+            if held or line.startswith("error: "):
+                held.append(line)
+                continue
             stream.write(line)
             stream.flush()
-            if line.startswith("error: "):
-                error = line[len("error: "):].strip()
-        return proc.wait(), error
+        return proc.wait(), held
     except BaseException:
         kill_process_tree(proc.pid, graceful_seconds=5.0)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         proc.stdout.close()
+
+
+def run_trainer(cmd: list[str], out: Path, stream: TextIO) -> None:
+    """torchrun with the trainer; its refusal (the one line it leaves in the error file) becomes ours,
+    without torchrun's traceback; any other failure shows everything and says how to resume."""
+    with tempfile.TemporaryDirectory(prefix="gpt2cloud-train-") as tmp:
+        error_file = Path(tmp) / "error"
+        code, held = stream_process(cmd, stream, env={**os.environ, ERROR_FILE_ENV: str(error_file)})
+        refusal = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else ""
+    if code == 0:
+        stream.writelines(held)
+        return
+    if refusal:
+        raise UserError(refusal)
+    stream.writelines(held)
+    stream.flush()
+    error = held[0][len("error: "):].strip() if held else "see the output above"
+    latest = summarize(out)["checkpoint"] if (out / METRICS).is_file() else None
+    again = f"; rerun the same command to resume from {latest}" if latest else ""
+    raise UserError(f"training failed (exit code {code}): {error}{again}")
 
 
 def summarize(out: Path) -> dict:
@@ -152,9 +227,5 @@ def train(recipe: str, data: str | Path, out: str | Path, nproc: int = 1, steps:
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / CONFIG
     config_path.write_text(cfg.to_json() + "\n")
-    code, error = stream_process(torchrun_command(config_path, data, out, nproc, resume), stream or sys.stdout)
-    if code != 0:
-        latest = summarize(out)["checkpoint"]
-        again = f"; rerun the same command to resume from {latest}" if latest else ""
-        raise UserError(f"training failed (exit code {code}): {error or 'see the output above'}{again}")
+    run_trainer(torchrun_command(config_path, data, out, nproc, resume), out, stream or sys.stdout)
     return summarize(out)

@@ -31,7 +31,7 @@ from gpt2cloud.store import StorageError, atomic_write  # the one part of gpt2cl
 from gpt2cloud.store.layout import CHECKPOINTS, MANIFEST, STEP_DIR, local_checkpoints, step_dir
 from gpt2cloud.store.transfer import check_files
 from model import hf
-from model.config import GPTConfig
+from model.config import GPTConfig, TrainConfig
 from model.gpt import GPT
 
 FORMAT = "gpt2cloud-checkpoint"
@@ -314,3 +314,57 @@ def load_training_state(path: Path, raw_model: GPT, optimizer, scaler, rank: int
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state
+
+
+# ---- resuming: the same run, or one line that says what differs ----
+
+def data_identity(data_dir: str | Path) -> dict:
+    """The training shard set, as a checkpoint records it: count, bytes and a digest of (name, size).
+
+    Sizes come from the data's manifest when it has one (a download may still be bringing shards),
+    else from the files; no shard is read, so it costs nothing on terabytes."""
+    from model import datadir
+
+    data_dir = Path(data_dir)
+    listed = {f["name"]: int(f["size"]) for f in datadir.manifest_files(data_dir) or []}
+    names = [n for n in listed if datadir.is_shard(n)] or [
+        p.name for p in data_dir.iterdir() if p.suffix == datadir.SHARD_SUFFIX and p.is_file()]
+    train, _ = datadir.split_names(sorted(names))
+    pairs = sorted((n, listed.get(n) or (data_dir / n).stat().st_size) for n in train)
+    digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+    return {"shards": len(pairs), "bytes": sum(size for _, size in pairs), "digest": digest}
+
+
+def _data_change(saved: dict | None, now: dict | None) -> list[str]:
+    if not saved or not now or saved.get("digest") == now.get("digest"):
+        return []  # an older checkpoint recorded no data identity: nothing to compare
+    def shown(d):
+        return f"{d['shards']} train shards, {d['bytes']:,} bytes ({d['digest']})"
+    return [f"data: {shown(saved)} -> {shown(now)}"]
+
+
+def resume_refusal(latest: Path, saved_config: dict, cfg: TrainConfig, saved_data: dict | None = None,
+                   data: dict | None = None) -> str | None:
+    """Why resuming the run of `latest` (a checkpoint, or a run's config.json) with `cfg` on `data`
+    would be another run, in one line; None when it is the same run. The CLI asks before it writes
+    anything, the trainer asks again (a cloud node, a plain torchrun)."""
+    from model.config import resume_changes
+
+    changes = resume_changes(saved_config, cfg) + _data_change(saved_data, data)
+    if not changes:
+        return None
+    old_schedule = saved_config.get("schedule_steps") or saved_config["steps"]
+    hint = (f" (it was trained on a {old_schedule}-step schedule: resume with --schedule-steps {old_schedule}; "
+            "--steps only sets where the run stops)" if old_schedule != (cfg.schedule_steps or cfg.steps) else "")
+    return (f"{latest} belongs to another run than these settings: {'; '.join(changes)}{hint}; resume it with "
+            "its own settings, or use a new --out for a new run (a resume may change only the steps, the caps, "
+            "--nproc and the eval and checkpoint cadence: docs/training.md#resume)")
+
+
+def damaged_refusal(latest: Path, error: str) -> str:
+    """One instruction for a newest checkpoint that fails its check: delete it, then rerun."""
+    older = [p for _, p in local_checkpoints(latest.parent.parent) if p != latest]
+    then = (f"rerun the same command to resume from {older[-1].name}" if older
+            else "rerun to start the run over (it is the run's only checkpoint), or use a new --out")
+    what = error.split("; re-create or re-fetch")[0]  # the store's generic advice: ours is more precise
+    return f"{what}; delete {latest} and {then}"

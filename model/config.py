@@ -36,6 +36,11 @@ class GPTConfig:
 FLOPS_FORMULA = "6N + 12*L*d*T"
 
 
+# The trainer writes its one-line refusal to the file this names, as well as printing it: under
+# torchrun its exit code is lost (torchrun exits 1 with a traceback of the failed child).
+ERROR_FILE_ENV = "GPT2CLOUD_ERROR_FILE"
+
+
 class BatchError(ValueError):
     """tokens_per_step does not split into whole micro-batches over the ranks."""
 
@@ -109,3 +114,49 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---- resume: the same run, or a refusal ----
+
+# What a resumed run may set differently from the checkpoint it continues (docs/training.md#resume).
+# Everything else (model, batch, optimizer, schedule, seed, precision) makes it another run.
+RESUME_MAY_CHANGE = (
+    "steps",  # where this run stops: earlier, or later on the same schedule
+    "max_cost_usd", "price_per_gpu_hour", "max_hours",  # the caps ("raise max_cost_usd and resume")
+    "micro_batch",  # follows --nproc: the same tokens per step, gradient accumulation adjusts
+    "compile", "stall_minutes", "peak_flops_per_gpu",  # how it runs, not what it computes
+    "checkpoint_every", "keep_checkpoints",  # what it writes, and how often
+    "val_every", "val_steps", "sample_every", "sample_prompt", "sample_tokens", "hellaswag_every",
+)
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shown(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """What `cfg` changes, beyond RESUME_MAY_CHANGE, in the run whose config (a checkpoint's, or
+    OUT/config.json) is `saved`: ["lr 0.0006 -> 0.0003", ...]; [] when it is the same run.
+
+    Both sides' schedule length is resolved (0 means steps), and a field an older config lacks counts
+    as its default.
+    """
+    new = dataclasses.asdict(cfg)
+    old = {**dataclasses.asdict(TrainConfig(model=GPTConfig(**saved.get("model", {})))), **saved}
+    old["schedule_steps"] = old.get("schedule_steps") or old["steps"]
+    new["schedule_steps"] = new["schedule_steps"] or new["steps"]
+    changes = []
+    for key in new:
+        if key in RESUME_MAY_CHANGE or old.get(key) == new[key]:
+            continue
+        if key == "model":
+            fields = [f"{k} {_shown(old['model'].get(k))} -> {_shown(v)}" for k, v in new["model"].items()
+                      if old["model"].get(k) != v]
+            changes.append("model " + ", ".join(fields))
+        else:
+            changes.append(f"{key} {_shown(old.get(key))} -> {_shown(new[key])}")
+    return changes

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from model import datadir
-from model.shards import HEADER_BYTES, ShardError, read_header, read_shard
+from model.shards import HEADER_BYTES, ShardError, check_tokens, read_header, read_shard
+from model.tokenizer import VOCAB_SIZE
 
 POLL_SECONDS = 0.5  # how often a loader waiting for a shard looks again
 WAIT_LOG_SECONDS = 30.0  # and how often it says so
@@ -88,12 +89,13 @@ class Arrivals:
         self.tokens(path)
 
 
-def find_shards(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
+def find_shards(data_dir: str | Path, vocab_size: int = VOCAB_SIZE) -> tuple[list[Path], list[Path]]:
     """(train shards, validation shards) of a directory; every header is checked first.
 
     With a manifest (model/datadir.py) the lists are the manifest's shards, some of which a download
     may still be bringing; without one, the .bin files in the directory. Raises ShardError naming
-    the file for a bad magic, wrong version or truncated shard, and FileNotFoundError when the
+    the file for a bad magic, wrong version or truncated shard or a token id outside the vocabulary
+    (model/shards.py check_tokens), and FileNotFoundError when the
     directory or its shards are missing.
     """
     data_dir = Path(data_dir)
@@ -108,6 +110,8 @@ def find_shards(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
         raise FileNotFoundError(f"no .bin token shards in {data_dir} (run `gpt2cloud data prepare` first)")
     for n in names:
         arrivals.tokens(data_dir / n)  # fail now, naming the file, rather than hours into the run
+        if (data_dir / n).is_file():  # (one still on its way is checked by the download, before it lands)
+            check_tokens(data_dir / n, vocab_size)
     train, val = datadir.split_names(names)
     if not train:
         raise FileNotFoundError(f"{data_dir} holds only validation shards; training needs at least one more")
@@ -147,6 +151,7 @@ class TokenLoader:
     def _load(self, index: int) -> None:
         path = self.shards[index]
         self.arrivals[path.parent].wait_for(path)
+        check_tokens(path, VOCAB_SIZE)  # whatever brought it: before a step reads it
         self.shard_index, self.tokens = index, read_shard(path)
 
     def rewind(self) -> None:

@@ -44,6 +44,7 @@ from gpt2cloud.store import NoSuchObject, StorageError, atomic_write, open_store
 from gpt2cloud.store.base import remove_stale_tmp
 from gpt2cloud.store.layout import (CHECKPOINTS, LOGS, MANIFEST, METRICS, TIMELINE, local_checkpoints, node_log,
                                     remote_checkpoints)
+from gpt2cloud.store.sets import GPT2_VOCAB_SIZE, fetch_checked
 from gpt2cloud.store.transfer import FILE_WORKERS, download_dir, parse_manifest, upload_dir
 from model import datadir
 
@@ -141,8 +142,29 @@ def push_loop(out: str, url: str, every: float, rank: int, keep: int, once: bool
     """Push every `every` seconds until told to stop (SIGTERM) or orphaned, then push once more: that
     final push, retried with backoff, carries the trainer's last checkpoint. Its failure is the job's."""
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
+    with stop_on_signals(stop):
+        return _push_until_stopped(out, url, every, rank, keep, once, retry_seconds, stop)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event):
+    """SIGTERM, SIGINT and SIGHUP set `stop` inside the block; the caller's handlers come back after it
+    (push_loop is a library function too: a test or a caller must not inherit our handlers). Outside
+    the main thread Python cannot install handlers: then only `stop` and orphaning end the loop."""
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _push_until_stopped(out: str, url: str, every: float, rank: int, keep: int, once: bool,
+                        retry_seconds: float, stop: threading.Event) -> int:
     parent = os.getppid()
     try:
         pusher = Pusher(out, url, rank=rank, keep=keep)
@@ -256,8 +278,9 @@ class Download:
         kept = path.is_file() and path.stat().st_size == f["size"] and sha256_file(path) == f["sha256"]
         if not kept:  # (an earlier download's file that checks out is kept)
             remove_stale_tmp(path)
-            # get_file verifies the sha256 before the file gets its final name: arrival means verified
-            store.get_file(f["name"], path, progress=self.moved, sha256=f["sha256"])
+            # the sha256 and a shard's token ids are checked before the file gets its final name: arrival
+            # means verified (a shard from the Hub, or anyone's, may hold ids the model has no row for)
+            fetch_checked(store, f["name"], path, f["sha256"], progress=self.moved, vocab_size=GPT2_VOCAB_SIZE)
             with self.lock:
                 self.fetched += f["size"]
         with self.lock:

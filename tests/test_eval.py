@@ -31,8 +31,8 @@ def tiny_gpt(seed=0, block_size=32):
     return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size)).eval()
 
 
-def the_lover():
-    """A GPT whose every prediction is " the" with logit 20, every other real token logit 0.
+def the_lover(logit: float = FAVOURITE_LOGIT):
+    """A GPT whose every prediction is " the" with logit 20 (or `logit`), every other real token logit 0.
 
     ln_f's weight is zero, so the final hidden state is ln_f's bias (e_0) whatever the input; the
     logits are then column 0 of the (tied) embedding: 20 for " the", 0 elsewhere. So an ending's
@@ -44,7 +44,7 @@ def the_lover():
         model.transformer.ln_f.bias.zero_()
         model.transformer.ln_f.bias[0] = 1.0
         model.transformer.wte.weight[:, 0] = 0.0
-        model.transformer.wte.weight[THE, 0] = FAVOURITE_LOGIT
+        model.transformer.wte.weight[THE, 0] = logit
     return model
 
 
@@ -151,9 +151,15 @@ def test_loader_limit_and_errors(tmp_path):
 def test_val_loss_certain_and_by_hand(tmp_path):
     write_shard(tmp_path / "x_val_000000.bin", np.full(200, THE, dtype=np.uint16))
     write_shard(tmp_path / "x_train_000001.bin", np.full(200, 3290, dtype=np.uint16))
-    # Only " the": the constructed model is right every time, loss = log(1 + 50256 e^-20) ~ 1e-4.
-    loss = val_loss(the_lover(), tmp_path, steps=2, batch=2, T=16, device="cpu")
-    assert loss == pytest.approx(math.log1p(50256 * math.exp(-FAVOURITE_LOGIT)), abs=1e-5)  # fp32 near 20
+    # Only " the", predicted with logit 10 over 50256 zeros: every position's loss is log(1 + 50256 e^-10)
+    # = 1.188 (a target shifted by one would give 11.19). The logits are exact (ln_f's output is e_0).
+    # Bound: cross_entropy sums 50257 fp32 exps; in any order that sum's relative error is at most
+    # (n-1) u = 50256 * 2^-24 = 3.0e-3 (Higham, 4.3), plus a few ulp for exp; log passes it on as an
+    # absolute error; the mean of the positions adds ~1e-7. (At logit 20 each e^-20 term is below half
+    # an ulp of the leading 1: whether it survives depends on the CPU's SIMD width, 9.1e-5 on AVX2
+    # vs 1.04e-4 exact.)
+    loss = val_loss(the_lover(10.0), tmp_path, steps=2, batch=2, T=16, device="cpu")
+    assert loss == pytest.approx(math.log1p(50256 * math.exp(-10.0)), abs=3.1e-3)
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 50257, size=300).astype(np.uint16)

@@ -447,7 +447,9 @@ def test_launch_pins_the_hub_data_to_the_commit_it_checked(hub, tmp_path, monkey
     pinned = start.preflight(p)
     assert pinned.spec.data_url == f"hf://org/shards/tiny@{first}"
     assert pinned.task_cfg["envs"]["GPT2CLOUD_DATA_URL"] == pinned.spec.data_url
-    assert json.loads((tmp_path / "b" / "pin1" / "run.json").read_text())["data_url"] == pinned.spec.data_url
+    # start() writes this spec as the bucket's run.json, once it owns the run's record; preflight writes nothing
+    assert pinned.spec.to_dict()["data_url"] == pinned.spec.data_url
+    assert not (tmp_path / "b" / "pin1" / "run.json").exists()
     # a repo with no shards there: one line about the Hub, not advice to upload to S3
     p = plan("gpt2-tiny", "CPU:2", infra="local", data="hf://org/docs", bucket=(tmp_path / "b").as_uri(), name="pin2")
     with pytest.raises(UserError) as e:

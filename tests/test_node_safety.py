@@ -82,12 +82,14 @@ def test_setup_refuses_a_torch_that_sees_no_gpu(tmp_path):
 
 def test_max_hours_stops_the_run_with_a_checkpoint(tmp_path):
     data, out = make_shards(tmp_path / "data", train_tokens=(60000,)), tmp_path / "out"
-    cfg = write_config(tmp_path / "c.json", tiny_config(steps=100000, checkpoint_every=1000, max_hours=3 / 3600))
+    # 10 s: the trainer's clock starts before the model is built and the first batch read, which took
+    # 4.7 s beside a busy core; the run must get some steps in before the limit.
+    cfg = write_config(tmp_path / "c.json", tiny_config(steps=100000, checkpoint_every=1000, max_hours=10 / 3600))
     p = subprocess.run(trainer_cmd(cfg, data, out, None), cwd=REPO, env=env(), capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     stop = [r for r in read_metrics(out) if r.get("event") == "time_stop"]
-    assert len(stop) == 1 and 0 < stop[0]["step"] < 100000 and stop[0]["elapsed_seconds"] <= 3 + 1
+    assert len(stop) == 1 and 0 < stop[0]["step"] < 100000 and stop[0]["elapsed_seconds"] <= 10 + 1
     assert (out / "checkpoints" / f"step_{stop[0]['step']:06d}" / "manifest.json").is_file()
 
 

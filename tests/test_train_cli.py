@@ -21,20 +21,10 @@ from model import checkpoint as ckpt
 from model.config import GPTConfig
 from model.gpt import GPT
 from model.shards import write_shard
-from trainer_helpers import REPO, env, make_shards, read_metrics, tiny_config
+from trainer_helpers import REPO, env, make_shards, read_metrics, tiny_config, TINY_RECIPE
 
 runner = CliRunner()
 
-TINY_RECIPE = """\
-name: test-tiny
-description: a 256-token vocabulary model for CLI tests
-source: tests
-model: {n_layer: 2, n_head: 2, n_embd: 32, block_size: 32, vocab_size: 256, padded_vocab_size: 256}
-train: {tokens_per_step: 256, micro_batch: 4, steps: 6, seed: 1337, compile: false}
-optimizer: {lr: 1.0e-2, min_lr_ratio: 0.1, warmup_steps: 2, weight_decay: 0.1, betas: [0.9, 0.95]}
-data: {dataset: synthetic}
-eval: {val_every: 3, val_steps: 2, sample_every: 3, checkpoint_every: 3, keep_checkpoints: 2}
-"""
 
 
 @pytest.fixture

@@ -36,6 +36,8 @@ def test_training_forward_returns_no_logits():
     full, none = model(x)
     assert none is None and full.shape == (2, 8, 256)
     ref = torch.nn.functional.cross_entropy(full.view(-1, 256), x.view(-1))
+    # the same lm_head and cross-entropy on the same tensors: bitwise equal (observed 0); 1e-6 = 2 ulp of a loss
+    # of ~5.1. Targets shifted by one position give a loss 0.4 away.
     assert abs(ref.item() - loss.item()) < 1e-6
 
 
@@ -77,6 +79,7 @@ def test_steps_extend_on_one_schedule_and_a_changed_schedule_is_refused(data, tm
     whole = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "whole") if "loss" in r}
     assert lrs == whole and sorted(lrs) == list(range(1, 41))
     assert lrs[20] > lrs[40]  # still decaying at step 20: a 20-step schedule would have ended there
+    # one process both times, resumed from an exact checkpoint: bitwise equal (observed 0); 1e-5 is margin
     assert max(abs(a - b) for a, b in zip(losses(out).values(), losses(tmp_path / "whole").values())) < 1e-5
     manifest = json.loads((out / "checkpoints" / "step_000040" / "manifest.json").read_text())
     assert manifest["config"]["schedule_steps"] == 40 and manifest["config"]["steps"] == 40
@@ -92,6 +95,8 @@ def test_val_loss_reads_the_same_batches_at_any_world_size(data, tmp_path):
     run_trainer(config, data, tmp_path / "one", None)
     run_trainer(config, data, tmp_path / "two", 2)
     val = [[r["val_loss"] for r in read_metrics(tmp_path / k) if "val_loss" in r] for k in ("one", "two")]
+    # weights bitwise equal (1 x 2 vs 2 x 1, tests/test_trainer.py); l0/3 + l1/3 + l2/3 summed in another order:
+    # within 2 ulp of the val loss (~5.4) = 1e-6 (observed 0). Reading another batch instead moves it by 4e-3.
     assert len(val[0]) == 2 and max(abs(a - b) for a, b in zip(*val)) < 1e-5
 
 
@@ -102,7 +107,8 @@ def test_budget_counts_gpu_seconds_across_world_sizes(data, tmp_path, monkeypatc
     out = tmp_path / "out"
     run_trainer(config, data, out, 2)
     state = json.loads((out / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
-    assert state["gpu_seconds"] == pytest.approx(2 * state["elapsed_seconds"], abs=0.01)  # two clock reads apart
+    # they differ by 2 x the time between two clock reads (microseconds; 0.01 allows 5 ms); float error ~1e-15
+    assert state["gpu_seconds"] == pytest.approx(2 * state["elapsed_seconds"], abs=0.01)
 
     clock = FakeClock(step_seconds=1.0)
 
@@ -117,6 +123,7 @@ def test_budget_counts_gpu_seconds_across_world_sizes(data, tmp_path, monkeypatc
                                                             price_per_gpu_hour=3600.0))
     train.main(["--config", str(more), "--data", str(data), "--out", str(out)])
     resumed = [r for r in read_metrics(out) if "loss" in r and r["step"] > 4]
+    # float64 sums and seconds / 3600 * $3600: within a few ulp (approx's default rel 1e-6 is margin)
     assert [r["cost_usd"] for r in resumed] == pytest.approx([state["gpu_seconds"] + 1, state["gpu_seconds"] + 2])
 
 

@@ -103,3 +103,16 @@ class FakeClock:
 
     def __getattr__(self, name):
         return getattr(time, name)
+
+
+# A recipe for CLI tests: a 256-token vocabulary model that trains 6 steps in seconds.
+TINY_RECIPE = """\
+name: test-tiny
+description: a 256-token vocabulary model for CLI tests
+source: tests
+model: {n_layer: 2, n_head: 2, n_embd: 32, block_size: 32, vocab_size: 256, padded_vocab_size: 256}
+train: {tokens_per_step: 256, micro_batch: 4, steps: 6, seed: 1337, compile: false}
+optimizer: {lr: 1.0e-2, min_lr_ratio: 0.1, warmup_steps: 2, weight_decay: 0.1, betas: [0.9, 0.95]}
+data: {dataset: synthetic}
+eval: {val_every: 3, val_steps: 2, sample_every: 3, checkpoint_every: 3, keep_checkpoints: 2}
+"""

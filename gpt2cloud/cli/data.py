@@ -137,15 +137,20 @@ def upload_command(
     local_dir: str = typer.Argument(..., help="Directory to upload (shards + manifest.json, or a checkpoint)."),
     url: str = typer.Argument(..., help="Destination: s3://BUCKET/PREFIX or file:///PATH."),
     endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace another set that gpt2cloud published at URL: its "
+                               "files are deleted first (files no manifest names are never touched)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object; no progress bar."),
 ):
-    """Upload a directory; objects already there with the same sha256 are skipped, the manifest goes last."""
+    """Upload a complete set; objects already there with the same sha256 are skipped, the manifest goes last."""
     from gpt2cloud.store import open_store
     from gpt2cloud.store.layout import MANIFEST
     from gpt2cloud.store.transfer import upload_dir
 
+    if url.strip().lower().startswith("hf://"):
+        raise UserError(f"{url}: hf:// is read-only; upload to s3://BUCKET/PREFIX or file:///PATH (publish on the "
+                        "Hub with `hf upload`)")
     with closing(open_store(url, endpoint_url=endpoint_url)) as store:
-        r = upload_dir(local_dir, store, progress=not as_json)
+        r = upload_dir(local_dir, store, progress=not as_json, guard=True, force=force)
     if as_json:
         print_json(r)
         return
@@ -165,10 +170,11 @@ def download_command(
 ):
     """Download a set and verify every file's sha256 against its manifest (resumes; keeps verified files)."""
     from gpt2cloud.store import open_store
+    from gpt2cloud.store.sets import GPT2_VOCAB_SIZE
     from gpt2cloud.store.transfer import download_dir
 
     with closing(open_store(url, endpoint_url=endpoint_url)) as store:
-        r = download_dir(store, "", local_dir, progress=not as_json)
+        r = download_dir(store, "", local_dir, progress=not as_json, guard=True, vocab_size=GPT2_VOCAB_SIZE)
     if as_json:
         print_json(r)
         return

@@ -12,10 +12,14 @@ def down_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Tear down a run's cluster, cancel its managed job, or kill its local process tree."""
+    from gpt2cloud import home
     from gpt2cloud.runs.logs import stop_run
 
+    home.check_usable(write=True)  # down notes itself in the run's record
     r = stop_run(run)
     if as_json:
         print_json(r)
-    else:
-        typer.echo(f"{run}: {r['action']}; checkpoints stay in {r['run_url']} (`gpt2cloud fetch {run}`)")
+        return
+    typer.echo(f"{run}: {r['action']}; checkpoints stay in {r['run_url']} (`gpt2cloud fetch {run}`)")
+    if r.get("note"):
+        typer.echo(f"note: {r['note']}", err=True)

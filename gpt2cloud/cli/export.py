@@ -9,7 +9,7 @@ from gpt2cloud.cli.output import print_json
 
 def export_command(
     checkpoint: str = typer.Argument(..., help="A checkpoint dir or a run's OUT dir (its newest checkpoint)."),
-    hf: str = typer.Option(..., "--hf", help="Directory to write (config, safetensors, tokenizer files)."),
+    hf: str = typer.Option(..., "--hf", help="Directory to write (config, safetensors, tokenizer files, gpt2cloud_export.json): new, empty, or an earlier export, which is replaced."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Export to Hugging Face format: GPT2LMHeadModel.from_pretrained(DIR) loads it."""

@@ -13,7 +13,7 @@ from gpt2cloud.errors import UserError
 
 def fetch_command(
     run: str = typer.Argument(..., help="Run id (see `gpt2cloud runs`) or the run's bucket URL (<bucket>/<run>)."),
-    dest: Optional[Path] = typer.Option(None, "--dest", help="Local directory (default: runs/RUN)."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Local directory (default: runs/RUN): new, empty, or this run's earlier fetch (resumed)."),
     latest: bool = typer.Option(False, "--latest", help="The newest complete checkpoint (the default)."),
     step: Optional[int] = typer.Option(None, "--step", help="The checkpoint of this step."),
     all_: bool = typer.Option(False, "--all", help="Every complete checkpoint in the bucket."),

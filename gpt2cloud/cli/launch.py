@@ -49,7 +49,7 @@ def launch_command(
     infra: Optional[str] = typer.Option(None, "--infra", help="lambda, aws, gcp, azure, kubernetes, runpod, ... "
                                         "(optionally /region), or local; default: any enabled cloud."),
     spot: bool = typer.Option(False, "--spot", help="Spot instances as a managed job (resumes after preemption)."),
-    data: str = typer.Option(..., "--data", help="Token shards: s3://... with a manifest, hf://ORG/REPO[/PATH][@REV] "
+    data: str = typer.Option(..., "--data", help="Token shards: s3://... with a manifest, hf://ORG/REPO\\[/PATH]\\[@REV] "
                                           "(Hugging Face Hub), file:// for local."),
     bucket: str = typer.Option(..., "--bucket", help="Where the run's checkpoints, metrics and logs go."),
     name: Optional[str] = typer.Option(None, "--name", help="Run id (and cluster name); the same id resumes."),
@@ -73,10 +73,13 @@ def launch_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Estimate, confirm and launch a training run: SkyPilot cluster, managed spot job, or this machine."""
+    from gpt2cloud import home
     from gpt2cloud.launch import start, task
     from gpt2cloud.launch.plan import plan
 
     offline = dry_run or export_yaml is not None
+    # before anything is written anywhere (the bucket included): the registry and the build live there
+    home.check_usable(write=not dry_run)
     p = plan(recipe, gpus, nodes=nodes, infra=infra, spot=spot, data=data, bucket=bucket, name=name, steps=steps, schedule_steps=schedule_steps,
              max_cost=max_cost, max_hours=max_hours, idle_minutes=idle_minutes, price=price, push_every=push_every,
              offline=offline, micro_batch=micro_batch, tokens_per_step=tokens_per_step,

@@ -17,6 +17,7 @@ def runs_command(as_json: bool = typer.Option(False, "--json", help="Print the r
     from gpt2cloud import home
     from gpt2cloud.runs import registry
 
+    home.check_usable(write=False)  # read only: a home that is a file is named, not read as "no runs"
     records = registry.all_runs()
     if as_json:
         # one flat object per run: the spec's fields, then what happened to it here

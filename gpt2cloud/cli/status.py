@@ -58,9 +58,11 @@ def status_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (an object for RUN, else a list)."),
 ):
     """SkyPilot state and training progress (step, loss, speed, ETA, dollars) of a run or all runs."""
+    from gpt2cloud import home
     from gpt2cloud.runs import registry
     from gpt2cloud.runs.status import run_status
 
+    home.check_usable(write=False)  # read only: a home that is a file is named, not read as "no runs"
     if run:
         d = run_status(registry.get(run))
         print_json(d) if as_json else render_one(d, Console())

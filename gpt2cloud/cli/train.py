@@ -13,7 +13,7 @@ from gpt2cloud.cli.output import print_json
 def train_command(
     recipe: str = typer.Argument(..., help="Recipe name (gpt2-tiny, gpt2-124m, ...) or path to a recipe YAML."),
     data: str = typer.Option(..., "--data", help="Directory of llm.c .bin token shards (names with 'val' are validation)."),
-    out: str = typer.Option(..., "--out", help="Run directory: config.json, metrics.jsonl, checkpoints/."),
+    out: str = typer.Option(..., "--out", help="Run directory: config.json, metrics.jsonl, checkpoints/. New, empty, or this run's to resume it (see docs/training.md#resume)."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (one per GPU; gloo ranks on CPU)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the recipe's number of steps."),
     schedule_steps: Optional[int] = typer.Option(None, "--schedule-steps", help="Length of the learning-rate schedule (default: the recipe's steps; --steps only stops early)."),

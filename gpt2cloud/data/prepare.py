@@ -34,16 +34,18 @@ import numpy as np
 
 from gpt2cloud.data.shards import ShardWriter
 from gpt2cloud.errors import UserError
-from gpt2cloud.store import atomic_write, sha256_file
+from gpt2cloud.store import StorageError, atomic_write, sha256_file
 from gpt2cloud.store.base import TMP_MARK
-from gpt2cloud.store.layout import MANIFEST
+from gpt2cloud.store.sets import prepare_local_dir
+from gpt2cloud.store.layout import MANIFEST, PREPARE_STATE
 
 FORMAT = "gpt2cloud-shards"
 VERSION = 1
-STATE = ".prepare-state.json"
+STATE = PREPARE_STATE  # `data upload` refuses a directory that holds it: the set is not complete
 CHUNK_BYTES = 1 << 20  # text per task sent to a worker: big enough to amortize IPC, small enough to stream
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c
 DEFAULT_VAL_TOKENS = 10_000_000
+RESULT_TIMEOUT = 600.0  # one ~1 MB chunk takes ~0.5 s; ten minutes means its worker is gone
 
 
 # ---------------------------------------------------------------- tokenization (runs in the workers)
@@ -51,6 +53,11 @@ DEFAULT_VAL_TOKENS = 10_000_000
 
 def _worker_init():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; no worker tracebacks
+    # A forked worker inherits the parent's Python handlers. Pool.terminate() ends workers with SIGTERM:
+    # a handler that only notes the signal (a caller's, a test's) would leave the worker blocked on the
+    # task queue and terminate() joining it forever. The default action ends the worker.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         # After a kill -9 of the parent, die with it (PR_SET_PDEATHSIG) rather than linger and print
         # broken-pipe tracebacks.
@@ -171,11 +178,7 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
     params = {"name": name, "shard_tokens": shard_tokens, "val_tokens": val_tokens, "limit_tokens": limit_tokens}
     fingerprint = {"source": src.fingerprint(), "parameters": params, "tokenizer_ranks_sha256": RANKS_SHA256}
 
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create the directory: {e.strerror}") from None
+    out = _out_dir(Path(out_dir))
     for stale in out.glob(f".*.bin{TMP_MARK}*"):
         stale.unlink()  # a shard whose write was interrupted: never under a final name, rewritten below
 
@@ -186,6 +189,7 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
         except ValueError:
             manifest = {}
         if manifest.get("fingerprint") == fingerprint:
+            (out / STATE).unlink(missing_ok=True)  # killed between the manifest and this: complete all the same
             return _summary(manifest, out, t0, resumed=len(manifest["shards"]), complete_before=True)
         raise UserError(f"{out} already holds shards prepared from another source or with other parameters; "
                         "choose another --out or delete that directory")
@@ -201,7 +205,7 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
 
     writer = ShardWriter(out, name, val_tokens, shard_tokens, limit_tokens, done, record)
     skip_docs, skip_tokens = done[-1]["end"] if done else (0, 0)
-    stats = {"src_bytes": 0, "text_bytes": 0}
+    stats = {"src_bytes": 0, "text_bytes": 0, "skip_tokens": skip_tokens}
 
     with _Progress(progress, src.total_bytes, limit_tokens) as bar:
         def on_skip(nbytes):
@@ -209,10 +213,9 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
         chunks = _chunks(src.documents(), skip_docs, chunk_bytes, on_skip)
 
         def consume(chunk: _Chunk, get):
-            nonlocal skip_tokens
             tokens, lengths, doc_bytes = _result(chunk, get)
-            writer.add(chunk.first, tokens, lengths, doc_bytes, skip=skip_tokens)
-            skip_tokens = 0  # only the first chunk of a resumed run starts mid-document
+            writer.add(chunk.first, tokens, lengths, doc_bytes, skip=stats["skip_tokens"])
+            stats["skip_tokens"] = 0  # only the first chunk of a resumed run starts mid-document
             stats["src_bytes"] += chunk.src_bytes
             stats["text_bytes"] += int(doc_bytes.sum())
             bar.update(writer.docs, writer.total, stats["src_bytes"], stats["text_bytes"])
@@ -233,7 +236,8 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
         )
     writer.finish()
 
-    shards = [{k: s[k] for k in ("name", "split", "index", "tokens", "size", "sha256")} for s in writer.shards]
+    keys = ("name", "split", "index", "tokens", "max_token", "size", "sha256")
+    shards = [{k: s[k] for k in keys} for s in writer.shards]
     manifest = {
         "format": FORMAT, "version": VERSION, "name": name,
         "shard_format": {"magic": shard_format.MAGIC, "version": shard_format.VERSION,
@@ -246,7 +250,8 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
         "documents": writer.docs,
         "text_bytes": writer.text_bytes,
         "tokens": {"total": writer.total, "val": sum(s["tokens"] for s in shards if s["split"] == "val"),
-                   "train": sum(s["tokens"] for s in shards if s["split"] == "train")},
+                   "train": sum(s["tokens"] for s in shards if s["split"] == "train"),
+                   "max_token": max(s["max_token"] for s in shards)},  # < tokenizer.vocab_size, checked
         "shards": shards,
         "files": [{"name": s["name"], "size": s["size"], "sha256": s["sha256"]} for s in shards],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -259,20 +264,37 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
     return summary
 
 
+def _out_dir(out: Path) -> Path:
+    """--out, created; refused when it is a file or holds files that no prepare wrote (docs/ownership.md)."""
+    try:
+        prepare_local_dir(out, "--out ", "choose a new or empty directory")
+    except StorageError as e:
+        raise UserError(str(e)) from None
+    if not (out / MANIFEST).is_file() and not (out / STATE).is_file():
+        foreign = sorted(p.name for p in out.iterdir() if TMP_MARK not in p.name)
+        if foreign:
+            raise UserError(f"--out {out} holds {len(foreign)} entries that `data prepare` did not write (e.g. "
+                            f"{foreign[0]}); choose a new or empty directory")
+    return out
+
+
 def _run_pool(workers: int, chunks, consume, full) -> None:
     """Tokenize chunks on a process pool, consuming results in order with a few chunks in flight."""
     import multiprocessing as mp
 
-    # fork: workers inherit the built tokenizer (no re-import, no re-parse); nothing is threaded yet.
+    # fork: workers inherit the built tokenizer (no re-import, no re-parse). They touch no lock a parent
+    # thread could hold at fork time (they print nothing; results go back over the pool's own pipes).
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    before = set(mp.active_children())
     pool = ctx.Pool(workers, initializer=_worker_init)
+    procs = [p for p in mp.active_children() if p not in before]
     pending = deque()
 
     def drain(in_flight: int) -> bool:
         """Consume results, oldest first, until at most in_flight chunks are pending; True once full."""
         while len(pending) > in_flight:
             done, res = pending.popleft()
-            consume(done, res.get)
+            consume(done, lambda: _get(res))
             if full():
                 return True
         return False
@@ -285,12 +307,40 @@ def _run_pool(workers: int, chunks, consume, full) -> None:
                 return
         drain(0)
     finally:
-        pool.terminate()
-        pool.join()
+        close_pool(pool, procs)
+
+
+def _get(res, timeout: float = RESULT_TIMEOUT):
+    """A chunk's result; a worker that died (OOM-killed, say) would leave it pending for ever."""
+    import multiprocessing as mp
+
+    try:
+        return res.get(timeout)
+    except mp.TimeoutError:
+        raise UserError(f"a tokenizer worker returned nothing in {timeout:g} s (killed, out of memory?); "
+                        "rerun the same command to resume, with fewer --workers") from None
+
+
+def close_pool(pool, procs, timeout: float = 10.0) -> None:
+    """Pool.terminate(), bounded: it joins its workers without a time limit, so it runs on a helper
+    thread; workers still alive after `timeout` seconds are killed (SIGKILL), which lets it return."""
+    import threading
+
+    stopper = threading.Thread(target=pool.terminate, name="gpt2cloud-pool-stop", daemon=True)
+    stopper.start()
+    stopper.join(timeout)
+    if stopper.is_alive():
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        stopper.join(timeout)
+    for p in procs:
+        p.join(timeout)
 
 
 def _resumable_shards(out: Path, fingerprint: dict) -> list[dict]:
     """Finished shards of an interrupted run with the same inputs, checked by sha256; [] to start over."""
+    from model.shards import read_shard
 
     state_path = out / STATE
     if not state_path.is_file():
@@ -310,6 +360,8 @@ def _resumable_shards(out: Path, fingerprint: dict) -> list[dict]:
         p = out / s["name"]
         if not (p.is_file() and p.stat().st_size == s["size"] and sha256_file(p) == s["sha256"]):
             break  # this and later shards are rewritten
+        if "max_token" not in s:  # a state file written before shards recorded it
+            s["max_token"] = int(read_shard(p).max())
         good.append(s)
     return good
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from gpt2cloud.store.transfer import file_entry
 from model.shards import write_shard
+from model.tokenizer import VOCAB_SIZE
 
 
 class ShardWriter:
@@ -87,9 +88,13 @@ class ShardWriter:
     def _close(self, end: tuple[int, int], text_bytes: int) -> None:
         split = "val" if self.index == 0 else "train"
         path = self.out / f"{self.name}_{split}_{self.index:06d}.bin"
-        write_shard(path, self.buf[:self.fill])
+        tokens = self.buf[:self.fill]
+        top = int(tokens.max())  # recorded in the manifest; the tokenizer never exceeds its vocabulary
+        if top >= VOCAB_SIZE:
+            raise ValueError(f"{path.name}: token id {top} >= the vocabulary size {VOCAB_SIZE}")
+        write_shard(path, tokens)
         self.shards.append({**file_entry(self.out, path.name), "split": split, "index": self.index,
-                            "tokens": self.fill, "end": list(end), "text_bytes": text_bytes})
+                            "tokens": self.fill, "max_token": top, "end": list(end), "text_bytes": text_bytes})
         self.index += 1
         self.fill = 0
         self.on_shard(self.shards)

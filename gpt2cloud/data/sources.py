@@ -85,6 +85,8 @@ def open_source(spec: str) -> Source:
         for p in files:
             if not os.access(p, os.R_OK):
                 raise UserError(f"{p}: unreadable (permission denied); fix its permissions")
+            if p.suffix == ".parquet":
+                _parquet_file(p)  # a wrong schema is refused before --out is created
         return Source(spec, "local", files, sum(p.stat().st_size for p in files))
     if HF_PATTERN.match(spec):
         return Source(spec, "huggingface")
@@ -129,9 +131,11 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
         raise UserError(f"{path}: unreadable: {e.strerror}") from None
 
 
-def _read_parquet(path: Path) -> Iterator[Document]:
+def _parquet_file(path: Path):
+    """The opened file, its `text` column checked to hold strings (from the footer: nothing is read yet)."""
     try:
         import pyarrow.parquet as pq
+        import pyarrow.types as pa_types
     except ImportError:
         raise UserError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow") from None
     try:
@@ -140,6 +144,15 @@ def _read_parquet(path: Path) -> Iterator[Document]:
         raise UserError(f"{path}: unreadable parquet file: {str(e).splitlines()[0]}") from None
     if "text" not in pf.schema_arrow.names:
         raise UserError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa_types.is_string(kind) or pa_types.is_large_string(kind) or pa_types.is_null(kind)):
+        raise UserError(f"{path}: the 'text' column holds {kind}, not strings; write the documents' text into a "
+                        "string column named 'text'")
+    return pf
+
+
+def _read_parquet(path: Path) -> Iterator[Document]:
+    pf = _parquet_file(path)
     rows = max(pf.metadata.num_rows, 1)
     per_row = path.stat().st_size / rows  # progress in file bytes, spread evenly over rows
     row = 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 
+from gpt2cloud import home
 from gpt2cloud.backends import ACTIVE_STATES, backend_for, state_of
 from gpt2cloud.errors import UserError
 from gpt2cloud.launch import build, task
@@ -19,6 +21,11 @@ from gpt2cloud.runs import registry
 from gpt2cloud.store import NoSuchObject, StorageError, open_store
 from gpt2cloud.store.layout import MANIFEST, RUN_JSON
 
+PROBE = ".gpt2cloud-probe-"  # preflight's write test in the run's prefix, deleted at once
+# A record still LAUNCHING this young belongs to a launch under way in another process (its backend may
+# not know the run yet); an older one was left by a launch that was killed, and may be relaunched.
+LAUNCHING_GRACE_S = 120.0
+
 
 def write_build(p: Plan) -> None:
     """The node's workdir (wheel, config.json, task.yaml): for a launch, and for `--export-yaml`."""
@@ -26,9 +33,12 @@ def write_build(p: Plan) -> None:
 
 
 def preflight(p: Plan) -> Plan:
-    """Check the storage the node will use, from here: the data's manifest, the bucket writable (the
-    run's spec goes there as run.json). Returns the plan to launch: with Hub data (hf://) its URL pinned
-    to the commit read now, so every node and every spot recovery downloads the same bytes."""
+    """Check what the launch will use, from here, writing nothing but a probe it removes: this machine's
+    $GPT2CLOUD_HOME, the data's manifest, the bucket writable. Returns the plan to launch: with Hub data
+    (hf://) its URL pinned to the commit read now, so every node and every spot recovery downloads the
+    same bytes. The run's spec goes to the bucket (run.json) only once start() owns the run's record."""
+    home.check_usable(write=True)
+    check_name(p, registry.find(p.run_id))
     try:
         data = open_store(p.spec.data_url)
         data.get_bytes(MANIFEST)  # the Hub builds it from the repo's listing; S3 and files must hold one
@@ -43,31 +53,77 @@ def preflight(p: Plan) -> Plan:
         spec = dataclasses.replace(p.spec, data_url=pinned)
         p = dataclasses.replace(p, spec=spec, task_cfg=task.build_config(spec, p.node))
     try:
-        open_store(p.spec.run_url).put_bytes(RUN_JSON, (json.dumps(p.spec.to_dict(), indent=2) + "\n").encode())
+        # a probe of our own, removed at once: two launches racing for one name both may write it
+        run = open_store(p.spec.run_url)
+        probe = f"{PROBE}{uuid.uuid4().hex[:12]}"
+        run.put_bytes(probe, b"gpt2cloud: can the node write here?\n")
+        run.delete(probe)
     except StorageError as e:
         raise UserError(f"--bucket {p.spec.bucket}: the node could not write there ({e})") from None
     return p
 
 
 def start(p: Plan) -> registry.RunRecord:
-    """Launch, recording the run first."""
+    """Launch, recording the run first: the record is claimed (created, or for a relaunch replaced only
+    if it is still the one read here) before anything else is written, so of two launches with one name
+    exactly one goes on and the other leaves everything as it found it."""
     old = registry.find(p.run_id)
-    if old is not None and state_of(old) in ACTIVE_STATES:
-        raise UserError(f"run '{p.run_id}' is still running; watch it with `gpt2cloud status {p.run_id}`, "
-                        f"or stop it with `gpt2cloud down {p.run_id}` before launching it again")
-    write_build(p)
+    check_name(p, old)
+    what = "launch" if old is None else "relaunch (resumes from the bucket)"
     record = registry.RunRecord(
-        spec=p.spec, started_at=time.time(),
+        spec=p.spec, started_at=time.time(), state="LAUNCHING",
         launches=(old.launches + 1) if old else 1, history=list(old.history) if old else [],
         fetched_dir=old.fetched_dir if old else None,  # a relaunch continues the same run
     )
-    return hand_to_backend(record, p.task_cfg, p.secrets,
-                           "launch" if old is None else "relaunch (resumes from the bucket)")
+    record.history.append({"at": time.time(), "event": what})
+    registry.claim(record, old)  # RunTaken: another launch owns the name; nothing was written
+    try:
+        write_spec(p)
+        write_build(p)
+    except BaseException:
+        registry.note(record, "launch failed", state="LAUNCH_FAILED")
+        raise
+    return hand_to_backend(record, p.task_cfg, p.secrets, what, noted=True)
 
 
-def hand_to_backend(record: registry.RunRecord, task_cfg: dict, secrets: dict, what: str) -> registry.RunRecord:
-    """Start a recorded run (a training run or a prepare job) on its backend, noting each state as it goes."""
-    registry.note(record, what, state="LAUNCHING")
+def check_name(p: Plan, old) -> None:
+    """Refuse a launch whose name is taken: a launch of it under way in another process, the run still
+    running (its record missing or not), or an earlier run of that name that this launch would not resume
+    (another recipe or bucket: the node would refuse it only after a cluster was paid for)."""
+    run_id = p.run_id
+    if old is not None and old.state == "LAUNCHING" and time.time() - old.started_at < LAUNCHING_GRACE_S:
+        raise registry.RunTaken(f"run '{run_id}' is being launched by another gpt2cloud process (started "
+                                f"{time.time() - old.started_at:.0f} s ago); watch it with `gpt2cloud status "
+                                f"{run_id}`, or pick another --name")
+    if old is not None and state_of(old) in ACTIVE_STATES:
+        raise UserError(f"run '{run_id}' is still running; watch it with `gpt2cloud status {run_id}`, "
+                        f"or stop it with `gpt2cloud down {run_id}` before launching it again")
+    if old is None:
+        left = registry.recover(run_id, f"its record {registry.path_for(run_id)} is missing")
+        if left is not None and state_of(left) in ACTIVE_STATES:
+            raise UserError(f"run '{run_id}' is still running ({left.recovered}); stop it with "
+                            f"`gpt2cloud down {run_id}`, or pick another --name")
+        return
+    for what, was, now in (("recipe", old.spec.recipe, p.spec.recipe), ("--bucket", old.spec.run_url, p.spec.run_url)):
+        if was != now:
+            raise UserError(f"run '{run_id}' was launched with {what} {was}, not {now}: launching a name again "
+                            f"resumes that run, so it takes the same recipe and --bucket; pick another --name "
+                            f"for a new run")
+
+
+def write_spec(p: Plan) -> None:
+    try:
+        open_store(p.spec.run_url).put_bytes(RUN_JSON, (json.dumps(p.spec.to_dict(), indent=2) + "\n").encode())
+    except StorageError as e:
+        raise UserError(f"--bucket {p.spec.bucket}: the node could not write there ({e})") from None
+
+
+def hand_to_backend(record: registry.RunRecord, task_cfg: dict, secrets: dict, what: str,
+                    noted: bool = False) -> registry.RunRecord:
+    """Start a recorded run (a training run or a prepare job) on its backend, noting each state as it
+    goes (noted: start() has recorded the launch already)."""
+    if not noted:
+        registry.note(record, what, state="LAUNCHING")
     try:
         backend_for(record.spec.kind).start(record, task_cfg, secrets, save=registry.save)
     except BaseException:

@@ -143,6 +143,11 @@ PULL_START="$(date +%s.%N)"
 "$PY" -m model.sync pull "$GPT2CLOUD_RUN_URL" "$OUT" --rank "$RANK" || exit @EXIT_BUCKET@
 exec > >(tee -a "$OUT/@LOGS@/node-$RANK.log") 2>&1
 echo "gpt2cloud: run $GPT2CLOUD_RUN_ID, node $RANK of $SKYPILOT_NUM_NODES, $SKYPILOT_NUM_GPUS_PER_NODE GPUs"
+stop_within() {  # stop_within SECONDS PID: SIGTERM, then SIGKILL if it is still there: a bounded wait
+  kill -TERM "$2" 2>/dev/null
+  for _ in $(seq $(($1 * 10))); do kill -0 "$2" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$2" 2>/dev/null; wait "$2" 2>/dev/null
+}
 note() {  # a line of the node's timeline (node 0's is pushed): note EVENT [more JSON fields]
   printf '{"event": "%s", "time": %s%s}\n' "$1" "$(date +%s.%N)" "${2:+, $2}" >> "$OUT/@TIMELINE@"
 }
@@ -193,7 +198,7 @@ echo "gpt2cloud: trainer exited with code $RC"
 note train_end "\"code\": $RC"
 # The trainer is done with the data: a download still going stops here. Its failure is the job's only
 # when the trainer failed too (its loader then said which shard never came).
-kill -TERM "$DOWNLOADER" 2>/dev/null; wait "$DOWNLOADER" 2>/dev/null
+stop_within 30 "$DOWNLOADER"
 if [ "$RC" -ne 0 ] && grep -q '"state": "failed"' "$DATA/@DATA_STATUS@" 2>/dev/null; then
   echo "gpt2cloud: the data download failed (see $DATA/@DATA_STATUS@); exit @EXIT_DATA@"
   RC=@EXIT_DATA@
@@ -204,6 +209,8 @@ if [ -f "$OUT/@STALLED@" ]; then
 fi
 note final_push
 kill -TERM "$PUSHER" 2>/dev/null
+# Not cut short: the final push carries the last checkpoint (GBs); each request has a read timeout and
+# the push FINAL_TRIES attempts with backoff (model/sync.py), so this wait ends on its own.
 wait "$PUSHER"; PUSHED=$?
 if [ "$PUSHED" -ne 0 ]; then
   echo "gpt2cloud: FINAL PUSH FAILED: the newest checkpoint is only on this node, in $OUT. Copy it before autostop"

@@ -1,15 +1,25 @@
-"""`gpt2cloud fetch`: checkpoints, metrics and logs from a run's bucket, every sha256 verified."""
+"""`gpt2cloud fetch`: checkpoints, metrics and logs from a run's bucket, every sha256 verified.
+
+A fetched directory carries its run's identity in FETCH_MARKER (written before the first download):
+fetching the same run into it again resumes or is a no-op; any other run's, or a directory of files
+fetch did not write, is refused before anything is written (docs/ownership.md).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 from gpt2cloud.errors import UserError
 from gpt2cloud.runs import registry
-from gpt2cloud.store import StorageError, open_store
+from gpt2cloud.store import StorageError, atomic_write, open_store
 from gpt2cloud.store.layout import CHECKPOINTS, LOGS, METRICS, RUN_JSON, TIMELINE, remote_checkpoints
 from gpt2cloud.store.transfer import download_dir
+
+FETCH_MARKER = "gpt2cloud_fetch.json"  # {"run": run id, "url": the run's bucket URL}
+# what fetch writes into --dest, and what a plot or report of the run adds there
+FETCHED = {FETCH_MARKER, CHECKPOINTS, METRICS, TIMELINE, RUN_JSON, LOGS, "plot.png", "report.md"}
 
 
 def _resolve(run_or_url: str) -> tuple[str, str]:
@@ -18,7 +28,48 @@ def _resolve(run_or_url: str) -> tuple[str, str]:
         url = run_or_url.rstrip("/")
         return url.rsplit("/", 1)[-1] or "run", url
     record = registry.get(run_or_url)
-    return record.run_id, record.spec.run_url
+    return record.run_id, record.spec.run_url.rstrip("/")
+
+
+def read_marker(dest: Path) -> Optional[dict]:
+    """The run a directory was fetched for ({"run", "url"}), or None."""
+    try:
+        marker = json.loads((dest / FETCH_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _run_json_id(dest: Path) -> Optional[str]:
+    try:
+        return json.loads((dest / RUN_JSON).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_dest(dest: Path, run_id: str, url: str) -> None:
+    """--dest is new, empty, or this run's earlier fetch; else one line naming what is there."""
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"--dest {dest}: is a file; give a directory (new or empty, or where this run was "
+                        f"fetched before), e.g. --dest runs/{run_id}")
+    names = sorted(p.name for p in dest.iterdir()) if dest.is_dir() else []
+    if not names:
+        return
+    ways = f"fetch into a new or empty --dest (e.g. runs/{run_id})"
+    marker = read_marker(dest)
+    if marker is not None:
+        if str(marker.get("url", "")).rstrip("/") == url:
+            return  # the same run: a resume, or a no-op
+        raise UserError(f"--dest {dest}: holds run {marker.get('run')} fetched from {marker.get('url')}, not "
+                        f"{run_id}; {ways}")
+    foreign = [n for n in names if n not in FETCHED]
+    other = _run_json_id(dest)
+    if not foreign and other == run_id:
+        return  # fetched by an older gpt2cloud (no marker yet): its run.json names this run
+    if other and other != run_id:
+        raise UserError(f"--dest {dest}: holds run {other} (its {RUN_JSON}), not {run_id}; {ways}")
+    what = ", ".join(foreign[:3] or names[:3]) + (", ..." if len(foreign or names) > 3 else "")
+    raise UserError(f"--dest {dest}: holds files fetch did not write for run {run_id} ({what}); {ways}")
 
 
 def _remember(run_id: str, url: str, dest: Path) -> None:
@@ -36,6 +87,7 @@ def fetch(run_or_url: str, dest: Optional[Path] = None, step: Optional[int] = No
           logs: bool = False, progress: bool = True) -> dict:
     run_id, url = _resolve(run_or_url)
     dest = Path(dest) if dest else Path("runs") / run_id
+    check_dest(dest, run_id, url)
     store = open_store(url)
     complete, _ = remote_checkpoints(store)
     has_metrics = store.exists(METRICS)
@@ -51,7 +103,12 @@ def fetch(run_or_url: str, dest: Optional[Path] = None, step: Optional[int] = No
         chosen = complete
     else:
         chosen = complete[-1:]
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--dest {dest}: cannot be created ({e.strerror}); give another directory") from None
+    if read_marker(dest) is None:  # first, so an interrupted fetch is still known as this run's
+        atomic_write(dest / FETCH_MARKER, json.dumps({"run": run_id, "url": url}) + "\n")
     fetched = []
     for s, name in chosen:
         try:

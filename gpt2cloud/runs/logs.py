@@ -10,6 +10,10 @@ from gpt2cloud.runs import registry
 from gpt2cloud.store import StorageError, open_store
 from gpt2cloud.store.layout import LOGS
 
+# How the backends' stop() ends when nothing was there to stop (see backends/*.py)
+NOTHING_TO_STOP = ("it was not running", "its cluster was already gone", "(SkyPilot's jobs controller is not up)",
+                   "was in progress")
+
 
 def print_bucket_logs(run_url: str) -> bool:
     """Print the node logs the pusher put in the bucket; False if there are none."""
@@ -39,8 +43,16 @@ def show_logs(run_id: str, follow: bool) -> int:
 
 
 def stop_run(run_id: str) -> dict:
-    """Stop the run's cluster, managed job or local process tree; the bucket keeps its checkpoints."""
+    """Stop the run's cluster, managed job or local process tree; the bucket keeps its checkpoints.
+
+    A run whose record is missing or damaged is stopped all the same (found from what exists); no record
+    is written for it then (a damaged one stays as it is)."""
     record = registry.get(run_id)
+    was_down = record.state == "DOWN"
     what = backend_for(record.spec.kind).stop(record)
-    registry.note(record, f"down: {what}", state="DOWN")
-    return {"run": run_id, "state": "DOWN", "action": what, "run_url": record.spec.run_url}
+    if not (was_down and what.endswith(NOTHING_TO_STOP)):  # a rerun of `down` changes nothing
+        registry.note(record, f"down: {what}", state="DOWN")
+    d = {"run": run_id, "state": "DOWN", "action": what, "run_url": record.spec.run_url or "its bucket"}
+    if record.recovered:
+        d["note"] = record.recovered
+    return d

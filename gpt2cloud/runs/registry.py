@@ -7,10 +7,15 @@ cluster, managed job or local process), its launches and the state we last set.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import re
 import sys
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -19,6 +24,7 @@ from gpt2cloud import home
 from gpt2cloud.cost.estimate import Estimate
 from gpt2cloud.errors import UserError
 from gpt2cloud.store import atomic_write
+from gpt2cloud.store.base import tmp_path
 
 # SkyPilot cluster names: lowercase letters, digits and dashes, starting with a letter.
 RUN_ID_RE = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -27,6 +33,9 @@ SPEC_VERSION = 1
 
 # The kinds of run, each served by one backend (gpt2cloud/backends/).
 LOCAL, CLUSTER, MANAGED_JOB = "local", "cluster", "managed-job"
+# How long a registry write waits for another gpt2cloud process writing the same record: writes take
+# milliseconds, so a lock held longer belongs to a process that hangs; every wait is bounded.
+LOCK_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,10 @@ class RunRecord:
     state: str = "LAUNCHING"  # last state we set ourselves (LAUNCHING, LAUNCHED, DOWN, ...)
     launches: int = 1  # how many times this run id was launched (resumes count)
     history: list = field(default_factory=list)  # [{"at", "event"}] launch/down events
+    owner: str = ""  # the launch that wrote this record (a random id): only it updates the record
+    # not saved: set when the record was rebuilt from what exists because the registry's file is
+    # missing or damaged (see recover()); says so, and `down` then writes no record
+    recovered: str = field(default="", compare=False)
 
     @property
     def run_id(self) -> str:
@@ -112,12 +125,13 @@ class RunRecord:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["spec"] = self.spec.to_dict()
+        d.pop("recovered")
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunRecord":
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
+        values = {k: v for k, v in d.items() if k in known and k != "recovered"}
         values["spec"] = RunSpec.from_dict(d["spec"])
         return cls(**values)
 
@@ -142,11 +156,108 @@ def path_for(run_id: str) -> Path:
     return home.runs_dir() / f"{check_run_id(run_id)}.json"
 
 
-def save(record: RunRecord) -> Path:
+class RunTaken(UserError):
+    """Another launch owns this run's record (it was created, or relaunched, by another process)."""
+
+
+def new_owner() -> str:
+    return uuid.uuid4().hex
+
+
+@contextmanager
+def _locked(run_id: str):
+    """An exclusive lock on one run's record (runs/.RUN.lock) among gpt2cloud processes: a compare and
+    the replace after it are one step. Bounded: UserError after LOCK_WAIT_S."""
+    lock = home.runs_dir() / f".{check_run_id(run_id)}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                    raise UserError(f"{lock}: another gpt2cloud process holds the record of run '{run_id}' "
+                                    f"for over {LOCK_WAIT_S:g} s; retry when it is done") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _text(record: RunRecord) -> str:
+    return json.dumps(record.to_dict(), indent=2, default=str) + "\n"
+
+
+def _create(path: Path, text: str) -> bool:
+    """Write path only if it does not exist (link a complete temporary file to it: readers never see a
+    torn record, and of two creators exactly one wins). False if it existed."""
+    tmp = tmp_path(path)
+    try:
+        atomic_write(tmp, text)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _current_owner(path: Path) -> Optional[str]:
+    """The owner of the record at path ("" for one written before owners existed); None if there is none.
+    UserError for a damaged file: it is left as it is, never written over."""
+    try:
+        return str(json.loads(path.read_text()).get("owner") or "")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{path}: not a readable run record ({type(e).__name__}); it is left as it is: move it "
+                        "aside (or delete it if the run is gone) and retry") from None
+
+
+def claim(record: RunRecord, old: Optional[RunRecord]) -> Path:
+    """Make record the run's record for a new launch: create it if there was none (`old` None), else
+    replace `old` only if the file still holds it (compare-and-set on the owner). RunTaken when
+    another launch got there first: then nothing is written."""
     path = path_for(record.run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(record.to_dict(), indent=2, default=str) + "\n")
+    check_writable(path.parent)
+    record.owner = new_owner()
+    taken = RunTaken(f"run '{record.run_id}' was just launched by another gpt2cloud process; its record was "
+                     f"left as it is: watch it with `gpt2cloud status {record.run_id}`, or pick another --name")
+    if old is None:
+        if not _create(path, _text(record)):
+            raise taken
+        return path
+    with _locked(record.run_id):
+        if _current_owner(path) != old.owner:
+            raise taken
+        atomic_write(path, _text(record))
     return path
+
+
+def save(record: RunRecord) -> Path:
+    """Update the run's record, atomically, if this record's launch still owns it (RunTaken if another
+    launch took it over; UserError if the file is damaged: it is never written over)."""
+    path = path_for(record.run_id)
+    check_writable(path.parent)
+    if _create(path, _text(record)):  # a new record (a prepare job's), or one deleted meanwhile
+        return path
+    with _locked(record.run_id):
+        owner = _current_owner(path)
+        if owner is not None and owner != record.owner:
+            raise RunTaken(f"{path}: run '{record.run_id}' was relaunched by another gpt2cloud process; this "
+                           "one leaves its record as it is")
+        atomic_write(path, _text(record))
+    return path
+
+
+def check_writable(runs: Path) -> None:
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise home.unusable(e) from None
 
 
 def find(run_id: str) -> Optional[RunRecord]:
@@ -157,18 +268,88 @@ def find(run_id: str) -> Optional[RunRecord]:
         return None
     try:
         return RunRecord.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise UserError(f"{path}: not a readable run record ({type(e).__name__}); move it aside, or delete it "
                         "if the run is gone") from None
 
 
 def get(run_id: str) -> RunRecord:
-    record = find(run_id)
+    """The run's record; if its file is missing or damaged, the run rebuilt from what exists (recover()),
+    with `recovered` saying so; UserError when there is nothing of it at all."""
+    try:
+        record = find(run_id)
+    except UserError as damaged:
+        record = recover(run_id, f"its record {path_for(run_id)} is damaged (left as it is)")
+        if record is None:
+            raise damaged from None
+        return record
+    if record is None:
+        record = recover(run_id, f"its record {home.runs_dir() / (run_id + '.json')} is missing")
     if record is None:
         known = [r.run_id for r in all_runs()]
         hint = f"known runs: {', '.join(known[-5:])}" if known else "no runs yet; start one with `gpt2cloud launch`"
         raise UserError(f"unknown run '{run_id}' (not in {home.runs_dir()}); see `gpt2cloud runs` ({hint})")
     return record
+
+
+# ---- a run whose record is missing or damaged, rebuilt from what exists
+#
+# A launch leaves three traces besides its record: the node's workdir (builds/RUN/task.yaml, with the
+# run's bucket URL and whether it is a spot job), the bucket's run.json (the full spec), and for a local
+# run its node directory (local/RUN/, with the driver's PID). From those, `down` and `status` act on and
+# report the run; SkyPilot's cluster or managed job is then found by name through the backend.
+
+def _task_envs(run_id: str) -> tuple[dict, bool]:
+    """(the task's envs, spot?) from the build's task.yaml (or the local node's copy); ({}, False) if none."""
+    import yaml
+
+    for d in (home.build_dir(run_id), home.local_node_dir(run_id) / "sky_workdir"):
+        try:
+            cfg = yaml.safe_load((d / "task.yaml").read_text())
+            return dict(cfg.get("envs") or {}), bool((cfg.get("resources") or {}).get("use_spot"))
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            continue
+    return {}, False
+
+
+def _bucket_spec(run_url: str) -> Optional[RunSpec]:
+    from gpt2cloud.store import StorageError, open_store
+    from gpt2cloud.store.layout import RUN_JSON
+
+    try:
+        return RunSpec.from_dict(json.loads(open_store(run_url).get_bytes(RUN_JSON)))
+    except (StorageError, ValueError):
+        return None
+
+
+def recover(run_id: str, problem: str) -> Optional[RunRecord]:
+    """The run rebuilt from its build, its bucket's run.json and its local node; None if none exists."""
+    if not RUN_ID_RE.match(run_id or ""):
+        return None
+    envs, spot = _task_envs(run_id)
+    node = home.local_node_dir(run_id)
+    is_local = (node / "driver.pid").is_file()
+    if not envs and not is_local:
+        return None
+    run_url = str(envs.get("GPT2CLOUD_RUN_URL") or "")
+    spec = _bucket_spec(run_url) if run_url else None
+    found = ["the bucket's run.json"] if spec is not None and spec.run_id == run_id else []
+    if not found:  # what the build names, and placeholders: enough to find, stop and report the run
+        gpus = str(envs.get("GPT2CLOUD_GPUS_PER_NODE") or "0")
+        kind = LOCAL if is_local else MANAGED_JOB if spot else CLUSTER
+        spec = RunSpec(run_id=run_id, kind=kind, infra="local" if is_local else "?", run_url=run_url,
+                       bucket=str(envs.get("GPT2CLOUD_BUCKET") or ""),
+                       data_url=str(envs.get("GPT2CLOUD_DATA_URL") or ""),
+                       recipe=str(envs.get("GPT2CLOUD_RECIPE") or "?"), gpu_type="?",
+                       gpus_per_node=int(gpus) if gpus.isdigit() else 0, nodes=1, spot=spot,
+                       price_per_gpu_hour=0.0, total_steps=0, estimate=None)
+    found += ["its build"] if envs else []
+    found += ["its local node"] if is_local else []
+    if not spec.local:
+        found.append("SkyPilot (by the name)")
+    return RunRecord(spec=spec, started_at=node.stat().st_mtime if node.exists() else 0.0,
+                     cluster=run_id if spec.kind == CLUSTER else None, local_dir=str(node) if is_local else None,
+                     state="UNKNOWN", recovered=f"{problem}; found the run from {', '.join(found)}")
 
 
 def all_runs() -> list[RunRecord]:
@@ -179,15 +360,17 @@ def all_runs() -> list[RunRecord]:
     for p in sorted(d.glob("*.json")):
         try:
             out.append(RunRecord.from_dict(json.loads(p.read_text())))
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             # a damaged or foreign file: named, and skipped rather than breaking `runs` and `status`
             print(f"warning: {p}: not a readable run record ({type(e).__name__}); skipped", file=sys.stderr)
     return sorted(out, key=lambda r: r.started_at)
 
 
 def note(record: RunRecord, event: str, state: Optional[str] = None) -> None:
-    """Append an event to the run's history (and optionally set its state), then save."""
+    """Append an event to the run's history (and optionally set its state), then save (not a record
+    rebuilt by recover(): the registry's file is missing or damaged, and a damaged one stays as it is)."""
     record.history.append({"at": time.time(), "event": event})
     if state:
         record.state = state
-    save(record)
+    if not record.recovered:
+        save(record)

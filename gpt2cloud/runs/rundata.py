@@ -15,6 +15,7 @@ from gpt2cloud.cost.estimate import Estimate, estimate_config
 from gpt2cloud.cost.hardware import gpu_spec, known_gpus
 from gpt2cloud.errors import UserError
 from gpt2cloud.runs import registry
+from gpt2cloud.runs.fetch import read_marker
 from gpt2cloud.runs.registry import RunRecord, RunSpec
 from gpt2cloud.store.layout import METRICS, RUN_JSON, TIMELINE
 from model.config import GPTConfig, TrainConfig
@@ -163,10 +164,19 @@ def _spec_for_dir(path: Path) -> tuple[Optional[RunSpec], Optional[RunRecord]]:
     if spec is not None:
         record = registry.find(spec.run_id)
         return (record.spec, record) if record else (spec, None)
+    fetched = _fetched_run(path)  # fetch's marker names the run even where no run.json came with it
+    if fetched and registry.find(fetched):
+        record = registry.find(fetched)
+        return record.spec, record
     record = registry.find(path.name)
     if record and path.resolve() in [c.resolve() for c in run_dir_candidates(record)]:
         return record.spec, record
     return None, None
+
+
+def _fetched_run(path: Path) -> Optional[str]:
+    """The run id `gpt2cloud fetch` recorded in a directory it fetched into."""
+    return (read_marker(path) or {}).get("run")
 
 
 def run_dir_candidates(record) -> list[Path]:

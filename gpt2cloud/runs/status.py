@@ -7,13 +7,29 @@ Speed is RunMetrics' steady median, the same figure `train`, `plot` and `report`
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from gpt2cloud.backends import state_of
 from gpt2cloud.runs.registry import LOCAL, RunRecord
 from gpt2cloud.store import StorageError, open_store
 from gpt2cloud.store.layout import METRICS, NODE_HOME, TIMELINE, remote_checkpoints
+from model.datadir import STATUS as DATA_STATUS
 from model.metrics import RunMetrics
+from model.sync import EXIT_BUCKET, EXIT_DATA, EXIT_FINAL_PUSH
+from model.watchdog import EXIT_STALLED
+
+# What the node's exit codes mean (model/sync.py, model/watchdog.py, gpt2cloud/launch/task.py's setup):
+# `status` says it in words, with where to look. EXIT_NO_GPU is task.py's (launch sits above runs).
+EXIT_NO_GPU = 6
+EXIT_MEANINGS = {
+    EXIT_DATA: f"the data download or its sha256 verification failed: see the node log and {DATA_STATUS} in "
+               f"the node's data directory (~/{NODE_HOME}/data)",
+    EXIT_BUCKET: "the node could not reach the run's bucket: check the bucket and its credentials",
+    EXIT_FINAL_PUSH: "the final push to the bucket failed: the newest checkpoint may be only on the node",
+    EXIT_NO_GPU: "setup: torch saw fewer GPUs than the node has (a CPU-only torch or a broken driver)",
+    EXIT_STALLED: "the trainer stalled (no progress) and the watchdog ended it",
+}
 
 
 def progress(m: RunMetrics, total_steps: int, gpus: int, price_per_gpu_hour: float,
@@ -74,7 +90,21 @@ def run_status(record: RunRecord) -> dict:
         d["note"] = problem
     if d["state"].startswith("FAILED") and spec.kind != LOCAL:
         d["note"] = node_copy_hint(record, metrics)
+    meaning = exit_meaning(d["state"])
+    if meaning and spec.kind == LOCAL:  # the node's data directory is on this machine: name it
+        meaning = meaning.replace("the node's data directory", str(record.node_dir / "node" / "data"))
+    if meaning:
+        d["exit_meaning"] = meaning
+        d["note"] = f"{meaning} (`gpt2cloud logs {spec.run_id}`)" + (f"; {d['note']}" if d.get("note") else "")
+    if record.recovered:
+        d["note"] = record.recovered + (f"; {d['note']}" if d.get("note") else "")
     return d
+
+
+def exit_meaning(state: str) -> Optional[str]:
+    """What "FAILED (exit code N)" means, for the node's own exit codes; None for any other state."""
+    m = re.match(r"FAILED \(exit code (\d+)\)", state)
+    return EXIT_MEANINGS.get(int(m.group(1))) if m else None
 
 
 def node_copy_hint(record: RunRecord, metrics: RunMetrics) -> str:

@@ -52,12 +52,12 @@ def open_store(url: str, endpoint_url: str | None = None, *, region: str | None 
     if scheme == "file":
         if endpoint_url:
             raise StorageError(f"--endpoint-url applies to s3:// URLs only, not {url}")
-        # file:///abs/path is the normal form; accept file://relative/path (netloc + path) too.
-        host = parsed.netloc if parsed.netloc not in ("", "localhost") else ""
-        path = host + parsed.path
-        if not path:
-            raise StorageError(f"{url}: no path; use file:///absolute/path")
-        return FileStore(Path(path).expanduser().resolve())
+        # Only file:///abs/path (or file://localhost/abs/path): file://relbkt/x would land under whatever
+        # the current directory happens to be, a different place from another shell or the node.
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise StorageError(f"{url}: a file:// URL needs an absolute path: file:///abs/path (three slashes), "
+                               f"e.g. file://{Path(parsed.netloc + parsed.path).expanduser().resolve().as_posix()}")
+        return FileStore(Path(parsed.path).resolve())
     if scheme == "hf":
         if endpoint_url:
             raise StorageError(f"--endpoint-url applies to s3:// URLs only, not {url}; a Hub mirror is set "

@@ -41,11 +41,12 @@ from urllib.parse import unquote
 from gpt2cloud.store.base import (NoSuchObject, ObjectInfo, StorageError, Store, clean_key, join_key,
                                   sha256_file)
 from gpt2cloud.store.layout import MANIFEST
+from gpt2cloud.store.sets import PARTIAL_DIR, final_name
 from gpt2cloud.store.transfer import _files_manifest, parse_manifest
 
 SCHEME = "hf://"
 SPELLING = "hf://ORG/REPO[/PATH][@REVISION]"
-PARTIAL = ".hf-partial"  # the staging folder of a download in progress: .NAME.hf-partial/ beside NAME
+PARTIAL = PARTIAL_DIR  # the staging folder of a download in progress: .NAME.hf-partial/ beside NAME
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REPO_TYPES = {"datasets": "dataset", "models": "model"}
 # The Hub's rule for user, organization and repo names (huggingface_hub's validate_repo_id), shortened.
@@ -243,7 +244,9 @@ class HubStore(Store):
                                f"{MANIFEST} is out of date: regenerate it, or remove it to use the listing")
         expected = f.sha256 or sha256
         local_path = Path(local_path)
-        staging = local_path.with_name(f".{local_path.name}{PARTIAL}")  # kept between tries: resumes
+        # kept between tries, under the final name even when the file lands at a checking name first
+        # (sets.fetch_checked): a cut download resumes from it
+        staging = local_path.with_name(f".{final_name(local_path).name}{PARTIAL}")
         hf_hub_download = _hf().hf_hub_download
         local_path.parent.mkdir(parents=True, exist_ok=True)
         with self._errors(key):

@@ -19,6 +19,12 @@ from pathlib import Path
 
 NODE_HOME = ".gpt2cloud-node"  # on a node, under the user's home: venv/, site/, data/ and OUT (out/)
 MANIFEST = "manifest.json"
+# State files of the tool beside a set, never part of it (never in a manifest gpt2cloud builds):
+PREPARE_STATE = ".prepare-state.json"  # an unfinished `data prepare` (gpt2cloud/data/prepare.py)
+DATA_STATUS = "download.json"  # the node's streaming data download (model/datadir.py)
+UPLOAD_MARK = ".gpt2cloud-upload.json"  # in a prefix: an upload under way names its set (store/sets.py)
+DOWNLOAD_MARK = ".gpt2cloud-download.json"  # in a directory: the same for a download
+STATE_FILES = (PREPARE_STATE, UPLOAD_MARK, DOWNLOAD_MARK)
 METRICS = "metrics.jsonl"
 TIMELINE = "timeline.jsonl"  # the node's phases (node up, setup, data, training, push, exit), one JSON a line
 RUN_JSON = "run.json"

@@ -6,8 +6,11 @@ only the standard library at its top: boto3 is imported when an S3Store is made.
 
 from __future__ import annotations
 
+import concurrent.futures
+import glob
 import hashlib
 import os
+import queue
 import threading
 from pathlib import Path
 
@@ -15,10 +18,18 @@ from gpt2cloud.store.base import (NoSuchObject, ObjectInfo, Progress, StorageErr
                                   sha256_file, tmp_path)
 
 
-# Short connect timeout and few retries: an unreachable endpoint must fail in seconds, not hang.
+# An endpoint that is unreachable, or accepts connections and never answers, fails a command within
+# MAX_ATTEMPTS x (CONNECT_TIMEOUT_S or READ_TIMEOUT_S) + botocore's backoff (< 2 s): under 30 s.
+# READ_TIMEOUT_S bounds one socket wait, not a request: a 16 MiB part on a slow link is sent in small
+# writes that each make progress, and S3 answers a part within a second or two of receiving it, so 10 s
+# of total silence means a dead endpoint, not a slow one. A failed file is resumed by rerunning.
 CONNECT_TIMEOUT_S = 5
-READ_TIMEOUT_S = 60
-MAX_ATTEMPTS = 3
+READ_TIMEOUT_S = 10
+MAX_ATTEMPTS = 2
+DOWNLOAD_ATTEMPTS = 2  # s3transfer's own retries of a download stream cut mid-way (its default is 5)
+# After Ctrl-C: how long abort() lets transfers in flight wind down (they stop at their next chunk, or at
+# READ_TIMEOUT_S for a request the endpoint never answers) before it returns without them.
+ABORT_WAIT_S = 2.0
 # Part size and parallel requests of the transfer manager (awscli's defaults are 8 MiB and 10).
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
@@ -32,8 +43,9 @@ class S3Store(Store):
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None, region: str | None = None):
         try:
             import boto3  # noqa: F401 - here only to say how to install it; _s3_client uses it
-            from boto3.s3.transfer import TransferConfig, create_transfer_manager
+            from boto3.s3.transfer import TransferConfig
             from botocore.config import Config
+            from s3transfer.manager import TransferManager
         except ImportError:
             raise StorageError("s3:// URLs need boto3: pip install boto3") from None
         self.bucket, self.prefix = bucket, prefix
@@ -42,20 +54,25 @@ class S3Store(Store):
         config = Config(  # a function of endpoint_url alone, which is part of the client cache key
             connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=READ_TIMEOUT_S,
-            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+            retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},  # the first try included
             max_pool_connections=MAX_CONCURRENCY + 4,
             # Custom endpoints (MinIO, moto, most self-hosted stores) expect path-style URLs.
             s3={"addressing_style": "path"} if self.endpoint_url else None,
         )
         self.client = _s3_client(self.endpoint_url, region, config)
-        self._manager = create_transfer_manager(
+        self._aborted = threading.Event()
+        # s3transfer's classic manager, on threads that never hold the process at exit: after Ctrl-C a
+        # request the endpoint does not answer must not keep the command alive (abort()).
+        self._manager = TransferManager(
             self.client,
             TransferConfig(
                 multipart_threshold=MULTIPART_THRESHOLD,
                 multipart_chunksize=MULTIPART_CHUNKSIZE,
                 max_concurrency=MAX_CONCURRENCY,
+                num_download_attempts=DOWNLOAD_ATTEMPTS,
                 preferred_transfer_client="classic",
             ),
+            executor_cls=DaemonThreadExecutor,
         )
 
     def _key(self, key: str) -> str:
@@ -76,13 +93,32 @@ class S3Store(Store):
                 pass
         return s3_error(exc, self.url_for(key) if key else self.url, self.bucket, self.endpoint_url)
 
-    def _wait(self, future, key: str):
+    def _submit(self, start, key: str):
+        """start() a transfer on the manager, unless abort() ran (then the manager takes no more)."""
+        cancelled = StorageError(f"{self.url_for(key)}: not started: the transfers were cancelled (Ctrl-C) "
+                                 "or the store closed")
+        if self._aborted.is_set():
+            raise cancelled
+        try:
+            return start()
+        except RuntimeError:  # abort() shut the executors down between the check and the start
+            if self._aborted.is_set():
+                raise cancelled from None
+            raise
+
+    def _wait(self, future, done: threading.Event, key: str):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
+            # not future.result() alone: a thread waiting here must return as soon as abort() runs, not
+            # when the requests in flight end. `done` is set by the transfer's on_done, after its result is
+            # ready (future.done() is True at cancel already, while result() still waits for the requests)
+            while not done.wait(0.1):
+                if self._aborted.is_set():
+                    raise StorageError(f"{self.url_for(key)}: cancelled (Ctrl-C); rerun to resume")
             return future.result()
         except KeyboardInterrupt:
-            future.cancel()
+            self.abort()
             raise
         except (BotoCoreError, ClientError) as e:
             raise self._error(e, key) from None
@@ -94,12 +130,13 @@ class S3Store(Store):
         if not local_path.is_file():
             raise StorageError(f"{local_path}: no such file")
         sha256 = sha256 or sha256_file(local_path)
-        future = self._manager.upload(
+        done = threading.Event()
+        future = self._submit(lambda: self._manager.upload(
             str(local_path), self.bucket, self._key(key),
             extra_args={"Metadata": {SHA256_METADATA: sha256}},
-            subscribers=_subscribers(progress),
-        )
-        self._wait(future, key)
+            subscribers=_subscribers(progress, done),
+        ), key)
+        self._wait(future, done, key)
         return sha256
 
     def get_file(self, key, local_path, progress=None, sha256=None):
@@ -110,8 +147,10 @@ class S3Store(Store):
                 local_path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StorageError(f"{local_path.parent}: cannot create the directory: {e.strerror}") from None
-            future = self._manager.download(self.bucket, self._key(key), str(tmp), subscribers=_subscribers(progress))
-            self._wait(future, key)
+            done = threading.Event()
+            future = self._submit(lambda: self._manager.download(self.bucket, self._key(key), str(tmp),
+                                                                 subscribers=_subscribers(progress, done)), key)
+            self._wait(future, done, key)
             if sha256:
                 digest = sha256_file(tmp)
                 if digest != sha256:
@@ -122,6 +161,10 @@ class S3Store(Store):
             os.replace(tmp, local_path)
         finally:
             tmp.unlink(missing_ok=True)
+            # s3transfer writes to TMP.<random> and renames it to TMP; a download cancelled (Ctrl-C) and
+            # left behind by abort() may leave that file: tmp is this call's own name, so these are ours
+            for partial in tmp.parent.glob(glob.escape(tmp.name) + ".*"):
+                partial.unlink(missing_ok=True)
 
     def put_bytes(self, key, data):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -183,9 +226,26 @@ class S3Store(Store):
         return (head or {}).get("Metadata", {}).get(SHA256_METADATA)
 
     def abort(self):
-        # TransferManager.shutdown(cancel=True) passes its arguments on in the wrong order (s3transfer
-        # 0.19); the context-manager exit is the path that cancels correctly (and aborts multipart uploads).
-        self._manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+        """Cancel every transfer (a multipart upload in flight is aborted by s3transfer), wait at most
+        ABORT_WAIT_S for them to wind down, and take no new ones: never a wait without a bound."""
+        from s3transfer.exceptions import CancelledError
+
+        if self._aborted.is_set():
+            return
+        self._aborted.set()  # before cancelling: a file started by another thread now is refused (_submit)
+        controller = self._manager._coordinator_controller
+        controller.cancel("KeyboardInterrupt()", CancelledError)
+        waiter = threading.Thread(target=controller.wait, daemon=True)
+        waiter.start()
+        waiter.join(ABORT_WAIT_S)
+        self._shutdown_executors()
+
+    def _shutdown_executors(self) -> None:
+        # TransferManager.shutdown() waits for every transfer it ever registered, one that a thread
+        # submitted after a cancel included, which never ends: that was the hang after Ctrl-C.
+        for executor in (self._manager._submission_executor, self._manager._request_executor,
+                         self._manager._io_executor):
+            executor.shutdown(False)
 
     def abort_incomplete_uploads(self, keys) -> int:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -207,7 +267,57 @@ class S3Store(Store):
         return aborted
 
     def close(self):
-        self._manager.shutdown()
+        # Transfers still in flight when the store is closed belong to a command that is failing (an
+        # error or Ctrl-C elsewhere): cancel them, within abort()'s bound, rather than wait them out.
+        if self._manager._coordinator_controller.tracked_transfer_coordinators:
+            self.abort()
+        if not self._aborted.is_set():
+            self._aborted.set()
+            self._shutdown_executors()
+
+
+class DaemonThreadExecutor(concurrent.futures.Executor):
+    """concurrent.futures' thread pool, with daemon threads: a worker stuck in a request the endpoint
+    never answers does not keep the interpreter from exiting (ThreadPoolExecutor's threads are joined at
+    exit). s3transfer's executor interface: __init__(max_workers), submit(), shutdown(wait)."""
+
+    def __init__(self, max_workers=None):
+        self._max = max_workers or 4
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn, *args, **kwargs):
+        future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._queue.put((future, fn, args, kwargs))
+            if len(self._threads) < self._max:
+                t = threading.Thread(target=self._work, name="gpt2cloud-s3", daemon=True)
+                t.start()
+                self._threads.append(t)
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(e)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        with self._lock:
+            self._closed = True
+            for _ in self._threads:
+                self._queue.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
 
 
 # ---- boto3 sessions and clients, made once per process and environment
@@ -266,16 +376,18 @@ def clear_client_cache() -> None:
         _clients.clear()
 
 
-def _subscribers(progress: Progress):
-    if not progress:
-        return None
+def _subscribers(progress: Progress, done: threading.Event):
     from s3transfer.subscribers import BaseSubscriber
 
-    class _Progress(BaseSubscriber):
+    class _Subscriber(BaseSubscriber):
         def on_progress(self, bytes_transferred, **kwargs):
-            progress(bytes_transferred)
+            if progress:
+                progress(bytes_transferred)
 
-    return [_Progress()]
+        def on_done(self, **kwargs):
+            done.set()
+
+    return [_Subscriber()]
 
 
 def s3_error(exc: BaseException, url: str, bucket: str, endpoint_url: str | None) -> StorageError:
@@ -294,7 +406,10 @@ def s3_error(exc: BaseException, url: str, bucket: str, endpoint_url: str | None
             "and the network"
         )
     if isinstance(exc, (bx.ReadTimeoutError, bx.ConnectionClosedError)):
-        return StorageError(f"{url}: the S3 endpoint{where} stopped answering ({type(exc).__name__}); retry")
+        return StorageError(
+            f"{url}: the S3 endpoint{where or ' (AWS)'} accepted the connection but did not answer "
+            f"({type(exc).__name__}, {MAX_ATTEMPTS} tries of {READ_TIMEOUT_S} s); check that --endpoint-url / "
+            "AWS_ENDPOINT_URL names an S3 server that is up, and the network; rerun to resume")
     if isinstance(exc, bx.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))

@@ -10,6 +10,10 @@ manifest therefore finds the whole set, and download_dir verifies every sha256 a
 are idempotent: a rerun after a crash (even kill -9) skips what is already in place and verified,
 and finishes the rest.
 
+`data upload` and `data download` call them with guard=True: then a prefix or directory holding
+another set, or files no manifest names, is refused before anything is written (store/sets.py,
+docs/ownership.md), and downloaded shards have their token ids checked before they get their names.
+
 Like the rest of the store package this module imports only the standard library at its top (rich is imported only to
 draw a progress bar), so the GPU node can use it.
 """
@@ -24,9 +28,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
-from gpt2cloud.store.base import (TMP_MARK, NoSuchObject, StorageError, Store, atomic_write, clean_key, join_key,
+from gpt2cloud.store.base import (NoSuchObject, StorageError, Store, atomic_write, clean_key, join_key,
                                   remove_stale_tmp, sha256_file)
-from gpt2cloud.store.layout import MANIFEST
+from gpt2cloud.store import sets
+from gpt2cloud.store.layout import DOWNLOAD_MARK, MANIFEST, PREPARE_STATE, STATE_FILES, UPLOAD_MARK
 
 FILE_WORKERS = 4  # files moved at once; each large file is also split into parallel parts on S3
 
@@ -117,20 +122,72 @@ def _run_all(store: Store, jobs, fn) -> list:
 
 
 def upload_dir(local_dir, store: Store, prefix: str = "", manifest_name: str = MANIFEST,
-               progress: bool = True) -> dict:
+               progress: bool = True, guard: bool = False, force: bool = False) -> dict:
     """Upload local_dir to store under prefix; return {"uploaded", "skipped", "bytes", ...}.
 
-    Objects already stored with the same size and sha256 are skipped; the manifest goes last.
+    Objects already stored with the same size and sha256 are skipped; the manifest goes last. Every
+    file to send is checked against its manifest entry before the first byte is written.
+
+    guard (`data upload`): the directory must be a complete set (no unfinished prepare), and the prefix
+    may hold only this set, or, with force, another set gpt2cloud published there, whose files are
+    deleted first so the two never mix (sets.py). Without guard (a checkpoint push) a prefix is ours.
     """
     t0 = time.monotonic()
     local_dir = Path(local_dir)
+    manifest_bytes, files = _local_set(local_dir, manifest_name, guard)
+    manifest_key = join_key(prefix, manifest_name)
+    remote = {o.key: o.size for o in store.list(prefix.strip("/") + "/" if prefix.strip("/") else "")}
+    remote_manifest = store.get_bytes(manifest_key) if manifest_key in remote else None
+    published = _published(remote_manifest, manifest_key)
+    in_place = {}
+    for f in files:
+        key = join_key(prefix, f["name"])
+        if remote.get(key) == f["size"]:
+            in_place[f["name"]] = store.sha256(key) or (published or {}).get(f["name"])
+    # With a manifest, an object that already matches it needs no local work at all (fast reruns).
+    todo = [f for f in files if not (f["sha256"] and in_place.get(f["name"]) == f["sha256"])]
+    with _bar(progress, sum(f["size"] for f in todo), f"check {len(todo)} local files") as advance:
+        _run_all(store, todo, lambda f: _hash_entry(local_dir, f, advance))  # before anything is written
+    if manifest_bytes is None:
+        manifest_bytes = (json.dumps(_files_manifest(files), indent=2) + "\n").encode()
+    todo = [f for f in todo if in_place.get(f["name"]) != f["sha256"]]
+    publish = remote_manifest != manifest_bytes
+    marker_key = join_key(prefix, UPLOAD_MARK)
+    if guard:
+        stale, marker = sets.check_prefix(store, prefix, files, remote, published, manifest_name, force)
+        if todo or stale or publish:  # said before the first write: a rerun knows these files are ours
+            store.put_bytes(marker_key, sets.marker_bytes(files, stale, store.url_for(prefix)))
+        if published is not None and published != sets.identity(files):
+            store.delete(manifest_key)  # readers stop seeing the old set before any of it changes
+            published = None
+        for name in sorted(stale):
+            store.delete(join_key(prefix, name))
+    sent = _send(store, prefix, local_dir, todo, published or {}, manifest_key, progress)
+    if publish:
+        store.put_bytes(manifest_key, manifest_bytes)  # last: now the set is visible, and complete
+    if guard and (marker_key in remote or todo or stale or publish):
+        store.delete(marker_key)  # the set is published: nothing under way
+    seconds = time.monotonic() - t0
+    nbytes = sum(f["size"] for f in sent)
+    return {
+        "url": store.url_for(prefix), "files": len(files), "uploaded": len(sent),
+        "skipped": len(files) - len(sent), "bytes": nbytes, "manifest_uploaded": publish,
+        "seconds": round(seconds, 3), "mb_per_s": round(nbytes / 1e6 / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def _local_set(local_dir: Path, manifest_name: str, guard: bool) -> tuple[bytes | None, list[dict]]:
+    """(the directory's manifest bytes or None, its file entries: sha256 None where still to compute)."""
     if not local_dir.is_dir():
         raise StorageError(f"{local_dir}: no such directory")
+    if guard and (local_dir / PREPARE_STATE).exists():
+        raise StorageError(f"{local_dir}: its `data prepare` did not finish ({PREPARE_STATE} is there); finish "
+                           "it first (rerun the same `gpt2cloud data prepare` command: it resumes), then upload")
     manifest_path = local_dir / manifest_name
     if manifest_path.is_file():  # a set with its manifest (prepared shards, a checkpoint): upload it as is
         manifest_bytes = manifest_path.read_bytes()
         files = [dict(f) for f in parse_manifest(manifest_bytes, str(manifest_path))["files"]]
-    else:  # any other directory: its manifest is built from the hashes computed below
+    else:  # any other directory: its manifest is built from the hashes computed before the upload
         manifest_bytes = None
         files = [{"name": n, "size": (local_dir / n).stat().st_size, "sha256": None}
                  for n in _local_names(local_dir, manifest_name)]
@@ -139,28 +196,35 @@ def upload_dir(local_dir, store: Store, prefix: str = "", manifest_name: str = M
     for f in files:
         path = local_dir / f["name"]
         if not path.is_file() or path.stat().st_size != f["size"]:
-            raise StorageError(f"{path}: missing or not the size its manifest says; re-create the directory")
+            raise StorageError(f"{path}: missing or not the size its manifest says (an incomplete set); re-create "
+                               "the directory (rerun `gpt2cloud data prepare`) or download the set again")
+    return manifest_bytes, files
 
-    # What is there already: one listing, then the sha256 of each same-size object (metadata we
-    # stored; objects from other tools are trusted only if the remote manifest names them).
-    manifest_key = join_key(prefix, manifest_name)
-    remote = {o.key: o.size for o in store.list(prefix.strip("/") + "/" if prefix.strip("/") else "")}
-    remote_manifest = store.get_bytes(manifest_key) if manifest_key in remote else None
-    published = {}
-    if remote_manifest is not None:
-        try:
-            published = {f["name"]: f["sha256"] for f in parse_manifest(remote_manifest, manifest_key)["files"]}
-        except StorageError:
-            pass  # a broken remote manifest is simply replaced
-    in_place = {}
-    for f in files:
-        key = join_key(prefix, f["name"])
-        if remote.get(key) == f["size"]:
-            in_place[f["name"]] = store.sha256(key) or published.get(f["name"])
-    # With a manifest, an object that already matches it needs no local work at all (fast reruns).
-    todo = [f for f in files if not (f["sha256"] and in_place.get(f["name"]) == f["sha256"])]
-    store.abort_incomplete_uploads([join_key(prefix, f["name"]) for f in todo])  # a killed run's leftovers
 
+def _published(remote_manifest: bytes | None, manifest_key: str) -> dict | None:
+    """{name: sha256} of the set published at the prefix; None without one; {"": ""} for a broken one
+    (replaced by a checkpoint push, refused by a guarded upload)."""
+    if remote_manifest is None:
+        return None
+    try:
+        return sets.identity(parse_manifest(remote_manifest, manifest_key)["files"])
+    except StorageError:
+        return {"": ""}
+
+
+def _hash_entry(local_dir: Path, f: dict, advance) -> None:
+    """Set f["sha256"] from the file; a file that no longer matches its manifest entry is refused."""
+    path = local_dir / f["name"]
+    sha = sha256_file(path, advance)
+    if f["sha256"] and sha != f["sha256"]:
+        raise StorageError(f"{path}: does not match its manifest entry (sha256): an incomplete or altered set; "
+                           "re-create the directory (rerun `gpt2cloud data prepare`) or download the set again")
+    f["sha256"] = sha
+
+
+def _send(store: Store, prefix: str, local_dir: Path, todo: list[dict], published: dict, manifest_key: str,
+          progress: bool) -> list[dict]:
+    """Upload the todo files (hashed); return them."""
     lock = threading.Lock()
 
     def unpublish(name: str, sha: str) -> None:
@@ -172,42 +236,22 @@ def upload_dir(local_dir, store: Store, prefix: str = "", manifest_name: str = M
                 store.delete(manifest_key)
                 published.clear()  # gone: once is enough
 
-    def upload(f: dict) -> bool:
-        path = local_dir / f["name"]
-        sha = sha256_file(path)  # hashed here, on the file threads, so hashing overlaps other uploads
-        if f["sha256"] and sha != f["sha256"]:
-            raise StorageError(f"{path}: does not match its manifest entry (sha256); the file changed after "
-                               "the manifest was written: re-create the directory")
-        f["sha256"] = sha
-        if in_place.get(f["name"]) == sha:
-            advance(f["size"])
-            return False
-        unpublish(f["name"], sha)
-        store.put_file(path, join_key(prefix, f["name"]), progress=advance, sha256=sha)
-        return True
+    def upload(f: dict) -> None:
+        unpublish(f["name"], f["sha256"])
+        store.put_file(local_dir / f["name"], join_key(prefix, f["name"]), progress=advance, sha256=f["sha256"])
 
+    store.abort_incomplete_uploads([join_key(prefix, f["name"]) for f in todo])  # a killed run's leftovers
     with _bar(progress, sum(f["size"] for f in todo), f"upload {len(todo)} files") as advance:
-        sent = [f for f, up in zip(todo, _run_all(store, todo, upload)) if up]
-    if manifest_bytes is None:
-        manifest_bytes = (json.dumps(_files_manifest(files), indent=2) + "\n").encode()
-    publish = remote_manifest != manifest_bytes
-    if publish:
-        store.put_bytes(manifest_key, manifest_bytes)  # last: now the set is visible, and complete
-    seconds = time.monotonic() - t0
-    nbytes = sum(f["size"] for f in sent)
-    return {
-        "url": store.url_for(prefix), "files": len(files), "uploaded": len(sent),
-        "skipped": len(files) - len(sent), "bytes": nbytes, "manifest_uploaded": publish,
-        "seconds": round(seconds, 3), "mb_per_s": round(nbytes / 1e6 / seconds, 1) if seconds > 0 else None,
-    }
+        _run_all(store, todo, upload)
+    return todo
 
 
 def _local_names(local_dir: Path, manifest_name: str) -> list[str]:
-    """Every regular file under local_dir except the manifest and temporary files, sorted."""
+    """Every regular file under local_dir except the manifest, the tool's state files and temporary
+    files, sorted: a state file in a published set would make it look unfinished wherever it lands."""
     return sorted(
-        p.relative_to(local_dir).as_posix()
-        for p in local_dir.rglob("*")
-        if p.is_file() and p.name != manifest_name and TMP_MARK not in p.name and not p.name.endswith(".tmp")
+        rel for rel in (p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+        if Path(rel).name not in (manifest_name, *STATE_FILES) and not rel.endswith(".tmp") and not sets.is_scratch(rel)
     )
 
 
@@ -232,11 +276,16 @@ def check_files(local_dir, files: list[dict], progress: bool = False) -> None:
 
 
 def download_dir(store: Store, prefix: str, local_dir, manifest_name: str = MANIFEST,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, guard: bool = False, vocab_size: int | None = None) -> dict:
     """Download the set under prefix into local_dir, verifying every file's sha256 against the manifest.
 
     Files already present and verified are kept (a rerun resumes); the local manifest is written
-    last, so a directory with a manifest is a complete, verified set.
+    last, so a directory with a manifest is a complete, verified set. With vocab_size every .bin shard's
+    token ids are checked too, before it gets its final name (sets.fetch_checked).
+
+    guard (`data download`): the directory may hold only this set (or a part of it that this command
+    brought, named by its marker), never another set, an unfinished prepare or files of no set (sets.py).
+    Without guard (a checkpoint fetch) an older set there is replaced.
     """
     t0 = time.monotonic()
     manifest_key = join_key(prefix, manifest_name)
@@ -250,36 +299,67 @@ def download_dir(store: Store, prefix: str, local_dir, manifest_name: str = MANI
     files = parse_manifest(manifest_bytes, store.url_for(manifest_key))["files"]
 
     local_dir = Path(local_dir)
-    local_dir.mkdir(parents=True, exist_ok=True)
+    if guard:
+        sets.prepare_local_dir(local_dir)
+    else:
+        local_dir.mkdir(parents=True, exist_ok=True)
     local_manifest = local_dir / manifest_name
-    if local_manifest.is_file() and local_manifest.read_bytes() != manifest_bytes:
+    with _bar(progress, sum(f["size"] for f in files), "check local files") as advance:
+        verified = _verified(local_dir, files, advance, vocab_size)
+    if guard:
+        sets.check_local_dir(local_dir, files, manifest_name, _local_identity(local_manifest), verified)
+    elif local_manifest.is_file() and local_manifest.read_bytes() != manifest_bytes:
         local_manifest.unlink()  # an older set: the directory is not complete until we finish
-
-    # Files left by an earlier, interrupted download count only once their sha256 checks out.
-    present = [f for f in files if (local_dir / f["name"]).is_file()
-               and (local_dir / f["name"]).stat().st_size == f["size"]]
-    verified = set()
-    with _bar(progress, sum(f["size"] for f in present), "check local files") as advance:
-        for f in present:
-            if sha256_file(local_dir / f["name"], advance) == f["sha256"]:
-                verified.add(f["name"])
     todo = [f for f in files if f["name"] not in verified]
-    skipped = len(verified)
+    if guard and (todo or not local_manifest.is_file()):
+        _write_local(lambda: sets.write_local_marker(local_dir, files, store.url_for(prefix)), local_dir)
     for f in todo:
         remove_stale_tmp(local_dir / f["name"])
 
     total = sum(f["size"] for f in todo)
     with _bar(progress, total, f"download {len(todo)} files") as advance:
-        # get_file verifies the sha256 before the file gets its final name.
-        _run_all(store, todo, lambda f: store.get_file(
-            join_key(prefix, f["name"]), local_dir / f["name"], progress=advance, sha256=f["sha256"]))
-    atomic_write(local_manifest, manifest_bytes)
+        # get_file verifies the sha256 (fetch_checked the token ids) before the file gets its final name.
+        _run_all(store, todo, lambda f: sets.fetch_checked(store, join_key(prefix, f["name"]), local_dir / f["name"],
+                                                           f["sha256"], advance, vocab_size))
+    _write_local(lambda: atomic_write(local_manifest, manifest_bytes), local_dir)
+    (local_dir / DOWNLOAD_MARK).unlink(missing_ok=True)  # complete: nothing under way
     seconds = time.monotonic() - t0
     return {
         "url": store.url_for(prefix), "dir": str(local_dir), "files": len(files), "downloaded": len(todo),
-        "skipped": skipped, "bytes": total, "verified": len(files), "seconds": round(seconds, 3),
+        "skipped": len(files) - len(todo), "bytes": total, "verified": len(files), "seconds": round(seconds, 3),
         "mb_per_s": round(total / 1e6 / seconds, 1) if seconds > 0 else None,
     }
+
+
+def _verified(local_dir: Path, files: list[dict], advance, vocab_size: int | None) -> set[str]:
+    """Names of the set's files already in local_dir with the right size and sha256 (an interrupted
+    download's, kept), their token ids checked when vocab_size is given."""
+    verified = set()
+    for f in files:
+        path = local_dir / f["name"]
+        if path.is_file() and path.stat().st_size == f["size"] and sha256_file(path, advance) == f["sha256"]:
+            if vocab_size is not None and f["name"].endswith(".bin"):
+                sets.check_shard_tokens(path, vocab_size)
+            verified.add(f["name"])
+    return verified
+
+
+def _local_identity(path: Path) -> dict | None:
+    """{name: sha256} of a local manifest; None without one; {"": ""} when it is not a manifest."""
+    if not path.is_file():
+        return None
+    try:
+        return sets.identity(parse_manifest(path.read_bytes(), str(path))["files"])
+    except StorageError:
+        return {"": ""}
+
+
+def _write_local(write, local_dir: Path) -> None:
+    try:
+        write()
+    except OSError as e:
+        raise StorageError(f"{local_dir}: cannot write: {e.strerror}; check the directory's permissions and "
+                           "free space") from None
 
 
 def verify_dir(local_dir, manifest_name: str = MANIFEST) -> dict:
