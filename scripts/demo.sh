@@ -15,7 +15,9 @@ export GPT2CLOUD_HOME="$DEMO/gpt2cloud-home"   # the demo's own run registry (yo
 BUCKET="file://$DEMO/bucket"                   # s3://... works the same (set AWS_ENDPOINT_URL for R2/MinIO)
 RUN=demo-tiny
 gpt2cloud down "$RUN" >/dev/null 2>&1 || true  # a demo left running by an earlier, interrupted `make demo`
-rm -rf "$DEMO/bucket/runs" "$GPT2CLOUD_HOME" "$DEMO/fetched"
+# the demo's own sandbox, written again from scratch: a rerun of `make demo` starts clean (its corpus is
+# written anew, and `data prepare` refuses to mix shards of another source into the old ones)
+rm -rf "$DEMO/bucket" "$GPT2CLOUD_HOME" "$DEMO/fetched" "$DEMO/shards" "$DEMO/hf"
 
 echo
 echo "== a small corpus, tokenized into llm.c shards, uploaded with its manifest"
