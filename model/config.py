@@ -125,6 +125,7 @@ RESUME_MAY_CHANGE = (
     "max_cost_usd", "price_per_gpu_hour", "max_hours",  # the caps ("raise max_cost_usd and resume")
     "micro_batch",  # follows --nproc: the same tokens per step, gradient accumulation adjusts
     "compile", "stall_minutes", "peak_flops_per_gpu",  # how it runs, not what it computes
+    "device",  # cuda on a node, auto for `train`: a cloud checkpoint resumes here and the other way round
     "checkpoint_every", "keep_checkpoints",  # what it writes, and how often
     "val_every", "val_steps", "sample_every", "sample_prompt", "sample_tokens", "hellaswag_every",
 )

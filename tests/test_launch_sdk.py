@@ -17,7 +17,7 @@ from sky_offline import sky_home, sky_mod  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 from gpt2cloud import home
-from gpt2cloud.backends import sky_sdk
+from gpt2cloud.backends import backend_for, sky_sdk
 from gpt2cloud.cli import app
 from gpt2cloud.runs import registry
 
@@ -530,3 +530,18 @@ def test_the_fake_refuses_a_wrong_argument(fake):
         sky_sdk.launch_cluster(None, "r1", 10, idle_minutes_to_autostop=10)  # SkyPilot's name, not ours
     with pytest.raises(TypeError):
         sky_sdk.down()
+
+
+def test_a_spot_launch_still_starting_holds_its_name_past_the_grace(cloud, tmp_path):
+    """A spot launch may spend minutes starting the jobs controller before it has a job id: past the
+    120 s grace, a second launch of the name still sees the request active and is refused (two managed
+    jobs would bill on one bucket); once the request is over, the name is free again."""
+    rec, _ = record(tmp_path, kind="managed-job")
+    rec.state, rec.request_id, rec.job_id, rec.started_at = "LAUNCHING", "req-9", None, 1.0  # long ago
+    registry.save(rec)
+    cloud.request = "RUNNING"
+    r = launch("--infra", "aws", "--spot", "--yes")
+    assert r.exit_code == 2 and "still running" in r.output, r.output
+    assert "launch_managed_job" not in cloud.names()
+    cloud.request = "FAILED"  # the launch that made the record was killed: nothing is coming
+    assert backend_for("managed-job").state(registry.get("r1")) == "UNKNOWN"

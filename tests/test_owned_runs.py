@@ -383,3 +383,14 @@ def test_resume_may_change_the_steps_and_the_eval_cadence(world):
     result = cli(world.train(run, "more_eval", "data", "--steps", "8"))
     assert result.exit_code == 0, result.output
     assert (run / "checkpoints" / "step_000008" / "manifest.json").is_file()
+
+
+def test_a_cloud_checkpoint_resumes_here_and_back():
+    """`device` is how a run runs (cuda on a node, auto for `train`), not what it computes: a fetched
+    cloud checkpoint resumes with `gpt2cloud train`, and a local run continues on a node."""
+    from model.config import TrainConfig, resume_changes
+
+    local = TrainConfig.from_dict(json.loads(TrainConfig().to_json()))
+    cloud = json.loads(TrainConfig().to_json()) | {"device": "cuda"}
+    assert local.device != "cuda" and resume_changes(cloud, local) == []
+    assert resume_changes(cloud | {"lr": local.lr * 2}, local) == [f"lr {local.lr * 2:g} -> {local.lr:g}"]

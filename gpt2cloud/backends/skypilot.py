@@ -214,7 +214,15 @@ class ManagedJobBackend:
 
     def state(self, record) -> str:
         if record.job_id is None:
-            return record.state
+            # No job id yet: the launch request (which may still be starting the jobs controller, minutes)
+            # says whether one is coming; a LAUNCHING record whose request is over was left by a killed launch.
+            if record.state != LAUNCHING:
+                return record.state
+            if record.request_id:
+                with sky_errors(f"status {record.run_id}"):
+                    if sky_sdk.request_status(record.request_id) in ACTIVE_REQUEST:
+                        return LAUNCHING
+            return "UNKNOWN"
         with sky_errors(f"status {record.run_id}"):
             return sky_sdk.managed_job_status(record.job_id) or "UNKNOWN"
 

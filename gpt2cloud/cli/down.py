@@ -15,7 +15,9 @@ def down_command(
     from gpt2cloud import home
     from gpt2cloud.runs.logs import stop_run
 
-    home.check_usable(write=True)  # down notes itself in the run's record
+    # Only readable: what bills is stopped first; a record that cannot be updated then is a note, not a
+    # reason to leave a cluster running.
+    home.check_usable(write=False)
     r = stop_run(run)
     if as_json:
         print_json(r)

@@ -25,6 +25,9 @@ PROBE = ".gpt2cloud-probe-"  # preflight's write test in the run's prefix, delet
 # A record still LAUNCHING this young belongs to a launch under way in another process (its backend may
 # not know the run yet); an older one was left by a launch that was killed, and may be relaunched.
 LAUNCHING_GRACE_S = 120.0
+# Past that grace, what the backend says: a launch request still active (a spot launch may spend minutes
+# starting the jobs controller) or a cluster still provisioning is a launch under way, whatever its age.
+LAUNCH_UNDER_WAY = {"LAUNCHING", "CLUSTER_INIT"}
 
 
 def write_build(p: Plan) -> None:
@@ -95,7 +98,7 @@ def check_name(p: Plan, old) -> None:
         raise registry.RunTaken(f"run '{run_id}' is being launched by another gpt2cloud process (started "
                                 f"{time.time() - old.started_at:.0f} s ago); watch it with `gpt2cloud status "
                                 f"{run_id}`, or pick another --name")
-    if old is not None and state_of(old) in ACTIVE_STATES:
+    if old is not None and state_of(old) in ACTIVE_STATES | LAUNCH_UNDER_WAY:
         raise UserError(f"run '{run_id}' is still running; watch it with `gpt2cloud status {run_id}`, "
                         f"or stop it with `gpt2cloud down {run_id}` before launching it again")
     if old is None:
@@ -130,5 +133,10 @@ def hand_to_backend(record: registry.RunRecord, task_cfg: dict, secrets: dict, w
         # the backend cancelled and removed what it started, or printed which cluster may still bill
         registry.note(record, "launch failed", state="LAUNCH_FAILED")
         raise
-    registry.note(record, "launched", state="LAUNCHED")
+    try:
+        registry.note(record, "launched", state="LAUNCHED")
+    except registry.RunTaken:  # another launch took the name over meanwhile: say loudly what may bill
+        raise UserError(f"run '{record.run_id}' was taken over by another launch while this one started it: what "
+                        f"this launch started may still bill; look for '{record.cluster or record.run_id}' in "
+                        "`sky status` and `sky jobs queue` and remove it (`sky down` / `sky jobs cancel`)") from None
     return record

@@ -50,9 +50,14 @@ def stop_run(run_id: str) -> dict:
     record = registry.get(run_id)
     was_down = record.state == "DOWN"
     what = backend_for(record.spec.kind).stop(record)
+    unrecorded = None
     if not (was_down and what.endswith(NOTHING_TO_STOP)):  # a rerun of `down` changes nothing
-        registry.note(record, f"down: {what}", state="DOWN")
+        try:
+            registry.note(record, f"down: {what}", state="DOWN")
+        except (UserError, OSError) as e:  # stopped all the same: say the record still shows the old state
+            unrecorded = f"stopped, but its record was not updated ({e})"
     d = {"run": run_id, "state": "DOWN", "action": what, "run_url": record.spec.run_url or "its bucket"}
-    if record.recovered:
-        d["note"] = record.recovered
+    notes = [n for n in (record.recovered, unrecorded) if n]
+    if notes:
+        d["note"] = "; ".join(notes)
     return d

@@ -318,7 +318,7 @@ def _bucket_spec(run_url: str) -> Optional[RunSpec]:
 
     try:
         return RunSpec.from_dict(json.loads(open_store(run_url).get_bytes(RUN_JSON)))
-    except (StorageError, ValueError):
+    except (StorageError, ValueError, KeyError, TypeError, AttributeError):  # gone, or of another shape
         return None
 
 
