@@ -47,7 +47,7 @@ def check_inputs(cfg, data: Path, out: Path, nproc: int, resume: str) -> None:
     except BatchError as e:
         raise UserError(f"{e}; pick another --nproc") from None
     try:
-        train, _ = find_shards(data)
+        train, _ = find_shards(data, cfg.model.vocab_size)
         # the trainer's own loader: it refuses data without a shard that holds one step of tokens
         TokenLoader(train, cfg.micro_batch, cfg.model.block_size, 0, nproc, accum, log=lambda *a: None)
     except (FileNotFoundError, ShardError) as e:

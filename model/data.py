@@ -90,7 +90,9 @@ class Arrivals:
 
 
 def find_shards(data_dir: str | Path, vocab_size: int = VOCAB_SIZE) -> tuple[list[Path], list[Path]]:
-    """(train shards, validation shards) of a directory; every header is checked first.
+    """(train shards, validation shards) of a directory; every header is checked first, and the token
+    ids of every shard already there against `vocab_size` (the model's): once, before any step (a shard
+    still downloading is checked by the download, before it gets its name).
 
     With a manifest (model/datadir.py) the lists are the manifest's shards, some of which a download
     may still be bringing; without one, the .bin files in the directory. Raises ShardError naming
@@ -110,7 +112,7 @@ def find_shards(data_dir: str | Path, vocab_size: int = VOCAB_SIZE) -> tuple[lis
         raise FileNotFoundError(f"no .bin token shards in {data_dir} (run `gpt2cloud data prepare` first)")
     for n in names:
         arrivals.tokens(data_dir / n)  # fail now, naming the file, rather than hours into the run
-        if (data_dir / n).is_file():  # (one still on its way is checked by the download, before it lands)
+        if (data_dir / n).is_file():
             check_tokens(data_dir / n, vocab_size)
     train, val = datadir.split_names(names)
     if not train:
@@ -151,7 +153,6 @@ class TokenLoader:
     def _load(self, index: int) -> None:
         path = self.shards[index]
         self.arrivals[path.parent].wait_for(path)
-        check_tokens(path, VOCAB_SIZE)  # whatever brought it: before a step reads it
         self.shard_index, self.tokens = index, read_shard(path)
 
     def rewind(self) -> None:

@@ -102,7 +102,7 @@ def run(args, t_start: float) -> None:
         raise TrainError(f"{e}; choose another number of processes or micro-batch") from None
 
     # ---- data ----
-    train_shards, val_shards = find_shards(args.data)
+    train_shards, val_shards = find_shards(args.data, cfg.model.vocab_size)
     data_id = ckpt.data_identity(args.data)  # checkpointed: a resume on other shards is another run
     train_loader = TokenLoader(train_shards, B, T, rank, world, grad_accum, log=log)
     val_loader = None

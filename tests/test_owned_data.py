@@ -507,11 +507,11 @@ def test_the_loader_checks_token_ids_before_any_step(prepared, top):
 
     with pytest.raises(ShardError, match=f"token id {top} .* {VOCAB_SIZE} ids"):
         find_shards(prepared / f"bad_{top}")
-    good = prepared / f"bad_{top}" / "tiny_train_000001.bin"
-    loader = TokenLoader([good], 2, 8, 0, 1, 1)  # a clean shard loads
-    assert loader.next_batch()[0].shape == (2, 8)
-    with pytest.raises(ShardError, match="tiny_train_000002.bin"):
-        TokenLoader([prepared / f"bad_{top}" / "tiny_train_000002.bin"], 2, 8, 0, 1, 1)
+    # the bound is the model's vocabulary (the trainer passes cfg.model.vocab_size), not GPT-2's alone
+    train, _ = find_shards(prepared / f"bad_{top}", vocab_size=top + 1)
+    assert TokenLoader(train, 2, 8, 0, 1, 1).next_batch()[0].shape == (2, 8)
+    with pytest.raises(ShardError, match="token id"):
+        find_shards(prepared / "set_a", vocab_size=100)  # GPT-2 tokens for a 100-id model
 
 
 def test_relative_file_urls_are_refused():
