@@ -69,7 +69,7 @@ def prepare_command(
 def _print_job(job, console: Console) -> None:
     """The on-cloud job and its estimate, before anything is asked or launched."""
     from gpt2cloud.launch.prepare_job import TOKENS_PER_CORE_S
-    from gpt2cloud.launch.task import ANY, LOCAL
+    from gpt2cloud.names import ANY, LOCAL
 
     est, s = job.est, job.spec
     where = {LOCAL: "this machine (the job's scripts run here, as SkyPilot would run them)",

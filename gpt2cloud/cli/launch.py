@@ -18,7 +18,7 @@ def _print_plan(p, console: Console) -> None:
     from gpt2cloud.cli.estimate import render
 
     render(p.est, console)
-    from gpt2cloud.launch.task import ANY, LOCAL
+    from gpt2cloud.names import ANY, LOCAL
 
     where = {LOCAL: "this machine (CPU ranks, as SkyPilot would run one node)",
              ANY: f"the cheapest of {', '.join(p.node.clouds) or 'the enabled clouds'} (SkyPilot any_of)"}

@@ -14,7 +14,7 @@ from typing import Optional
 
 from gpt2cloud.backends.sky_errors import NO_CLOUD
 from gpt2cloud.errors import UserError
-from gpt2cloud.launch.task import LOCAL
+from gpt2cloud.names import ANY, LOCAL
 
 
 
@@ -174,7 +174,7 @@ def launch_price(infra: str, clouds: list[str], gpu: str, count: int,
     """(price, source, {cloud: price}) a launch is estimated and capped at: its cloud's catalog price,
     or with any_of over several clouds the most expensive of them (a failover must not let spending
     past the cap); the node then caps at its own cloud's price from the dict."""
-    candidates = [infra] if infra not in ("any", LOCAL) else list(clouds)
+    candidates = [infra] if infra not in (ANY, LOCAL) else list(clouds)
     found = {c.split("/")[0]: p for c in candidates if (p := catalog_price(c, gpu, count, spot))}
     if not found:
         return None

@@ -23,9 +23,9 @@ from gpt2cloud.cost.hardware import gpu_from_device_name, parse_gpus
 from gpt2cloud.cost.recipes import load_recipe
 from gpt2cloud.errors import MAX_STEPS, UserError, positive
 from gpt2cloud.launch import build, task
-from gpt2cloud.launch.task import ANY, LOCAL
 from gpt2cloud.runs import registry
-from gpt2cloud.runs.registry import CLUSTER, MANAGED_JOB, RunSpec
+from gpt2cloud.names import ANY, CLUSTER, LOCAL, MANAGED_JOB
+from gpt2cloud.runs.registry import RunSpec
 from gpt2cloud.store import StorageError
 from gpt2cloud.store.hub import parse_hub_url
 from model.config import TrainConfig

@@ -38,9 +38,9 @@ from gpt2cloud.backends import backend_for, state_of
 from gpt2cloud.errors import UserError
 from gpt2cloud.launch import build, start, task
 from gpt2cloud.launch.plan import normalize_infra
-from gpt2cloud.launch.task import ANY, LOCAL
 from gpt2cloud.runs import registry
-from gpt2cloud.runs.registry import CLUSTER, RunSpec
+from gpt2cloud.names import ANY, CLUSTER, LOCAL
+from gpt2cloud.runs.registry import RunSpec
 from gpt2cloud.store import StorageError, open_store
 from gpt2cloud.store.layout import MANIFEST
 

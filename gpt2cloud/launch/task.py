@@ -22,13 +22,13 @@ from typing import Optional
 import yaml
 
 from gpt2cloud.launch.build import NODE_REQUIREMENTS
+from gpt2cloud.names import ANY, LOCAL
 from gpt2cloud.runs.registry import RunSpec
 from gpt2cloud.store.layout import CONFIG, LOGS, NODE_HOME, TIMELINE
 from model.datadir import STATUS as DATA_STATUS  # the data download's status file
 from model.sync import EXIT_BUCKET, EXIT_DATA, EXIT_FINAL_PUSH  # the exit codes of the node's sync steps
 from model.watchdog import EXIT_STALLED, STALLED
 
-ANY, LOCAL = "any", "local"  # infra: any_of over the enabled clouds, or this machine
 
 NODE_HOME_DEFAULT = f"$HOME/{NODE_HOME}"
 MASTER_PORT = 8008

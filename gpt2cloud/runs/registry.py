@@ -23,6 +23,7 @@ from typing import Optional
 from gpt2cloud import home
 from gpt2cloud.cost.estimate import Estimate
 from gpt2cloud.errors import UserError
+from gpt2cloud.names import CLUSTER, LOCAL, MANAGED_JOB  # noqa: F401 (the kinds of run, re-exported)
 from gpt2cloud.store import atomic_write
 from gpt2cloud.store.base import tmp_path
 
@@ -31,8 +32,6 @@ RUN_ID_RE = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 SPEC_FORMAT = "gpt2cloud-run"
 SPEC_VERSION = 1
 
-# The kinds of run, each served by one backend (gpt2cloud/backends/).
-LOCAL, CLUSTER, MANAGED_JOB = "local", "cluster", "managed-job"
 # How long a registry write waits for another gpt2cloud process writing the same record: writes take
 # milliseconds, so a lock held longer belongs to a process that hangs; every wait is bounded.
 LOCK_WAIT_S = 10.0
