@@ -108,18 +108,26 @@ def check_same_run(cfg, data: Path, out: Path, latest) -> None:
 
 
 def fit_to_ranks(cfg, nproc: int, stream: TextIO):
-    """The recipe's micro-batch, or the largest smaller one that divides tokens per step over the ranks."""
-    try:
-        cfg.grad_accum(nproc)
-        return cfg
-    except BatchError:
-        pass
-    for m in range(cfg.micro_batch - 1, 0, -1):
-        if cfg.tokens_per_step % (m * cfg.model.block_size * nproc) == 0:
-            stream.write(f"note: micro-batch {m} instead of the recipe's {cfg.micro_batch}: the largest that divides "
-                         f"{cfg.tokens_per_step:,} tokens per step over {nproc} ranks\n")
-            return dataclasses.replace(cfg, micro_batch=m)
-    return cfg  # none divides: check_inputs says so
+    """The recipe's micro-batch, or the largest smaller one that divides tokens per step over the ranks and
+    fits in this machine's GPU memory: the estimate's and the launch's one rule (cost/estimate.py)."""
+    from gpt2cloud.cost.estimate import choose_micro_batch
+
+    fitted, note = choose_micro_batch(cfg, nproc, *_device_memory())
+    if note:
+        stream.write(f"note: {note}\n")
+    return fitted
+
+
+def _device_memory() -> tuple:
+    """(GiB per rank, the device's name, what a rank is called) for the micro-batch rule: this machine's GPU,
+    or (None, ...) on CPU, whose memory is not a limit the rule knows (a CPU run of a big recipe is slow
+    long before it runs out)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "CPU", "ranks"
+    name = torch.cuda.get_device_name(0)
+    return torch.cuda.get_device_properties(0).total_memory / 2**30, name, "ranks"
 
 
 def torchrun_command(config: Path, data: Path, out: Path, nproc: int, resume: str) -> list[str]:

@@ -1,12 +1,19 @@
 """Plain configuration handed from `gpt2cloud/` (which validates recipes with pydantic) to `model/`.
 
-The trainer receives one JSON file with this shape; no pydantic is needed on the node.
+The trainer receives one JSON file with this shape; no pydantic (and no torch) is needed on the node,
+whose run script also asks this module for its price and hard time limit:
+
+    python -m model.config price-here CONFIG.json    # USD per GPU-hour here (SKYPILOT_CLUSTER_INFO), or null
+    python -m model.config hard-limit CONFIG.json    # seconds before the node kills the trainer (0: none)
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,9 +92,11 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA if torch sees it, else CPU; cuda: refuse to run on CPU (rented GPUs)
     peak_flops_per_gpu: float = 0.0  # for MFU in metrics; 0 means "unknown"
     max_cost_usd: float = 0.0  # 0: no budget cap
-    price_per_gpu_hour: float = 0.0
+    price_per_gpu_hour: float = 0.0  # an any_of launch: its most expensive candidate (see price_here)
+    cloud_prices: dict = field(default_factory=dict)  # any_of: lowercase cloud -> USD per GPU-hour; else {}
     max_hours: float = 0.0  # 0: no limit; else stop (with a checkpoint) before the run's wall time passes it
     stall_minutes: float = 0.0  # 0: off; else exit when no step (or eval, checkpoint) finishes for this long
+    trackers: list = field(default_factory=list)  # where metrics go besides metrics.jsonl (model/trackers.py)
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-steps per optimizer step: tokens_per_step / (micro_batch x block_size x world_size)."""
@@ -122,9 +131,9 @@ class TrainConfig:
 # Everything else (model, batch, optimizer, schedule, seed, precision) makes it another run.
 RESUME_MAY_CHANGE = (
     "steps",  # where this run stops: earlier, or later on the same schedule
-    "max_cost_usd", "price_per_gpu_hour", "max_hours",  # the caps ("raise max_cost_usd and resume")
+    "max_cost_usd", "price_per_gpu_hour", "cloud_prices", "max_hours",  # the caps ("raise max_cost_usd and resume")
     "micro_batch",  # follows --nproc: the same tokens per step, gradient accumulation adjusts
-    "compile", "stall_minutes", "peak_flops_per_gpu",  # how it runs, not what it computes
+    "compile", "stall_minutes", "peak_flops_per_gpu", "trackers",  # how it runs, not what it computes
     "device",  # cuda on a node, auto for `train`: a cloud checkpoint resumes here and the other way round
     "checkpoint_every", "keep_checkpoints",  # what it writes, and how often
     "val_every", "val_steps", "sample_every", "sample_prompt", "sample_tokens", "hellaswag_every",
@@ -161,3 +170,55 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
         else:
             changes.append(f"{key} {_shown(old.get(key))} -> {_shown(new[key])}")
     return changes
+
+
+# ---- on the node: its price and its hard time limit ----
+
+HARD_LIMIT_GRACE_S = 600  # --max-hours: the trainer stops itself; the node kills it this much later
+
+
+def price_here(cfg: TrainConfig, cluster_info: str | None) -> float:
+    """USD per GPU-hour on the cloud this node landed on: SkyPilot's SKYPILOT_CLUSTER_INFO (JSON) names
+    it ("cloud"); an any_of launch lists each candidate's price in cfg.cloud_prices. Any other case (one
+    cloud, no or unreadable cluster info, a cloud not listed) is cfg.price_per_gpu_hour, which an any_of
+    launch sets to its most expensive candidate: the budget cap errs on the safe side."""
+    prices = {str(k).lower(): v for k, v in (cfg.cloud_prices or {}).items()}
+    if prices and cluster_info:
+        try:
+            cloud = str(json.loads(cluster_info).get("cloud", "")).lower()
+        except (ValueError, AttributeError):  # not JSON, or not an object
+            cloud = ""
+        if cloud in prices:
+            return float(prices[cloud])
+    return cfg.price_per_gpu_hour
+
+
+def hard_limit_seconds(cfg: TrainConfig) -> int:
+    """The node's hard stop for a trainer that would not stop itself at max_hours: 0 (none) without max_hours."""
+    if not cfg.max_hours:
+        return 0
+    return int(cfg.max_hours * 3600) + HARD_LIMIT_GRACE_S
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m model.config", description="What a node's run script asks of "
+                                "its training config.")
+    p.add_argument("what", choices=["price-here", "hard-limit"],
+                   help="price-here: USD per GPU-hour on this node's cloud (null: unknown); "
+                        "hard-limit: seconds before the node kills the trainer (0: no limit)")
+    p.add_argument("config", help="the TrainConfig JSON the trainer runs with")
+    args = p.parse_args(argv)
+    try:
+        cfg = TrainConfig.load(args.config)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"error: config {args.config}: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.what == "hard-limit":
+        print(hard_limit_seconds(cfg))
+    else:
+        price = price_here(cfg, os.environ.get("SKYPILOT_CLUSTER_INFO"))
+        print(json.dumps(float(price)) if price else "null")  # a JSON number for the node's timeline
+
+
+if __name__ == "__main__":
+    main()

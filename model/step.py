@@ -13,7 +13,7 @@ import torch
 
 from model.config import TrainConfig
 from model.gpt import GPT
-from model.muon import build_optimizer
+from model.optim import build_optimizer
 
 
 def schedule_length(cfg: TrainConfig) -> int:
@@ -76,7 +76,7 @@ def setup_training(cfg: TrainConfig, device: str) -> Setup:
     dtype = pick_dtype(cfg.dtype, device_type)
     amp = functools.partial(torch.autocast, device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    optimizer = build_optimizer(raw_model, cfg, device_type)  # AdamW, or Muon + AdamW (cfg.optimizer)
+    optimizer = build_optimizer(raw_model, cfg, device_type)  # cfg.optimizer, from model/optim.py's registry
     # compiled lazily, at the first forward: loading a checkpoint into raw_model first is fine
     model = torch.compile(raw_model) if cfg.compile else raw_model
     return Setup(raw_model, model, dtype, amp, scaler, optimizer)

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from gpt2cloud.backends.local import LocalHandle
 from gpt2cloud.runs import registry
 
 
@@ -38,14 +39,15 @@ def metrics_lines(steps: int, total: int, start: int = 1, price: float = 3.0, gp
 
 def local_record(tmp_path: Path, run_id: str = "loc1", **kw) -> registry.RunRecord:
     """A registry record of a local run whose bucket is a file:// directory under tmp_path; keyword
-    arguments set fields of the spec or of the record."""
+    arguments set fields of the spec or of the record (its handle: a LocalHandle of tmp_path/node unless
+    given)."""
     run_url = (tmp_path / "bucket" / run_id).as_uri()
     spec = dict(
         run_id=run_id, kind="local", infra="local", run_url=run_url, bucket=run_url.rsplit("/", 1)[0],
         data_url=(tmp_path / "data").as_uri(), recipe="gpt2-tiny", gpu_type="H100", gpus_per_node=2, nodes=1,
         spot=False, price_per_gpu_hour=3.0, total_steps=20, estimate=None,
     )
-    record = dict(started_at=1.0, local_dir=str(tmp_path / "node"), state="LAUNCHED")
+    record = dict(started_at=1.0, handle=LocalHandle(local_dir=str(tmp_path / "node")), state="LAUNCHED")
     spec_fields = {f.name for f in dataclasses.fields(registry.RunSpec)}
     for k, v in kw.items():
         (spec if k in spec_fields else record)[k] = v

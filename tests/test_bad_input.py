@@ -160,7 +160,7 @@ CASES = [
     ("prepare missing source", ["data", "prepare", "nope.txt", "--out", "shards"], ""),
     # data prepare --on-cloud: refused before SkyPilot is imported or anything is built
     ("prepare on-cloud local out", ["data", "prepare", "owner/set:cfg", "--out", "shards", "--on-cloud", "--dry-run"], "s3://"),
-    ("prepare on-cloud file out", ["data", "prepare", "owner/set:cfg", "--out", "file:///tmp/s", "--on-cloud", "--dry-run"], "cannot write to a file://"),
+    ("prepare on-cloud file out", ["data", "prepare", "owner/set:cfg", "--out", "file:///tmp/s", "--on-cloud", "--dry-run"], "cannot reach a file://"),
     ("prepare on-cloud cpus 0", ["data", "prepare", "owner/set:cfg", "--out", "s3://b/s", "--on-cloud", "--cpus", "0", "--dry-run"], "--cpus 0"),
     ("prepare on-cloud local source", ["data", "prepare", "notes.txt", "--out", "s3://b/s", "--on-cloud", "--dry-run"], "cannot read"),
     ("prepare on-cloud bad name", ["data", "prepare", "owner/set:cfg", "--out", "s3://b/s", "--on-cloud", "--name", "my_train", "--dry-run"], "--name"),

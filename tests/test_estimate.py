@@ -220,7 +220,8 @@ def test_cpu_ranks_are_estimated_from_their_measured_point_and_left_out_of_compa
 # ---- fast recipes: Muon's memory and FLOPs, the faithful recipe side by side ----
 
 def test_muon_keeps_one_momentum_buffer_for_the_hidden_matrices():
-    from gpt2cloud.cost.estimate import GIB, hidden_matrix_params
+    from gpt2cloud.cost.estimate import GIB
+    from gpt2cloud.cost.optimizers import hidden_matrix_params
 
     xl = load_recipe("gpt2-1558m").model.config()
     assert hidden_matrix_params(xl) == 48 * 12 * 1600 * 1600
@@ -231,7 +232,7 @@ def test_muon_keeps_one_momentum_buffer_for_the_hidden_matrices():
 
 
 def test_newton_schulz_flops_are_counted_in_the_step_time():
-    from gpt2cloud.cost.estimate import newton_schulz_flops
+    from gpt2cloud.cost.optimizers import newton_schulz_flops
 
     xl = load_recipe("gpt2-1558m").model.config()
     assert newton_schulz_flops(xl) == pytest.approx(5.5e13, rel=0.01)  # per step, on every rank

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from gpt2cloud import home
 from gpt2cloud.backends import backend_for, sky_sdk
+from gpt2cloud.backends.skypilot import SkyHandle
 from gpt2cloud.cli import app
 from gpt2cloud.runs import registry
 
@@ -160,8 +161,8 @@ def record(tmp_path, kind="cluster", **kw):
         bucket=run_url.rsplit("/", 1)[0], data_url="s3://b/data", recipe="gpt2-124m", gpu_type="H100",
         gpus_per_node=8, nodes=1, spot=kind == "managed-job", price_per_gpu_hour=3.0, total_steps=10,
         estimate=None, **kw)
-    rec = registry.RunRecord(spec=spec, started_at=1.0, cluster="r1" if kind == "cluster" else None,
-                             job_id=1 if kind == "cluster" else 7, state="LAUNCHED")
+    handle = SkyHandle(cluster="r1", job_id=1) if kind == "cluster" else SkyHandle(job_id=7)
+    rec = registry.RunRecord(spec=spec, started_at=1.0, handle=handle, state="LAUNCHED")
     registry.save(rec)
     from gpt2cloud.store import open_store
 
@@ -192,10 +193,10 @@ def test_launch_cluster_records_the_run(cloud, tmp_path):
     rec_text = registry.path_for("r1").read_text()
     rec = json.loads(rec_text)
     spec = rec["spec"]
-    assert rec["cluster"] == "r1" and spec["infra"] == "lambda" and spec["bucket"] == f"s3://{BUCKET}/runs"
+    assert rec["handle"]["cluster"] == "r1" and spec["infra"] == "lambda" and spec["bucket"] == f"s3://{BUCKET}/runs"
     assert spec["recipe"] == "gpt2-124m" and spec["gpu_type"] == "H100" and spec["gpus_per_node"] == 8
     assert spec["estimate"]["cost_usd"] > 0 and spec["price_per_gpu_hour"] > 0 and rec["started_at"] > 0
-    assert spec["max_cost_usd"] == 40 and rec["state"] == "LAUNCHED" and rec["request_id"] == "req-1"
+    assert spec["max_cost_usd"] == 40 and rec["state"] == "LAUNCHED" and rec["handle"]["request_id"] == "req-1"
     assert secret not in rec_text and key_id not in rec_text and secret not in r.output
     shipped = home.build_dir("r1")
     names = sorted(p.name for p in shipped.iterdir())
@@ -217,7 +218,7 @@ def test_spot_launches_a_managed_job(cloud):
     task = call["task"]
     assert call["name"] == "r1" and all(res.use_spot and res.job_recovery for res in task.resources)
     rec = registry.get("r1")
-    assert rec.spec.kind == "managed-job" and rec.job_id == 7 and rec.spec.spot
+    assert rec.spec.kind == "managed-job" and rec.handle.job_id == 7 and rec.spec.spot
 
 
 def _exc(name):
@@ -403,7 +404,7 @@ def test_request_id_is_saved_before_skypilot_streams(fake, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         ClusterBackend().start(rec, TASK_CFG, {}, save=registry.save)
     saved = registry.get("r1")
-    assert saved.request_id == "req-1" and saved.state == "LAUNCHING"  # written mid-launch, before Ctrl-C
+    assert saved.handle.request_id == "req-1" and saved.state == "LAUNCHING"  # written mid-launch, before Ctrl-C
     assert fake.names() == ["launch_cluster", "cancel_request", "cluster_status", "down"]
 
 
@@ -417,7 +418,7 @@ def test_ctrl_c_mid_launch_cancels_the_request_and_removes_the_cluster(cloud):
     assert cloud.args("down") == {"cluster_name": "r1"} and cloud.cluster is None
     assert "launch of r1 stopped: cancelled SkyPilot's launch request; removed cluster r1" in r.output
     rec = registry.get("r1")
-    assert rec.state == "LAUNCH_FAILED" and rec.request_id == "req-1"
+    assert rec.state == "LAUNCH_FAILED" and rec.handle.request_id == "req-1"
 
 
 def test_ctrl_c_before_anything_was_provisioned(cloud):
@@ -481,7 +482,7 @@ def test_ctrl_c_mid_managed_launch_cancels_the_job_it_submitted(cloud):
 
 def test_down_of_a_provisioning_run_cancels_then_tears_down(fake, tmp_path):
     rec, _ = record(tmp_path)
-    rec.state, rec.request_id, rec.job_id = "LAUNCHING", "req-9", None
+    rec.state, rec.handle.request_id, rec.handle.job_id = "LAUNCHING", "req-9", None
     registry.save(rec)
     fake.cluster = None  # SkyPilot has not written the cluster down yet: status asks the request
     d = json.loads(CliRunner().invoke(app, ["status", "r1", "--json"]).stdout)
@@ -497,7 +498,7 @@ def test_down_of_a_provisioning_run_cancels_then_tears_down(fake, tmp_path):
 
 def test_down_of_a_provisioning_run_that_made_no_cluster(fake, tmp_path):
     rec, _ = record(tmp_path)
-    rec.state, rec.request_id = "LAUNCHING", "req-9"
+    rec.state, rec.handle.request_id = "LAUNCHING", "req-9"
     registry.save(rec)
     fake.cluster = None
     r = CliRunner().invoke(app, ["down", "r1"])
@@ -507,7 +508,7 @@ def test_down_of_a_provisioning_run_that_made_no_cluster(fake, tmp_path):
 
 def test_down_of_a_provisioning_managed_job_finds_it_by_name(fake, tmp_path):
     rec, _ = record(tmp_path, kind="managed-job")
-    rec.state, rec.request_id, rec.job_id = "LAUNCHING", "req-9", None
+    rec.state, rec.handle.request_id, rec.handle.job_id = "LAUNCHING", "req-9", None
     registry.save(rec)
     fake.named_jobs = [8]
     r = CliRunner().invoke(app, ["down", "r1"])
@@ -537,7 +538,7 @@ def test_a_spot_launch_still_starting_holds_its_name_past_the_grace(cloud, tmp_p
     120 s grace, a second launch of the name still sees the request active and is refused (two managed
     jobs would bill on one bucket); once the request is over, the name is free again."""
     rec, _ = record(tmp_path, kind="managed-job")
-    rec.state, rec.request_id, rec.job_id, rec.started_at = "LAUNCHING", "req-9", None, 1.0  # long ago
+    rec.state, rec.handle.request_id, rec.handle.job_id, rec.started_at = "LAUNCHING", "req-9", None, 1.0  # long ago
     registry.save(rec)
     cloud.request = "RUNNING"
     r = launch("--infra", "aws", "--spot", "--yes")

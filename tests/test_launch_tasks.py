@@ -16,6 +16,7 @@ from sky_offline import enable, sky_home, sky_mod  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 from gpt2cloud.backends.skypilot import to_sky_task
+from gpt2cloud.launch import scripts
 from gpt2cloud.launch import task as tasks
 from gpt2cloud.launch.plan import plan
 from gpt2cloud.cli import app
@@ -63,7 +64,9 @@ def test_h100x8_on_lambda(sky_mod, env):
     assert res.accelerators == {"H100": 8} and str(res.cloud) == "Lambda" and not res.use_spot
     assert res.autostop_config.enabled and res.autostop_config.down and res.autostop_config.idle_minutes == 10
     assert task.envs["GPT2CLOUD_RUN_URL"] == "s3://bkt/runs/g124"
-    assert task.envs["GPT2CLOUD_RECIPE"] == "gpt2-124m" and task.envs["GPT2CLOUD_MAX_COST_USD"] == "50"
+    assert task.envs["GPT2CLOUD_RECIPE"] == "gpt2-124m" and p.train_cfg.max_cost_usd == 50 == p.spec.max_cost_usd
+    # money travels one road, launch -> RunSpec -> config.json: no env carries or overrides it
+    assert not [k for k in task.envs if any(w in k for w in ("COST", "PRICE", "MAX_SECONDS", "MAX_HOURS"))]
     assert "AWS_SECRET_ACCESS_KEY" not in task.envs and SECRET not in json.dumps(task.envs)
     assert {k: v.get_secret_value() for k, v in task.secrets.items()} == {
         "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET}
@@ -108,15 +111,15 @@ def test_spot_on_aws_is_a_managed_job_with_recovery(sky_mod, env):
 
 def test_any_of_over_enabled_clouds(sky_mod, env, monkeypatch):
     p = _plan()  # no --infra
-    assert p.spec.infra == "any" and p.node.clouds == ("aws", "lambda")
+    assert p.spec.infra == "any" and p.job.resources.clouds == ("aws", "lambda")
     assert p.task_cfg["resources"]["any_of"] == [{"infra": "aws"}, {"infra": "lambda"}]
     task = to_sky_task(p.task_cfg, p.secrets)
     assert {str(r.cloud) for r in task.resources} == {"AWS", "Lambda"}
     assert str(_optimize(sky_mod, task).cloud) == "Lambda"  # the cheaper one in the fixture
     # spot: Lambda has none, so only AWS is left
-    assert _plan(spot=True).node.clouds == ("aws",)
+    assert _plan(spot=True).job.resources.clouds == ("aws",)
     # a GPU only Lambda's catalog has
-    assert _plan(recipe="gpt2-tiny", gpus="A10:1").node.clouds == ("lambda",)
+    assert _plan(recipe="gpt2-tiny", gpus="A10:1").job.resources.clouds == ("lambda",)
 
 
 def test_yaml_round_trips_and_holds_no_secret(sky_mod, env):
@@ -213,8 +216,8 @@ def test_node_scripts_use_the_constants_they_name(sky_mod, env):
     from model.sync import EXIT_BUCKET, EXIT_DATA
 
     assert f"|| exit {EXIT_BUCKET}" in run and f"|| exit {EXIT_DATA}" in run
-    assert f"--master_port=\"${{GPT2CLOUD_MASTER_PORT:-{tasks.MASTER_PORT}}}\"" in run
-    assert tasks.NODE_HOME_DEFAULT in run and tasks.NODE_HOME_DEFAULT in setup
+    assert f"--master_port=\"${{GPT2CLOUD_MASTER_PORT:-{scripts.MASTER_PORT}}}\"" in run
+    assert scripts.NODE_HOME_DEFAULT in run and scripts.NODE_HOME_DEFAULT in setup
 
 
 def test_export_is_safe_to_launch_by_hand(sky_mod, env):
@@ -233,7 +236,9 @@ def test_export_is_safe_to_launch_by_hand(sky_mod, env):
     assert res["autostop"] == {"idle_minutes": 10, "down": True, "wait_for": "jobs"}
     assert res["job_recovery"]["recover_on_exit_codes"] == [75] and res["job_recovery"]["max_restarts_on_errors"] == 0
     assert cfg["envs"]["GPT2CLOUD_DEVICE"] == "cuda" and cfg["envs"]["GPT2CLOUD_GPUS_PER_NODE"] == "8"
-    assert int(cfg["envs"]["GPT2CLOUD_MAX_SECONDS"]) == 30 * 3600 + tasks.HARD_LIMIT_GRACE_S
+    # the hard limit comes from config.json (max_hours), read on the node by model/config.py
+    config = json.loads((Path(cfg["workdir"]) / "config.json").read_text())
+    assert config["max_hours"] == 30 and "model.config hard-limit" in cfg["run"]
     assert "torch.cuda.device_count()" in cfg["setup"] and "timeout --kill-after" in cfg["run"]
     task = sky_mod.Task.from_yaml(str(out))  # SkyPilot's own schema accepts all of it
     (res,) = list(task.resources)
@@ -273,9 +278,12 @@ def test_prices_come_from_the_catalog_of_the_cloud(sky_mod, env):
     """The fixture's catalog: Lambda 8xH100 $23.92/h, AWS p5.48xlarge $98.32/h on demand and $40/h spot."""
     from gpt2cloud.launch.clouds import catalog_price
 
-    assert catalog_price("lambda", "H100", 8) == (23.92 / 8, "SkyPilot catalog: Lambda gpu_8x_h100_sxm5 on-demand, us-east-1")
-    assert catalog_price("aws", "H100", 8)[0] == pytest.approx(98.32 / 8)
-    assert catalog_price("aws/us-west-2", "H100", 8, spot=True) == (42.0 / 8, "SkyPilot catalog: AWS p5.48xlarge spot, us-west-2")
+    lam = catalog_price("lambda", "H100", 8)
+    assert (lam.usd_per_hour, lam.source) == (23.92 / 8, "SkyPilot catalog: Lambda gpu_8x_h100_sxm5 on-demand, us-east-1")
+    assert (lam.cloud, lam.region, lam.instance, lam.per, lam.spot) == ("lambda", "us-east-1", "gpu_8x_h100_sxm5", "gpu", False)
+    assert catalog_price("aws", "H100", 8).usd_per_hour == pytest.approx(98.32 / 8)
+    spot = catalog_price("aws/us-west-2", "H100", 8, spot=True)
+    assert (spot.usd_per_hour, spot.source) == (42.0 / 8, "SkyPilot catalog: AWS p5.48xlarge spot, us-west-2")
     assert catalog_price("lambda", "H100", 8, spot=True) is None  # Lambda has no spot
     aws = _plan(infra="aws", max_cost=30)
     assert aws.est.price_per_gpu_hour == pytest.approx(12.29) and aws.est.price_source.startswith("SkyPilot catalog: AWS")
@@ -283,12 +291,13 @@ def test_prices_come_from_the_catalog_of_the_cloud(sky_mod, env):
     assert aws.spec.price_per_gpu_hour == pytest.approx(12.29)
     # any_of over Lambda and AWS: estimated and capped at the most expensive candidate
     anyof = _plan(max_cost=30)
-    assert anyof.node.clouds == ("aws", "lambda") and anyof.train_cfg.price_per_gpu_hour == pytest.approx(12.29)
+    assert anyof.job.resources.clouds == ("aws", "lambda") and anyof.train_cfg.price_per_gpu_hour == pytest.approx(12.29)
     assert "most expensive of 2 any_of candidates" in anyof.est.price_source
-    # ... and the node, once it knows its cloud, caps at that cloud's price (the run script picks it)
-    assert json.loads(anyof.task_cfg["envs"]["GPT2CLOUD_CLOUD_PRICES"]) == {"aws": pytest.approx(12.29),
-                                                                            "lambda": pytest.approx(2.99)}
-    assert "GPT2CLOUD_CLOUD_PRICES" not in aws.task_cfg["envs"]
+    # ... and the node, once it knows its cloud, caps at that cloud's price: the candidates travel in the
+    # spec and config.json (model/config.py price_here picks), never in an env
+    assert anyof.train_cfg.cloud_prices == {"aws": pytest.approx(12.29), "lambda": pytest.approx(2.99)}
+    assert anyof.spec.cloud_prices == anyof.train_cfg.cloud_prices
+    assert aws.train_cfg.cloud_prices == {} and not [k for k in anyof.task_cfg["envs"] if "PRICE" in k]
     # --price still wins; the estimate command reads the same catalog
     assert _plan(infra="aws", price=3.0).est.price_per_gpu_hour == 3.0
     r = CliRunner().invoke(app, ["estimate", "gpt2-124m", "--infra", "aws", "--json"])

@@ -56,7 +56,7 @@ def launch(recipe, name, data, bucket, *extra):
 
 def wait_done(run_id: str, timeout: float = TIMEOUT_S) -> str:
     rec = registry.get(run_id)
-    d = Path(rec.local_dir)
+    d = Path(rec.handle.local_dir)
     deadline = time.time() + timeout
     while time.time() < deadline:
         state = node_state(d)
@@ -75,7 +75,7 @@ def _cmdline(proc: psutil.Process) -> str:
 
 
 def log_of(run_id: str) -> str:
-    return (Path(registry.get(run_id).local_dir) / "driver.log").read_text()
+    return (Path(registry.get(run_id).handle.local_dir) / "driver.log").read_text()
 
 
 def test_whole_flow_prepare_launch_status_fetch_sample(local_env):
@@ -113,7 +113,7 @@ def test_whole_flow_prepare_launch_status_fetch_sample(local_env):
     for p in (tmp / "fetched").rglob("*"):
         if p.is_file() and p.suffix in (".log", ".jsonl", ".json"):
             assert SECRET not in p.read_text(errors="replace"), p
-    node = Path(registry.get("flow").local_dir)
+    node = Path(registry.get("flow").handle.local_dir)
     assert all(SECRET not in p.read_text(errors="replace") for p in node.glob("*.sh"))
 
 
@@ -158,13 +158,13 @@ def test_preempted_run_resumes_with_the_same_losses_and_budget_cap_stops(local_e
         complete, _ = sync.remote_checkpoints(store)
         if complete and complete[-1][0] >= 10:
             break
-        assert node_state(Path(registry.get("victim").local_dir)) == "RUNNING", log_of("victim")
+        assert node_state(Path(registry.get("victim").handle.local_dir)) == "RUNNING", log_of("victim")
         time.sleep(0.2)
     rec = registry.get("victim")
-    tree = psutil.Process(rec.pid).children(recursive=True)
+    tree = psutil.Process(rec.handle.pid).children(recursive=True)
     assert len([c for c in map(_cmdline, tree) if "model.train" in c and "torch.distributed.run" not in c]) == 2
-    kill_process_tree(rec.pid)  # SIGKILL, no goodbye: like a preempted VM
-    assert node_state(Path(rec.local_dir)) == "STOPPED"
+    kill_process_tree(rec.handle.pid)  # SIGKILL, no goodbye: like a preempted VM
+    assert node_state(Path(rec.handle.local_dir)) == "STOPPED"
     assert not [p.pid for p in tree if alive(p.pid, p.create_time())]
     killed_at = max(_losses(bucket, "victim"))
     resumable = sync.remote_checkpoints(store)[0][-1][0]

@@ -13,7 +13,7 @@ from model import checkpoint as ckpt
 from model.data import TokenLoader, find_shards
 from model.muon import MuonAdamW, build_optimizer, orthogonalize
 from model.step import get_lr, setup_training, train_step
-from tests.trainer_helpers import REPO, env, make_shards, tiny_config
+from trainer_helpers import REPO, env, make_shards, tiny_config
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 96)])
@@ -75,6 +75,24 @@ def test_adamw_path_is_configure_optimizer():
         assert mine["weight_decay"] == theirs["weight_decay"] and mine["lr_ratio"] == 1.0
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer(s.raw_model, tiny_config(optimizer="sgd"), "cpu")
+
+
+def test_an_optimizer_is_one_registry_line(monkeypatch):
+    """model/optim.py's OPTIMIZERS: the trainer's setup builds whatever cfg.optimizer names there, and an
+    unknown name lists the registered ones."""
+    from model import optim
+
+    assert set(optim.OPTIMIZERS) == {"adamw", "muon"}
+    assert type(setup_training(tiny_config(optimizer="muon"), "cpu").optimizer) is MuonAdamW
+
+    def sgd(raw_model, cfg, device_type):
+        return torch.optim.SGD([dict(params=list(raw_model.parameters()), lr_ratio=1.0)], lr=cfg.lr)
+
+    monkeypatch.setitem(optim.OPTIMIZERS, "sgd", sgd)
+    s = setup_training(tiny_config(optimizer="sgd"), "cpu")
+    assert type(s.optimizer) is torch.optim.SGD
+    with pytest.raises(ValueError, match=r"unknown optimizer 'lion' \(adamw or muon or sgd\)"):
+        build_optimizer(s.raw_model, tiny_config(optimizer="lion"), "cpu")
 
 
 def _train(cfg, loader, s, steps):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from gpt2cloud.launch.build import NODE_REQUIREMENTS
-from gpt2cloud.launch.task import SETUP_SCRIPT, render
+from gpt2cloud.launch.scripts import SETUP_SCRIPT, render
 
 REPO = Path(__file__).resolve().parent.parent
 # what the node's pip line installs, by import name; gpt2cloud's storage layer ships in the wheel

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from trainer_helpers import REPO, env, make_shards, read_metrics, tiny_config, trainer_cmd, write_config
 
-from gpt2cloud.launch import task
+from gpt2cloud.launch import scripts, task
 from model import sync
 from model.checkpoint import latest_checkpoint
 from model.watchdog import EXIT_STALLED, STALLED
@@ -67,17 +67,17 @@ def test_trainer_refuses_cpu_when_gpus_were_asked_for(tmp_path):
 def test_setup_refuses_a_torch_that_sees_no_gpu(tmp_path):
     """The node's setup, with this machine's CPU-only torch standing in for a wheel that does not match
     the driver: it stops within seconds, with its own exit code, before anything trains."""
-    script = task.render(task.SETUP_SCRIPT)
+    script = scripts.render(scripts.SETUP_SCRIPT)
     e = {**os.environ, "GPT2CLOUD_PYTHON": sys.executable, "GPT2CLOUD_NODE_HOME": str(tmp_path / "node"),
          "GPT2CLOUD_DEVICE": "cuda", "GPT2CLOUD_GPUS_PER_NODE": "8", "GPT2CLOUD_BUILD": "test"}
     t0 = time.time()
     p = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=60)
-    assert p.returncode == task.EXIT_NO_GPU, p.stdout + p.stderr
+    assert p.returncode == scripts.EXIT_NO_GPU, p.stdout + p.stderr
     assert "sees 0 of the 8 GPUs" in p.stderr and time.time() - t0 < 30
     # CPU ranks (--infra local) skip the check and go on to install the build
     p = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**e, "GPT2CLOUD_DEVICE": "auto"},
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode != task.EXIT_NO_GPU and "sees 0 of" not in p.stderr
+    assert p.returncode != scripts.EXIT_NO_GPU and "sees 0 of" not in p.stderr
 
 
 def test_max_hours_stops_the_run_with_a_checkpoint(tmp_path):
@@ -129,10 +129,10 @@ def test_a_failed_final_push_fails_the_job(tmp_path):
          "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_NODES": "1",
          "SKYPILOT_NUM_GPUS_PER_NODE": "1", "GPT2CLOUD_MASTER_PORT": "29731"}
     e.pop("PYTHONPATH", None)
-    for script in (task.SETUP_SCRIPT, task.RUN_SCRIPT):
-        p = subprocess.run(["bash", "-c", task.render(script)], cwd=workdir, env=e, capture_output=True, text=True,
+    for script in (scripts.SETUP_SCRIPT, scripts.RUN_SCRIPT):
+        p = subprocess.run(["bash", "-c", scripts.render(script)], cwd=workdir, env=e, capture_output=True, text=True,
                            timeout=240)
-        if script is task.SETUP_SCRIPT:
+        if script is scripts.SETUP_SCRIPT:
             assert p.returncode == 0, p.stdout + p.stderr
     log = p.stdout + p.stderr
     assert p.returncode == sync.EXIT_FINAL_PUSH, log[-3000:]
@@ -153,7 +153,7 @@ def test_a_failed_final_push_fails_the_job(tmp_path):
 
 def test_a_stalled_run_exits_with_the_recoverable_code(tmp_path):
     """The run script turns the watchdog's marker into EXIT_STALLED, the one code a managed job recovers from."""
-    run = task.render(task.RUN_SCRIPT)
+    run = scripts.render(scripts.RUN_SCRIPT)
     assert f'RC={EXIT_STALLED}' in run and f'rm -f "$OUT/{STALLED}"' in run
     assert task.JOB_RECOVERY["recover_on_exit_codes"] == [EXIT_STALLED]
     assert task.JOB_RECOVERY["max_restarts_on_errors"] == 0  # a bad config or bad data is not retried
@@ -168,8 +168,11 @@ def test_the_node_caps_at_its_own_price_and_counts_node_time(tmp_path):
     # an earlier attempt: up for 2 hours (its last line pushed 2 h after it came up), then preempted
     (out / "timeline.jsonl").write_text(json.dumps({"event": "node_up", "time": now - 10_000}) + "\n" +
                                        json.dumps({"event": "train_start", "time": now - 10_000 + 7_200}) + "\n")
-    cfg = write_config(tmp_path / "c.json", tiny_config(steps=3, price_per_gpu_hour=1.0, max_cost_usd=1000.0))
-    e = {**env(), "GPT2CLOUD_NODE_UP": f"{now - 1800:.3f}", "GPT2CLOUD_PRICE_PER_GPU_HOUR": "2.0"}
+    # an any_of launch: cloud_prices holds each candidate's price and SkyPilot names the cloud the node landed on
+    # (model/config.py price_here); the config's own price is only for a node that cannot tell where it is
+    cfg = write_config(tmp_path / "c.json", tiny_config(steps=3, price_per_gpu_hour=1.0, max_cost_usd=1000.0,
+                                                        cloud_prices={"aws": 2.0, "gcp": 1.0}))
+    e = {**env(), "GPT2CLOUD_NODE_UP": f"{now - 1800:.3f}", "SKYPILOT_CLUSTER_INFO": json.dumps({"cloud": "AWS"})}
     p = subprocess.run(trainer_cmd(cfg, data, out, None), cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     first = next(r for r in read_metrics(out) if "loss" in r)

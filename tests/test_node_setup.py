@@ -19,7 +19,7 @@ from sky_offline import sky_home, sky_mod  # noqa: F401  (fixtures)
 
 from gpt2cloud.backends.skypilot import to_sky_task
 from gpt2cloud.errors import UserError
-from gpt2cloud.launch import build, task
+from gpt2cloud.launch import build, scripts
 from gpt2cloud.launch.plan import plan
 
 
@@ -41,7 +41,7 @@ def test_a_node_with_the_dependencies_installs_only_the_wheel(tmp_path):
     workdir, node, env = _node(tmp_path)
     (node / "deps").write_text(f"torch==2.13.0 {' '.join(build.NODE_REQUIREMENTS)}\n")
     t0 = time.time()
-    p = subprocess.run(["bash", "-c", task.render(task.SETUP_SCRIPT)], cwd=workdir, env=env, capture_output=True,
+    p = subprocess.run(["bash", "-c", scripts.render(scripts.SETUP_SCRIPT)], cwd=workdir, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "dependencies already on this node" in p.stdout and time.time() - t0 < 30
@@ -61,7 +61,7 @@ def test_other_dependencies_are_not_taken_for_installed(tmp_path):
     fake = tmp_path / "bin" / "python3"  # a python3 whose venv step fails: the run stops, nothing half-installed
     fake.write_text("#!/bin/sh\nexit 9\n")
     fake.chmod(0o755)
-    p = subprocess.run(["bash", "-c", task.render(task.SETUP_SCRIPT)], cwd=workdir, env=env, capture_output=True,
+    p = subprocess.run(["bash", "-c", scripts.render(scripts.SETUP_SCRIPT)], cwd=workdir, env=env, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode != 0 and "already on this node" not in p.stdout
     assert not (node / "venv").exists() and not (node / "deps").exists() and not (node / "python").exists()
@@ -73,7 +73,7 @@ def test_the_setup_parts_reach_the_timeline(tmp_path):
     node.mkdir()
     (node / "setup_times").write_text("venv 100.0 103.5\ntorch 103.5 150.25\ndeps 150.25 155.0\n"
                                       "wheel 155.0 156.0\nsetup 99.5 156.0\n")
-    run = task.render(task.RUN_SCRIPT)
+    run = scripts.render(scripts.RUN_SCRIPT)
     start = run.index("# the setup's span")
     snippet = run[start: run.index("fi\n", start) + 3]
     out = tmp_path / "out"

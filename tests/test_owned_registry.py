@@ -9,6 +9,7 @@ as they were. Then the races: launches with one name started together, through t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ from test_launch_sdk import FakeSky
 from trainer_helpers import make_shards
 
 from gpt2cloud import home, processes
+from gpt2cloud.backends.local import LocalHandle
+from gpt2cloud.backends.skypilot import SkyHandle
 from gpt2cloud.runs import registry
 from gpt2cloud.store.layout import RUN_JSON
 
@@ -51,7 +54,7 @@ class World:
         self.procs: list[subprocess.Popen] = []
 
     def record(self, run_id="r1", **kw) -> registry.RunRecord:
-        rec = local_record(self.tmp, run_id, local_dir=str(home.local_node_dir(run_id)), **kw)
+        rec = local_record(self.tmp, run_id, handle=LocalHandle(local_dir=str(home.local_node_dir(run_id))), **kw)
         bucket_run = Path(rec.spec.run_url[len("file://"):])
         bucket_run.mkdir(parents=True, exist_ok=True)
         (bucket_run / RUN_JSON).write_text(json.dumps(rec.spec.to_dict(), indent=2) + "\n")
@@ -357,6 +360,39 @@ def test_one_claim_wins_and_losers_write_nothing(tmp_path, monkeypatch, relaunch
     assert not list((tmp_path / "g2" / "runs").glob(".*tmp*")), "a temporary file was left"
 
 
+@pytest.mark.parametrize("kind", ["local", "cluster", "managed-job"])
+def test_a_record_of_the_version_before_handles_still_loads(tmp_path, monkeypatch, kind):
+    """Records written before backends kept handles had their fields at the top level: each backend's
+    become its handle (the others' are dropped), and the record is saved in today's shape."""
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
+    rec = _record("old1", state="LAUNCHED")
+    d = rec.to_dict()
+    del d["handle"]
+    d["spec"]["kind"] = kind
+    flat = {"cluster": "old1" if kind == "cluster" else None, "job_id": 7, "request_id": "req-1",
+            "pid": 4242 if kind == "local" else None, "local_dir": "/n/old1" if kind == "local" else None}
+    registry.check_writable(registry.path_for("old1").parent)
+    registry.path_for("old1").write_text(json.dumps({**d, **flat}))
+    old = registry.get("old1")
+    assert not old.recovered and old.state == "LAUNCHED" and old.spec.kind == kind
+    if kind == "local":
+        assert old.handle == LocalHandle(pid=4242, local_dir="/n/old1") and old.node_dir == Path("/n/old1")
+    else:
+        assert old.handle == SkyHandle(cluster=flat["cluster"], job_id=7, request_id="req-1")
+    registry.save(old)
+    on_disk = json.loads(registry.path_for("old1").read_text())
+    assert not set(flat) & set(on_disk) and registry.find("old1").handle == old.handle
+    assert on_disk["handle"] == dataclasses.asdict(old.handle)
+
+
+def test_a_record_with_no_handle_yet_round_trips(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
+    registry.claim(_record(state="LAUNCHING"), None)
+    assert json.loads(registry.path_for("race").read_text())["handle"] is None
+    rec = registry.find("race")
+    assert rec.handle is None and rec.node_dir == home.local_node_dir("race")
+
+
 def test_a_damaged_record_is_never_written_over(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
     rec = _record()
@@ -394,5 +430,5 @@ def test_four_launches_with_one_name_through_the_cli(world):
             assert "another gpt2cloud process" in line or "is still running" in line, line
     rec = json.loads(registry.path_for("race").read_text())
     winner = json.loads(outs[codes.index(0)][0])
-    assert rec["pid"] == winner["pid"] and rec["state"] in ("LAUNCHED", "DOWN"), rec
+    assert rec["handle"]["pid"] == winner["pid"] and rec["state"] in ("LAUNCHED", "DOWN"), rec
     assert [h["event"] for h in rec["history"]][:2] == ["launch", "launched"], rec["history"]

@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 
 from gpt2cloud.backends.local import node_state
 from gpt2cloud.cli import app
+from gpt2cloud.cost import prepare as cp
+from gpt2cloud.cost.prices import Price
 from gpt2cloud.data.prepare import prepare
 from gpt2cloud.launch import prepare_job as pj
 from gpt2cloud.processes import alive
@@ -61,8 +63,9 @@ def test_dry_run_prints_the_estimate_then_the_yaml_and_writes_nothing(sky_mod, c
     for secret in (SECRET, KEY_ID, HF):
         assert secret not in r.output
     # the estimate (stderr), from the config's size, the measured rate and the catalog's price
-    est = pj.estimate_job(10e9, "", 8, local=False, hub=True, price=(0.384, ""))
-    assert est.seconds == pj.PROVISION_S + pj.SETUP_S + 10e9 / (pj.TOKENS_PER_CORE_S * 8) + 10e9 * 2 / 200e6
+    est = cp.estimate_prepare(10e9, "", 8, local=False, hub=True, price=Price(0.384, "", per="vm"),
+                              idle_minutes=pj.IDLE_MINUTES)
+    assert est.seconds == cp.PROVISION_S + cp.SETUP_S + 10e9 / (cp.TOKENS_PER_CORE_S * 8) + 10e9 * 2 / 200e6
     assert est.usd == pytest.approx((est.seconds + 60) / 3600 * 0.384)
     assert "~10B (from the config's name, sample-10BT)" in r.stderr
     assert f"~{est.seconds / 60:.1f} min" in r.stderr
@@ -215,7 +218,7 @@ def test_infra_local_runs_the_job_and_matches_a_local_prepare(local_s3):
     # recorded, finished, and nothing left running
     (record,) = registry.all_runs()
     assert record.state == "SUCCEEDED" and record.spec.kind == "local"
-    assert node_state(record.node_dir) == "SUCCEEDED" and not alive(record.pid)
+    assert node_state(record.node_dir) == "SUCCEEDED" and not alive(record.handle.pid)
     # the credentials reached the job as secrets, never a file
     assert SECRET not in "".join(p.read_text(errors="replace") for p in record.node_dir.rglob("*.sh"))
 
@@ -229,7 +232,7 @@ def test_a_failing_job_is_one_line_and_leaves_nothing_running(local_s3):
     last = r.output.strip().splitlines()[-1]
     assert last.startswith("error: the prepare job prep-bad-") and "without a complete set" in last
     (record,) = registry.all_runs()
-    assert record.state == "FAILED" and not alive(record.pid)
+    assert record.state == "FAILED" and not alive(record.handle.pid)
     assert not open_store(url).exists("manifest.json")
 
 

@@ -27,7 +27,7 @@ from sky_offline import sky_home, sky_mod  # noqa: F401  (fixtures)
 
 from gpt2cloud.backends import sky_sdk
 from gpt2cloud.backends.sky_errors import ClusterGone, ControllerNotUp, sky_errors
-from gpt2cloud.backends.skypilot import ClusterBackend, ManagedJobBackend, to_sky_task
+from gpt2cloud.backends.skypilot import ClusterBackend, ManagedJobBackend, SkyHandle, to_sky_task
 from gpt2cloud.errors import UserError
 from gpt2cloud.runs import registry
 
@@ -155,7 +155,7 @@ def test_managed_jobs_without_a_controller(server):
             with sky_errors("status nope"):
                 call()
         assert "managed-jobs controller is not up" in _one_line(info.value)
-    rec = _record("nope", kind="managed-job", job_id=7)
+    rec = _record("nope", kind="managed-job", handle=SkyHandle(job_id=7))
     with pytest.raises(ControllerNotUp):
         ManagedJobBackend().logs(rec, follow=False)  # SkyPilot's own log call would print nothing and say 0
     assert ManagedJobBackend().stop(rec).startswith("no managed job was running")
@@ -171,9 +171,9 @@ def test_ctrl_c_mid_launch_cancels_the_request_on_the_server(server, monkeypatch
     monkeypatch.setattr(sky, "stream_and_get", ctrl_c)
     rec, saved = _record("ctrlc1", state="LAUNCHING"), []
     with pytest.raises(KeyboardInterrupt):
-        ClusterBackend().start(rec, TASK_CFG, {}, save=lambda r: saved.append(r.request_id))
-    assert saved == [rec.request_id] and rec.request_id
-    assert sky_sdk.request_status(rec.request_id) == "CANCELLED"
+        ClusterBackend().start(rec, TASK_CFG, {}, save=lambda r: saved.append(r.handle.request_id))
+    assert saved == [rec.handle.request_id] and rec.handle.request_id
+    assert sky_sdk.request_status(rec.handle.request_id) == "CANCELLED"
     assert sky_sdk.cluster_status("ctrlc1") is None
     assert "launch of ctrlc1 stopped: cancelled SkyPilot's launch request" in capsys.readouterr().err
 
@@ -186,7 +186,7 @@ def test_down_of_a_provisioning_run_cancels_its_request(server):
     # the status call below. Only a launch caught while still under way tests `down`: try again, a few times.
     for _ in range(4):
         request_id = str(sky.launch(task, cluster_name="prov1", idle_minutes_to_autostop=5, down=True))
-        rec = _record("prov1", state="LAUNCHING", cluster="prov1", request_id=request_id)
+        rec = _record("prov1", state="LAUNCHING", handle=SkyHandle(cluster="prov1", request_id=request_id))
         if ClusterBackend().state(rec) in ("LAUNCHING", "CLUSTER_INIT"):
             break
         assert sky_sdk.request_status(request_id) not in ("PENDING", "RUNNING")  # it ended, not a wrong state

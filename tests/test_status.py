@@ -9,6 +9,7 @@ from run_helpers import local_record, metrics_lines
 from sky_offline import sky_home, sky_mod  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
+from gpt2cloud.backends.skypilot import SkyHandle
 from gpt2cloud.cli import app
 from gpt2cloud.runs.status import progress
 from gpt2cloud.store import open_store
@@ -71,7 +72,7 @@ def test_status_of_a_gone_cluster_only_reads(sky_mod, tmp_path, monkeypatch):
     from gpt2cloud.backends import sky_sdk
 
     monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
-    rec = local_record(tmp_path, "gpu1", kind="cluster", infra="lambda", cluster="gpu1", local_dir=None)
+    rec = local_record(tmp_path, "gpu1", kind="cluster", infra="lambda", handle=SkyHandle(cluster="gpu1"))
     monkeypatch.setattr(sky_sdk, "cluster_status", lambda name: None)  # autostop took the cluster down
     model = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50257,
              "padded_vocab_size": 50304}
@@ -119,7 +120,7 @@ def test_status_report_and_train_show_one_speed(tmp_path, monkeypatch):
 
 def test_a_failed_job_says_how_to_save_the_checkpoint_left_on_the_node(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
-    rec = local_record(tmp_path, "fail1", kind="cluster", infra="lambda", cluster="fail1", local_dir=None,
+    rec = local_record(tmp_path, "fail1", kind="cluster", infra="lambda", handle=SkyHandle(cluster="fail1"),
                        idle_minutes=10)
     rows = metrics_lines(10, 20) + json.dumps({"event": "checkpoint", "step": 10, "path": "x"}) + "\n"
     open_store(rec.spec.run_url).put_bytes("metrics.jsonl", rows.encode())  # metrics pushed, the checkpoint not

@@ -234,7 +234,7 @@ def test_a_node_starts_training_before_its_last_shard_lands(tmp_path):
     waits for the second (~10 s to come), trains on, and finishes while the last (~45 s) is still coming;
     the script then stops the downloader and the job succeeds."""
     from gpt2cloud.backends.local import free_port
-    from gpt2cloud.launch import build, task
+    from gpt2cloud.launch import build, scripts
 
     shards = make_shards(tmp_path / "shards", train_tokens=(1500, 25_000, 1300, 200_000), val_tokens=600)
     upload_dir(shards, open_store((tmp_path / "data").as_uri()), progress=False)
@@ -252,8 +252,8 @@ def test_a_node_starts_training_before_its_last_shard_lands(tmp_path):
          "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_NODES": "1",
          "SKYPILOT_NUM_GPUS_PER_NODE": "1", "GPT2CLOUD_MASTER_PORT": str(free_port())}
     e.pop("PYTHONPATH", None)
-    for script in (task.SETUP_SCRIPT, task.RUN_SCRIPT):
-        p = subprocess.run(["bash", "-c", task.render(script)], cwd=workdir, env=e, capture_output=True, text=True,
+    for script in (scripts.SETUP_SCRIPT, scripts.RUN_SCRIPT):
+        p = subprocess.run(["bash", "-c", scripts.render(script)], cwd=workdir, env=e, capture_output=True, text=True,
                            timeout=240, check=False)
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     log = p.stdout + p.stderr

@@ -17,13 +17,16 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import psutil
 
 from gpt2cloud import home, processes
+from gpt2cloud.backends import register
 from gpt2cloud.errors import UserError
+from gpt2cloud.names import DOWN, FAILED, LOCAL, SUCCEEDED
 
 DRIVER = r"""set -u
 cd "$(dirname "$0")/sky_workdir"
@@ -61,8 +64,19 @@ def skypilot_envs(run_id: str, gpus_per_node: int) -> dict:
     }
 
 
+@dataclass
+class LocalHandle:
+    """Where a local run lives (the run record's "handle"). A record rebuilt from what exists has none:
+    its node is then the run's directory under $GPT2CLOUD_HOME/local/ (RunRecord.node_dir)."""
+
+    pid: Optional[int] = None  # the driver's PID (also its process group and session)
+    local_dir: Optional[str] = None  # the node's directory (logs, OUT, data)
+
+
+@register
 class LocalBackend:
-    kind = "local"
+    kind = LOCAL
+    handle_type = LocalHandle
 
     def __init__(self, graceful_seconds: float = 10.0):
         self.graceful_seconds = graceful_seconds  # how long `down` lets the trainer save and the pusher push
@@ -98,11 +112,11 @@ class LocalBackend:
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         (d / "driver.pid").write_text(f"{proc.pid} {processes.process_create_time(proc.pid) or 0!r}\n")
-        record.pid, record.local_dir = proc.pid, str(d)
+        record.handle = LocalHandle(pid=proc.pid, local_dir=str(d))
 
     def state(self, record) -> str:
         s = node_state(record.node_dir)
-        return "DOWN" if record.state == "DOWN" and s == "STOPPED" else s
+        return DOWN if record.state == DOWN and s == "STOPPED" else s
 
     def logs(self, record, follow: bool) -> int:
         log = record.node_dir / "driver.log"
@@ -157,4 +171,4 @@ def node_state(d: Path) -> str:
         rc = int((d / "exit_code").read_text().strip())
     except (OSError, ValueError):
         return "STOPPED"
-    return "SUCCEEDED" if rc == 0 else f"FAILED (exit code {rc})"
+    return SUCCEEDED if rc == 0 else f"{FAILED} (exit code {rc})"

@@ -14,18 +14,34 @@ from __future__ import annotations
 
 import copy
 import sys
+from dataclasses import dataclass
 from typing import Callable, Optional
 
-from gpt2cloud.backends import sky_sdk
+from gpt2cloud.backends import register, sky_sdk
 from gpt2cloud.backends.sky_errors import ClusterGone, ControllerNotUp, first_line, sky_errors
 from gpt2cloud.errors import UserError
+from gpt2cloud.names import ANY, CLUSTER, DOWN, LAUNCH_FAILED, LAUNCHING, MANAGED_JOB, UNKNOWN
 
-# The registry's state while `gpt2cloud launch` is under way (gpt2cloud/runs/registry.py; backends
-# must not import runs): a `down` then may race SkyPilot still provisioning.
-LAUNCHING = "LAUNCHING"
+# A launch request still under way (sky_sdk.request_status): while the record says LAUNCHING, a `down`
+# may race SkyPilot still provisioning.
 ACTIVE_REQUEST = {"PENDING", "WAITING", "RUNNING"}
 
 Save = Optional[Callable[[object], None]]
+
+
+@dataclass
+class SkyHandle:
+    """Where a SkyPilot run lives (the run record's "handle"). A record rebuilt from what exists has none:
+    the run is then found by its name, which is the cluster's name and the managed job's."""
+
+    cluster: Optional[str] = None  # the SkyPilot cluster's name (kind CLUSTER)
+    job_id: Optional[int] = None  # the job id on the cluster, or the managed job id
+    request_id: Optional[str] = None  # the SkyPilot launch request: `down` cancels it while LAUNCHING
+
+
+def _handle(record) -> SkyHandle:
+    """The record's handle; an empty one (not stored) if it has none yet."""
+    return record.handle if isinstance(record.handle, SkyHandle) else SkyHandle()
 
 
 def to_sky_task(task_cfg: dict, secrets: Optional[dict] = None):
@@ -42,14 +58,14 @@ def to_sky_task(task_cfg: dict, secrets: Optional[dict] = None):
 
 
 def _where(record) -> Optional[str]:
-    return None if record.spec.infra == "any" else record.spec.infra
+    return None if record.spec.infra == ANY else record.spec.infra
 
 
 def _recorder(record, save: Save):
-    """sky_sdk's on_request: note the launch's request id in the record and save it at once, so that
-    `gpt2cloud down` (or the cleanup below) can cancel the request whatever happens to this process."""
+    """sky_sdk's on_request: note the launch's request id in the record's handle and save it at once, so
+    that `gpt2cloud down` (or the cleanup below) can cancel the request whatever happens to this process."""
     def on_request(request_id: str) -> None:
-        record.request_id = request_id
+        record.handle.request_id = request_id
         if save is not None:
             save(record)
     return on_request
@@ -67,11 +83,12 @@ def _cancel_request(record, done: list) -> None:
     """The first step of cleaning up after a launch. When it fails (the server died mid-launch, say),
     the teardown still runs: SkyPilot's down waits for the launch's hold on the cluster, and the SDK
     restarts a local server that went away."""
-    if not record.request_id:
+    request_id = _handle(record).request_id
+    if not request_id:
         return  # interrupted before SkyPilot handed one out
     try:
         with sky_errors(f"clean up {record.run_id}"):
-            if sky_sdk.cancel_request(record.request_id):
+            if sky_sdk.cancel_request(request_id):
                 done.append("cancelled SkyPilot's launch request")
     except UserError:
         pass
@@ -99,28 +116,30 @@ def _launch_guarded(record, launch: Callable[[], None], clean_up: Callable[[obje
 def _cancel_launch(record) -> str:
     """`down` of a run whose launch may still be under way: cancel SkyPilot's request and wait for it,
     so nothing is provisioned after the teardown that follows."""
-    if record.state != LAUNCHING or not record.request_id:
+    request_id = _handle(record).request_id
+    if record.state != LAUNCHING or not request_id:
         return ""
     with sky_errors(f"down {record.run_id}: cancel its launch"):
-        cancelled = sky_sdk.cancel_request(record.request_id)
+        cancelled = sky_sdk.cancel_request(request_id)
     return "cancelled its launch request, then " if cancelled else ""
 
 
+@register
 class ClusterBackend:
     """An on-demand cluster named after the run; autostop with down, so nothing bills after the run."""
 
-    kind = "cluster"
+    kind = CLUSTER
+    handle_type = SkyHandle
 
     def start(self, record, task_cfg: dict, secrets: dict, save: Save = None) -> None:
         spec = record.spec
         task = to_sky_task(task_cfg, secrets)
-        record.cluster = spec.run_id
-        record.request_id = None
+        record.handle = handle = SkyHandle(cluster=spec.run_id)
 
         def launch():
             with sky_errors(f"launch {spec.run_id}", infra=_where(record),
                             gpus=f"{spec.gpu_type}:{spec.gpus_per_node}"):
-                record.job_id = sky_sdk.launch_cluster(task, record.cluster, spec.idle_minutes,
+                handle.job_id = sky_sdk.launch_cluster(task, handle.cluster, spec.idle_minutes,
                                                        on_request=_recorder(record, save))
 
         _launch_guarded(record, launch, self._remove_left_cluster)
@@ -143,23 +162,24 @@ class ClusterBackend:
             done.append(_warn(f"cluster {name}", e, f"`gpt2cloud down {record.run_id}` or `sky down {name}`"))
 
     def _name(self, record) -> str:
-        return record.cluster or record.run_id
+        return _handle(record).cluster or record.run_id
 
     def state(self, record) -> str:
+        handle = _handle(record)
         with sky_errors(f"status {record.run_id}"):
             cluster = sky_sdk.cluster_status(self._name(record))
             if cluster is None:
-                if record.state == LAUNCHING and record.request_id and \
-                        sky_sdk.request_status(record.request_id) in ACTIVE_REQUEST:
+                if record.state == LAUNCHING and handle.request_id and \
+                        sky_sdk.request_status(handle.request_id) in ACTIVE_REQUEST:
                     return LAUNCHING  # the request has not made the cluster yet
-                return record.state if record.state in ("DOWN", "LAUNCH_FAILED") else "TERMINATED"
+                return record.state if record.state in (DOWN, LAUNCH_FAILED) else "TERMINATED"
             if cluster != "UP":
                 return f"CLUSTER_{cluster}"
-            return sky_sdk.cluster_job_status(self._name(record), record.job_id) or "UP"
+            return sky_sdk.cluster_job_status(self._name(record), handle.job_id) or "UP"
 
     def logs(self, record, follow: bool) -> int:
         with sky_errors(f"logs {record.run_id}", infra=record.spec.infra):
-            return sky_sdk.tail_logs(self._name(record), record.job_id, follow)
+            return sky_sdk.tail_logs(self._name(record), _handle(record).job_id, follow)
 
     def stop(self, record) -> str:
         cancelled = _cancel_launch(record)
@@ -173,20 +193,22 @@ class ClusterBackend:
         return cancelled + f"tore down cluster {self._name(record)}"
 
 
+@register
 class ManagedJobBackend:
     """A managed job (spot): SkyPilot's controller relaunches a preempted node, which resumes from the bucket."""
 
-    kind = "managed-job"
+    kind = MANAGED_JOB
+    handle_type = SkyHandle
 
     def start(self, record, task_cfg: dict, secrets: dict, save: Save = None) -> None:
         spec = record.spec
         task = to_sky_task(task_cfg, secrets)
-        record.request_id = None
+        record.handle = handle = SkyHandle()
 
         def launch():
             with sky_errors(f"launch {spec.run_id}", infra=_where(record),
                             gpus=f"{spec.gpu_type}:{spec.gpus_per_node}"):
-                record.job_id = sky_sdk.launch_managed_job(task, spec.run_id, on_request=_recorder(record, save))
+                handle.job_id = sky_sdk.launch_managed_job(task, spec.run_id, on_request=_recorder(record, save))
 
         _launch_guarded(record, launch, self._cancel_left_job)
 
@@ -194,7 +216,8 @@ class ManagedJobBackend:
         """Cancel the run's managed job: by id, or by name when the launch never learnt the id.
         Raises ControllerNotUp (no managed job in progress)."""
         with sky_errors(f"cancel {record.run_id}", infra=record.spec.infra):
-            ids = [record.job_id] if record.job_id is not None else sky_sdk.managed_job_ids(record.run_id)
+            job_id = _handle(record).job_id
+            ids = [job_id] if job_id is not None else sky_sdk.managed_job_ids(record.run_id)
             for job_id in ids:
                 sky_sdk.cancel_managed_job(job_id)
         return ids
@@ -213,28 +236,30 @@ class ManagedJobBackend:
                               f"`gpt2cloud down {record.run_id}` or `sky jobs cancel -n {record.run_id}`"))
 
     def state(self, record) -> str:
-        if record.job_id is None:
+        handle = _handle(record)
+        if handle.job_id is None:
             # No job id yet: the launch request (which may still be starting the jobs controller, minutes)
             # says whether one is coming; a LAUNCHING record whose request is over was left by a killed launch.
             if record.state != LAUNCHING:
                 return record.state
-            if record.request_id:
+            if handle.request_id:
                 with sky_errors(f"status {record.run_id}"):
-                    if sky_sdk.request_status(record.request_id) in ACTIVE_REQUEST:
+                    if sky_sdk.request_status(handle.request_id) in ACTIVE_REQUEST:
                         return LAUNCHING
-            return "UNKNOWN"
+            return UNKNOWN
         with sky_errors(f"status {record.run_id}"):
-            return sky_sdk.managed_job_status(record.job_id) or "UNKNOWN"
+            return sky_sdk.managed_job_status(handle.job_id) or UNKNOWN
 
     def logs(self, record, follow: bool) -> int:
-        if record.job_id is None:
+        job_id = _handle(record).job_id
+        if job_id is None:
             raise UserError(f"run '{record.run_id}' has no managed job id (its launch did not finish); see "
                             "`sky jobs queue`")
         with sky_errors(f"logs {record.run_id}", infra=record.spec.infra):
             # SkyPilot's log call swallows a missing controller or job unless it follows: ask first
-            if sky_sdk.managed_job_status(record.job_id) is None:
-                raise UserError(f"logs {record.run_id}: SkyPilot has no managed job {record.job_id} any more")
-            return sky_sdk.tail_managed_logs(record.job_id, follow)
+            if sky_sdk.managed_job_status(job_id) is None:
+                raise UserError(f"logs {record.run_id}: SkyPilot has no managed job {job_id} any more")
+            return sky_sdk.tail_managed_logs(job_id, follow)
 
     def stop(self, record) -> str:
         cancelled = _cancel_launch(record)

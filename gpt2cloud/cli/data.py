@@ -68,7 +68,7 @@ def prepare_command(
 
 def _print_job(job, console: Console) -> None:
     """The on-cloud job and its estimate, before anything is asked or launched."""
-    from gpt2cloud.launch.prepare_job import TOKENS_PER_CORE_S
+    from gpt2cloud.cost.prepare import TOKENS_PER_CORE_S
     from gpt2cloud.names import ANY, LOCAL
 
     est, s = job.est, job.spec

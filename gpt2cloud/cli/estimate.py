@@ -129,11 +129,11 @@ def render_compare(rows: list, console: Console) -> None:
 
 
 def catalog_prices(clouds: list[str], spot: bool):
-    """price(gpu, count) -> [(USD per GPU-hour, source, cloud)] from SkyPilot's catalogs of these clouds."""
+    """price(gpu, count) -> [Price] from SkyPilot's catalogs of these clouds (one offer per cloud)."""
     from gpt2cloud.launch.clouds import catalog_price
 
     def lookup(gpu: str, count: int) -> list:
-        return [(*found, c) for c in clouds if (found := catalog_price(c, gpu, count, spot))]
+        return [found for c in clouds if (found := catalog_price(c, gpu, count, spot))]
 
     return lookup
 
@@ -179,18 +179,15 @@ def estimate_command(
         else:
             render_compare(rows, console)
         return
-    price_source = None
     if price is None and infra and not local:  # SkyPilot's catalog (imports sky: only when asked for)
         from gpt2cloud.launch.clouds import catalog_price, check_infra
 
         check_infra(infra.lower(), gpu_type, count, spot)
-        found = catalog_price(infra.lower(), gpu_type, count, spot)
-        if found is None:
+        price = catalog_price(infra.lower(), gpu_type, count, spot)
+        if price is None:
             raise UserError(f"--infra {infra}: no {'spot ' if spot else ''}price for {gpu_type}:{count} in SkyPilot's "
                             "catalog (offline with no cached catalog?); pass --price USD_PER_GPU_HOUR")
-        price, price_source = found
-    e = estimate(r, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, price=price, price_source=price_source,
-                 **common)
+    e = estimate(r, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, price=price, **common)
     if as_json:
         print_json(e.to_dict())
     else:

@@ -21,7 +21,7 @@ def _print_plan(p, console: Console) -> None:
     from gpt2cloud.names import ANY, LOCAL
 
     where = {LOCAL: "this machine (CPU ranks, as SkyPilot would run one node)",
-             ANY: f"the cheapest of {', '.join(p.node.clouds) or 'the enabled clouds'} (SkyPilot any_of)"}
+             ANY: f"the cheapest of {', '.join(p.job.resources.clouds) or 'the enabled clouds'} (SkyPilot any_of)"}
     s = p.spec
     console.print(f"[bold]launch[/]         run [bold]{s.run_id}[/] on {where.get(s.infra, s.infra)}"
                   f"{' (spot, managed job: resumes after preemption)' if s.spot else ''}")
@@ -74,8 +74,9 @@ def launch_command(
 ):
     """Estimate, confirm and launch a training run: SkyPilot cluster, managed spot job, or this machine."""
     from gpt2cloud import home
-    from gpt2cloud.launch import start, task
+    from gpt2cloud.launch import start
     from gpt2cloud.launch.plan import plan
+    from gpt2cloud.names import ANY
 
     offline = dry_run or export_yaml is not None
     # before anything is written anywhere (the bucket included): the registry and the build live there
@@ -87,7 +88,7 @@ def launch_command(
     console = Console(stderr=as_json)
     for w in p.warnings:
         Console(stderr=True).print(f"[yellow]warning:[/] {w}", soft_wrap=True)
-    if p.spec.infra == task.ANY and not p.node.clouds:
+    if p.spec.infra == ANY and not p.job.resources.clouds:
         Console(stderr=True).print("note: no cloud is enabled here (`sky check`); the task names no infra, so "
                                    "SkyPilot picks the cheapest enabled cloud at `sky launch`")
     if offline:
@@ -107,7 +108,7 @@ def launch_command(
     s = record.spec
     if as_json:
         print_json({"run": s.run_id, "kind": s.kind, "infra": s.infra, "run_url": s.run_url,
-                    "cluster": record.cluster, "job_id": record.job_id, "pid": record.pid,
+                    **{k: getattr(record.handle, k, None) for k in ("cluster", "job_id", "pid")},
                     "estimate": p.est.to_dict()})
         return
     console.print(f"[green]launched[/] {s.run_id} ({s.kind}); outputs go to {s.run_url}")

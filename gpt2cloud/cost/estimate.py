@@ -9,7 +9,9 @@ import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 
 from gpt2cloud.cost import phases
-from gpt2cloud.cost.hardware import default_mfu, default_price, gpu_spec, known_gpus
+from gpt2cloud.cost.hardware import default_mfu, gpu_spec, known_gpus
+from gpt2cloud.cost.optimizers import OPTIMIZERS
+from gpt2cloud.cost.prices import Price, table_price
 from gpt2cloud.cost.recipes import Recipe, fast_recipe_of, faithful_recipe
 from gpt2cloud.errors import MAX_MICRO_BATCH, MAX_STEPS, MAX_TOKENS_PER_STEP, UserError, positive
 from model.config import FLOPS_FORMULA, BatchError, GPTConfig, TrainConfig
@@ -25,10 +27,7 @@ GIB = 2**30
 WEIGHT_BYTES_PER_PARAM = 4
 BF16_WEIGHT_BYTES_PER_PARAM = 2
 GRADIENT_BYTES_PER_PARAM = 4
-OPTIMIZER_BYTES_PER_PARAM = 8
-# optimizer: muon (model/muon.py) keeps one fp32 momentum buffer for the blocks' 2-D matrices and AdamW's two
-# moments for the rest (embeddings, biases, LayerNorms).
-MUON_BYTES_PER_PARAM = 4
+# The optimizer's state: gpt2cloud/cost/optimizers.py (AdamW's two fp32 moments: 8 bytes per parameter).
 # Saved for the backward pass, per token per layer per unit of width, with flash attention (no T x T
 # scores), no dropout: the fp32 residual stream at both LayerNorm inputs (4 + 4), the bf16 LayerNorm
 # outputs fed to the matmuls (2 + 2), q/k/v (6), the attention output (2), the MLP's c_fc output and
@@ -67,20 +66,6 @@ class Memory:
         return self.total_gib - self.overhead_gib
 
 
-def hidden_matrix_params(m: GPTConfig) -> int:
-    """The blocks' 2-D weights, Muon's share under optimizer muon: attention qkv (3d x d) and output (d x d),
-    MLP up (4d x d) and down (d x 4d) = 12 d^2 per layer."""
-    return m.n_layer * 12 * m.n_embd * m.n_embd
-
-
-def optimizer_bytes(m: GPTConfig, optimizer: str = "adamw") -> int:
-    n = m.param_count(padded=True)
-    if optimizer == "muon":
-        hidden = hidden_matrix_params(m)
-        return MUON_BYTES_PER_PARAM * hidden + OPTIMIZER_BYTES_PER_PARAM * (n - hidden)
-    return OPTIMIZER_BYTES_PER_PARAM * n
-
-
 def memory_per_gpu(m: GPTConfig, micro_batch: int, optimizer: str = "adamw") -> Memory:
     n = m.param_count(padded=True)
     tokens = micro_batch * m.block_size
@@ -88,7 +73,7 @@ def memory_per_gpu(m: GPTConfig, micro_batch: int, optimizer: str = "adamw") -> 
         weights_gib=WEIGHT_BYTES_PER_PARAM * n / GIB,
         bf16_weights_gib=BF16_WEIGHT_BYTES_PER_PARAM * n / GIB,
         gradients_gib=GRADIENT_BYTES_PER_PARAM * n / GIB,
-        optimizer_gib=optimizer_bytes(m, optimizer) / GIB,
+        optimizer_gib=OPTIMIZERS[optimizer].state_bytes(m) / GIB,
         activations_gib=(ACTIVATION_BYTES_PER_TOKEN_LAYER * m.n_layer + ACTIVATION_BYTES_PER_TOKEN_EXTRA)
         * m.n_embd * tokens / GIB,
         logits_gib=LOGIT_BYTES_PER_TOKEN_VOCAB * m.padded_vocab_size * tokens / GIB,
@@ -101,24 +86,6 @@ def max_micro_batch(m: GPTConfig, memory_gib: float, optimizer: str = "adamw") -
     fixed = memory_per_gpu(m, 0, optimizer).total_gib
     per_sample = memory_per_gpu(m, 1, optimizer).total_gib - fixed
     return max(0, int((memory_gib - fixed) // per_sample))
-
-
-# Newton-Schulz iterations per Muon step (model/muon.py NS_STEPS; cost/ may not import torch to read it)
-NEWTON_SCHULZ_STEPS = 5
-
-
-def newton_schulz_flops(m: GPTConfig) -> int:
-    """FLOPs of one Muon step's orthogonalizations, which every rank does in full (model/muon.py): per
-    iteration on an a x b matrix (a <= b, the smaller Gram matrix) X X^T 2a^2b, A A 2a^3, (..) X 2a^2b.
-    The model FLOPs (6N + 12LdT) do not count them: at 1558M it is ~5.5e13 per step per rank, ~0.5% of
-    a 1,048,576-token step's FLOPs on one GPU but ~4% of each rank's share on 8, so the estimate adds it
-    to the step time (at the same MFU: large bf16 matmuls, as efficient as the model's)."""
-    d = m.n_embd
-    per_layer = 0
-    for rows, cols in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d)):  # qkv, attention out, MLP up, MLP down
-        a, b = sorted((rows, cols))
-        per_layer += NEWTON_SCHULZ_STEPS * (4 * a * a * b + 2 * a**3)
-    return m.n_layer * per_layer
 
 
 @dataclass
@@ -185,7 +152,7 @@ def estimate(
     gpu_type: str = "H100",
     gpus_per_node: int = 8,
     nodes: int = 1,
-    price: float | None = None,
+    price: Price | float | None = None,
     mfu: float | None = None,
     steps: int | None = None,
     tokens_per_step: int | None = None,
@@ -202,7 +169,8 @@ def estimate(
     fast one that one's (est.fast)."""
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: need at least 1 node")
-    positive("--price", price, "2.99")
+    if not isinstance(price, Price):
+        positive("--price", price, "2.99")
     positive("--mfu", mfu, "0.45", upper=1)
     positive("--steps", steps, "19073", upper=MAX_STEPS)
     positive("--tokens-per-step", tokens_per_step, "524288", upper=MAX_TOKENS_PER_STEP)
@@ -212,13 +180,8 @@ def estimate(
     cfg = recipe.to_train_config(steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch)
     note = ""
     if micro_batch is None:  # the recipe's micro-batch: use the largest one that divides and fits instead
-        gpus = gpus_per_node * nodes
-        chosen = fit_micro_batch(cfg, gpus, gpu_spec(gpu_type).memory_gib)
-        if chosen and chosen != cfg.micro_batch:
-            note = (f"micro-batch {chosen} instead of the recipe's {cfg.micro_batch}, the largest that "
-                    f"{'fits in ' + gpu_spec(gpu_type).name + ' memory and ' if chosen < cfg.micro_batch else ''}"
-                    f"divides {cfg.tokens_per_step:,} tokens per step over {gpus} GPUs")
-            cfg = dataclasses.replace(cfg, micro_batch=chosen)
+        spec = gpu_spec(gpu_type)
+        cfg, note = choose_micro_batch(cfg, gpus_per_node * nodes, spec.memory_gib, spec.name)
     est = estimate_config(recipe.name, cfg, gpu_type, gpus_per_node, nodes, price=price, mfu=mfu,
                            check_batch=check_batch, local=local, spot=spot, idle_minutes=idle_minutes,
                            price_source=price_source)
@@ -243,27 +206,72 @@ def estimate(
     return est
 
 
+def as_price(price: Price | float | None, source: str | None, gpu: str) -> Price:
+    """A Price from what the caller has: the resolved one, a bare number (--price), or nothing (the table's)."""
+    if isinstance(price, Price):
+        return price
+    if price is not None:
+        return Price(float(price), source or "--price")
+    listed = table_price(gpu)
+    if listed is None:
+        raise UserError(f"no default price for {gpu}; pass --price USD_PER_GPU_HOUR")
+    return listed
+
+
 # what a side-by-side shows of the other recipe: its size, time, dollars and memory
 SIBLING_FIELDS = ("recipe", "optimizer", "steps", "tokens", "micro_batch", "wall_hours", "gpu_hours", "cost_usd",
                   "all_in_hours", "all_in_cost_usd", "memory_gb_per_gpu", "fits")
 
 
-def fit_micro_batch(cfg: TrainConfig, gpus: int, memory_gib: float) -> int | None:
+def fit_micro_batch(cfg: TrainConfig, gpus: int, memory_gib: float | None) -> int | None:
     """The largest micro-batch, at most the config's, that divides tokens per step over the GPUs and
-    fits in their memory; None when none does."""
+    fits in their memory (memory_gib None: not known, divisibility only); None when none does."""
     for m in range(cfg.micro_batch, 0, -1):
         if (cfg.tokens_per_step % (m * cfg.model.block_size * gpus) == 0
-                and memory_per_gpu(cfg.model, m, cfg.optimizer).total_gib <= memory_gib):
+                and (memory_gib is None or memory_per_gpu(cfg.model, m, cfg.optimizer).total_gib <= memory_gib)):
             return m
     return None
 
 
+def choose_micro_batch(cfg: TrainConfig, gpus: int, memory_gib: float | None, device: str = "GPU",
+                       ranks: str = "GPUs") -> tuple[TrainConfig, str]:
+    """The one micro-batch rule (estimate, launch and `train`): the config with the largest micro-batch,
+    at most its own, that divides tokens per step over `gpus` ranks and fits in `memory_gib` per rank;
+    and a note saying why when it changed ("" when it did not, or when none fits: the caller refuses)."""
+    chosen = fit_micro_batch(cfg, gpus, memory_gib)
+    if not chosen or chosen == cfg.micro_batch:
+        return cfg, ""
+    note = (f"micro-batch {chosen} instead of the recipe's {cfg.micro_batch}, the largest that "
+            f"{'fits in ' + device + ' memory and ' if memory_gib is not None and chosen < cfg.micro_batch else ''}"
+            f"divides {cfg.tokens_per_step:,} tokens per step over {gpus} {ranks}")
+    return dataclasses.replace(cfg, micro_batch=chosen), note
+
+
+def check_fits(recipe: Recipe, gpu_type: str, gpus: int, micro_batch: int | None = None,
+               tokens_per_step: int | None = None) -> None:
+    """Refuse a recipe that does not fit in the GPU's memory at the micro-batch the launch would use (the
+    one rule above), before anything is asked of a cloud."""
+    spec = gpu_spec(gpu_type)
+    cfg = recipe.to_train_config(tokens_per_step=tokens_per_step, micro_batch=micro_batch)
+    if micro_batch is None:
+        cfg, _ = choose_micro_batch(cfg, gpus, spec.memory_gib, spec.name)
+    need = memory_per_gpu(cfg.model, cfg.micro_batch, cfg.optimizer).total_gib
+    if need <= spec.memory_gib:
+        return
+    most = max_micro_batch(cfg.model, spec.memory_gib, cfg.optimizer)
+    raise UserError(
+        f"{recipe.name} needs ~{round(need, 2):.1f} GiB per GPU with micro-batch {cfg.micro_batch}, but {spec.name} has "
+        f"{spec.memory_gib:g} GiB; pick a GPU with more memory (`gpt2cloud estimate {recipe.name} --compare`)"
+        + (f" or a recipe whose micro-batch is at most {most}" if most else " (it does not fit even at micro-batch 1)"))
+
+
 def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: int, nodes: int = 1,
-                    price: float | None = None, mfu: float | None = None, check_batch: bool = True,
+                    price: Price | float | None = None, mfu: float | None = None, check_batch: bool = True,
                     local: bool = False, spot: bool = False, idle_minutes: float = 10.0,
                     price_source: str | None = None) -> Estimate:
     """The estimate of a resolved training config (a recipe with its overrides, or a run's own config).
-    price_source names where a given price came from (a cloud's catalog); without a price, the table's."""
+    price: the launch's resolved Price, or a number (price_source names where it came from, default
+    --price); without one, the table's."""
     spec = gpu_spec(gpu_type)
     m, steps, tokens_per_step, micro_batch = cfg.model, cfg.steps, cfg.tokens_per_step, cfg.micro_batch
     gpus = gpus_per_node * nodes
@@ -281,17 +289,12 @@ def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: i
         mfu, mfu_source = cal.mfu, cal.source
     else:
         mfu_source = "--mfu"
-    if price is None:
-        listed = default_price(spec.name)
-        if listed is None:
-            raise UserError(f"no default price for {spec.name}; pass --price USD_PER_GPU_HOUR")
-        price, price_source = listed.usd_per_gpu_hour, f"table fallback: {listed.source} ({listed.as_of})"
-    else:
-        price_source = price_source or "--price"
+    resolved = as_price(price, price_source, spec.name)
+    price, price_source = resolved.per_gpu(gpus_per_node), resolved.source
 
     tokens = steps * tokens_per_step
-    # Muon: every rank runs Newton-Schulz on every hidden matrix, each step (see newton_schulz_flops)
-    optimizer_flops = newton_schulz_flops(m) * gpus if cfg.optimizer == "muon" else 0
+    # what the optimizer computes beyond the model's FLOPs, on every rank (Muon: Newton-Schulz)
+    optimizer_flops = OPTIMIZERS[cfg.optimizer].step_flops(m) * gpus
     step_seconds = (fpt * tokens_per_step + optimizer_flops) / (mfu * spec.peak_bf16_tflops * 1e12 * gpus)
     tokens_per_second = tokens_per_step / step_seconds
     wall_seconds = tokens / tokens_per_second
@@ -319,17 +322,17 @@ def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: i
 
 def compare(recipe: Recipe, counts=(1, 8), price: float | None = None, prices=None, **kwargs) -> list[Estimate]:
     """Estimates over GPU types and the given counts, cheapest all-in first. prices(gpu, count), when
-    given, returns catalog offers [(USD per GPU-hour, source, cloud)]: one row per cloud that has the GPU;
-    else every GPU type with a table price (or --price) gets one row."""
+    given, returns catalog offers [Price]: one row per cloud that has the GPU; else every GPU type with a
+    table price (or --price) gets one row."""
     rows = []
     for gpu in known_gpus():
         if gpu == "CPU":
             continue  # CPU ranks are for local runs, not something to rent for GPT-2
         for n in counts:
             if prices is not None:
-                for usd, source, _cloud in prices(gpu, n):
-                    rows.append(estimate(recipe, gpu_type=gpu, gpus_per_node=n, check_batch=False, price=usd,
-                                         price_source=source, **kwargs))
-            elif price is not None or default_price(gpu) is not None:
+                for offer in prices(gpu, n):
+                    rows.append(estimate(recipe, gpu_type=gpu, gpus_per_node=n, check_batch=False, price=offer,
+                                         **kwargs))
+            elif price is not None or table_price(gpu) is not None:
                 rows.append(estimate(recipe, gpu_type=gpu, gpus_per_node=n, check_batch=False, price=price, **kwargs))
     return sorted(rows, key=lambda e: (not e.fits, e.all_in_cost_usd))

@@ -28,13 +28,6 @@ class GpuSpec:
 
 
 @dataclass(frozen=True)
-class Price:
-    usd_per_gpu_hour: float
-    source: str
-    as_of: str
-
-
-@dataclass(frozen=True)
 class Calibration:
     mfu: float
     source: str  # where the figure comes from, printed next to every estimate
@@ -67,11 +60,6 @@ def gpu_from_device_name(device_name: str, memory_gib: float) -> str | None:
         if gpu.upper() in words:
             return "A100-80GB" if gpu == "A100" and memory_gib > 60 else gpu
     return None
-
-
-def default_price(gpu: str) -> Price | None:
-    row = table("prices").get(gpu)
-    return Price(**row) if row else None
 
 
 def parse_gpus(text: str) -> tuple[str, int]:

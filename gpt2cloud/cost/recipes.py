@@ -11,6 +11,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from gpt2cloud.cost.optimizers import OPTIMIZERS
 from gpt2cloud.errors import UserError
 from model.config import BatchError, GPTConfig, TrainConfig
 
@@ -54,7 +55,7 @@ class OptimizerSpec(_Strict):
     # adamw: AdamW for every parameter. muon: Muon (Newton-Schulz orthogonalized momentum) for the 2-D
     # hidden matrices of the blocks, AdamW with the fields above the muon_* ones for the embeddings,
     # biases and LayerNorms (model/muon.py).
-    name: Literal["adamw", "muon"] = "adamw"
+    name: Literal[tuple(OPTIMIZERS)] = "adamw"  # cost/optimizers.py: the optimizers the trainer knows
     lr: float = Field(gt=0)
     min_lr_ratio: float = Field(ge=0, le=1)
     warmup_steps: int = Field(ge=0)

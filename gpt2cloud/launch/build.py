@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 import gpt2cloud
-from gpt2cloud.store import atomic_write
+from gpt2cloud.store import STORES, atomic_write
 from gpt2cloud.store.layout import CONFIG
 
 NAME = "gpt2cloud"
@@ -27,7 +27,9 @@ SKIP_DIRS = {"__pycache__"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".tmp")
 # What the node needs besides the wheel and torch (skypilot is deliberately absent): the node's setup
 # (gpt2cloud/launch/task.py) installs exactly these.
-NODE_REQUIREMENTS = ("numpy", "tiktoken", "safetensors", "boto3", "huggingface_hub")  # huggingface_hub: --data hf://
+# The trainer's own, then each store's client library (boto3 for s3://, huggingface_hub for --data hf://).
+NODE_REQUIREMENTS = ("numpy", "tiktoken", "safetensors") + tuple(
+    dict.fromkeys(r for scheme in STORES.values() for r in scheme.node_requirements))
 
 
 def files_of(package: str, arc_prefix: str) -> list[tuple[str, bytes]]:

@@ -1,8 +1,9 @@
-"""Which clouds can run a launch, checked in-process before anything is provisioned.
+"""Which clouds can run a launch and what it costs there: the one module that reads SkyPilot's catalog.
 
 - enabled_clouds(): the clouds `sky check` enabled (SkyPilot's cached credential check);
 - check_infra(): an unknown cloud, spot where the cloud has none (Lambda, Kubernetes, ...), a GPU type
-  or count the cloud's catalog does not offer.
+  or count the cloud's catalog does not offer;
+- gpu_price() and vm_price(): a launch's one Price (gpt2cloud/cost/prices.py), GPU nodes and CPU VMs alike.
 
 Needs `sky` (imported inside the functions); the catalogs are SkyPilot's cached CSVs, downloaded by
 SkyPilot when missing: if that fails (offline) the GPU check is skipped and SkyPilot decides at launch.
@@ -10,17 +11,18 @@ SkyPilot when missing: if that fails (offline) the GPU check is skipped and SkyP
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from gpt2cloud.backends.sky_errors import NO_CLOUD
+from gpt2cloud.cost import prices
+from gpt2cloud.cost.prices import Price
 from gpt2cloud.errors import UserError
 from gpt2cloud.names import ANY, LOCAL
 
 
-
 def sky_module():
     """import sky for in-process use: as a client (rich spinners, not the API server's encoded payloads)."""
-    import logging
     import sys
 
     import sky
@@ -143,9 +145,9 @@ def choose_clouds(gpu: str, count: int, spot: bool) -> list[str]:
     return usable
 
 
-def catalog_price(infra: str, gpu: str, count: int, spot: bool = False) -> Optional[tuple[float, str]]:
-    """(USD per GPU-hour, where it comes from) of the cheapest `gpu:count` offer in SkyPilot's catalog of
-    this cloud (and region, if given), on-demand or spot; None when the catalog cannot be read or has none."""
+def catalog_price(infra: str, gpu: str, count: int, spot: bool = False) -> Optional[Price]:
+    """The cheapest `gpu:count` offer in SkyPilot's catalog of this cloud (and region, if given), per GPU,
+    on-demand or spot; None when the catalog cannot be read or has none."""
     sky = sky_module()
 
     cloud, _, region = infra.partition("/")
@@ -166,19 +168,53 @@ def catalog_price(infra: str, gpu: str, count: int, spot: bool = False) -> Optio
         return None
     price, info = best
     kind = "spot" if spot else "on-demand"
-    return price / count, f"SkyPilot catalog: {info.cloud} {info.instance_type} {kind}, {info.region}"
+    return Price(price / count, f"SkyPilot catalog: {info.cloud} {info.instance_type} {kind}, {info.region}",
+                 cloud=_cloud_name(info.cloud), region=info.region, spot=spot, instance=info.instance_type)
 
 
-def launch_price(infra: str, clouds: list[str], gpu: str, count: int,
-                 spot: bool) -> Optional[tuple[float, str, dict]]:
-    """(price, source, {cloud: price}) a launch is estimated and capped at: its cloud's catalog price,
-    or with any_of over several clouds the most expensive of them (a failover must not let spending
-    past the cap); the node then caps at its own cloud's price from the dict."""
-    candidates = [infra] if infra not in (ANY, LOCAL) else list(clouds)
-    found = {c.split("/")[0]: p for c in candidates if (p := catalog_price(c, gpu, count, spot))}
-    if not found:
+def candidates(infra: str, clouds: list[str]) -> list[str]:
+    """Where a launch may land: its one infra, or with --infra any the enabled clouds chosen for any_of."""
+    return [infra] if infra not in (ANY, LOCAL) else list(clouds)
+
+
+def gpu_price(infra: str, clouds: list[str], gpu: str, count: int, spot: bool) -> Optional[Price]:
+    """A training launch's catalog price: its cloud's, or with any_of over several clouds the most expensive
+    (with each candidate's, for the node's own cap); None when no catalog here has one."""
+    return prices.most_expensive([p for c in candidates(infra, clouds) if (p := catalog_price(c, gpu, count, spot))])
+
+
+def vm_offer(infra: str, cpus: int, memory_gb: int):
+    """The cheapest CPU-only instance of this size in SkyPilot's catalog of this cloud (and region): a
+    Price per VM-hour; False when the catalog has only GPU instances (or none) of it; None when it cannot
+    be read."""
+    sky = sky_module()
+    cloud, _, region = infra.partition("/")
+    # SkyPilot logs a failed catalog download as an error; here it only means the fallback price is used.
+    quiet = logging.getLogger("sky.catalog.common")
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        itype = sky.catalog.get_default_instance_type(cpus=f"{cpus}+", memory=f"{memory_gb}+",
+                                                      region=region or None, clouds=cloud)
+        if not itype:
+            return False
+        if sky.catalog.get_accelerators_from_instance_type(itype, clouds=cloud):
+            return False
+        price = sky.catalog.get_hourly_cost(itype, use_spot=False, region=region or None, zone=None, clouds=cloud)
+    except Exception:  # noqa: BLE001 - offline with no cached catalog, a cloud without one: no price
         return None
-    price, source = max(found.values())
-    if len(found) > 1:
-        source = f"the most expensive of {len(found)} any_of candidates: {source}"
-    return price, source, {c: p[0] for c, p in found.items()}
+    finally:
+        quiet.setLevel(level)
+    return Price(float(price), f"SkyPilot catalog: {cloud} {itype} on-demand", per=prices.VM, cloud=cloud,
+                 region=region, instance=itype)
+
+
+def cpu_clouds(cpus: int, memory_gb: int) -> list[str]:
+    """The enabled clouds with a CPU-only instance of this size (a GPU-only cloud would rent a GPU VM)."""
+    return [c for c in enabled_clouds() if c != "ssh" and vm_offer(c, cpus, memory_gb) is not False]
+
+
+def vm_price(infra: str, clouds: list[str], cpus: int, memory_gb: int) -> Price:
+    """The one price of a CPU VM launch: the cheapest candidate in SkyPilot's catalogs (SkyPilot picks the
+    cheapest), else the assumed per-vCPU rate."""
+    found = [p for c in (candidates(infra, clouds) or ["aws", "gcp", "azure"]) if (p := vm_offer(c, cpus, memory_gb))]
+    return min(found, key=lambda p: p.usd_per_hour) if found else prices.cpu_vm_fallback(cpus)

@@ -7,27 +7,26 @@ and resolves the run's spec, the trainer's config and the SkyPilot task. It writ
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
-import ipaddress
 import math
 import os
 from dataclasses import dataclass
 from typing import Optional
-from urllib.parse import urlparse
 
 from gpt2cloud import home
-from gpt2cloud.cost.estimate import Estimate, estimate
-from gpt2cloud.cost.hardware import gpu_from_device_name, parse_gpus
+from gpt2cloud.cost import prices
+from gpt2cloud.cost.estimate import Estimate, check_fits, estimate
+from gpt2cloud.cost.hardware import gpu_from_device_name, gpu_spec, parse_gpus
+from gpt2cloud.cost.prices import Price
 from gpt2cloud.cost.recipes import load_recipe
 from gpt2cloud.errors import MAX_STEPS, UserError, positive
-from gpt2cloud.launch import build, task
+from gpt2cloud.launch import build, scripts, task
 from gpt2cloud.runs import registry
 from gpt2cloud.names import ANY, CLUSTER, LOCAL, MANAGED_JOB
 from gpt2cloud.runs.registry import RunSpec
-from gpt2cloud.store import StorageError
-from gpt2cloud.store.hub import parse_hub_url
 from model.config import TrainConfig
 
 CPU = "CPU"  # the hardware table's entry for CPU ranks (local runs only)
@@ -39,14 +38,31 @@ COMPILE_ALLOWANCE_S = 600  # torch.compile of a 1.5B model, the first step's all
 
 @dataclass(frozen=True)
 class Plan:
-    spec: RunSpec  # the run's identity: registry record and the bucket's run.json
-    est: Estimate
-    train_cfg: TrainConfig  # config.json in the workdir
-    node: task.NodeOptions
-    task_cfg: dict  # the SkyPilot task, secrets redacted (what --dry-run prints)
-    secrets: dict  # values: only in memory, only handed to SkyPilot or the local node's environment
-    wheel: tuple  # (file name, bytes) of this build
-    warnings: tuple = ()  # printed before the launch is confirmed
+    """A training launch, planned: its Job (gpt2cloud/launch/task.py) and the trainer's config in it."""
+
+    job: task.Job
+    train_cfg: TrainConfig  # config.json in the workdir (job.config_json is its text)
+
+    @property
+    def spec(self) -> RunSpec:
+        return self.job.spec
+
+    @property
+    def est(self) -> Estimate:
+        return self.job.estimate
+
+    @property
+    def task_cfg(self) -> dict:
+        """The SkyPilot task, secrets redacted (what --dry-run prints)."""
+        return task.build_config(self.job)
+
+    @property
+    def secrets(self) -> dict:
+        return self.job.secrets
+
+    @property
+    def warnings(self) -> tuple:
+        return self.job.warnings
 
     @property
     def run_id(self) -> str:
@@ -60,43 +76,6 @@ def torch_spec() -> str:
     except importlib.metadata.PackageNotFoundError:
         return "torch"
     return f"torch=={version}"
-
-
-def _check_url(flag: str, url: str, infra: str) -> str:
-    url = url.strip().rstrip("/")
-    scheme = urlparse(url).scheme
-    if scheme == "hf":  # token shards on the Hugging Face Hub: each node downloads them itself
-        if flag != "--data":
-            raise UserError(f"{flag} {url}: the Hub is read-only here; the run's bucket is s3://BUCKET/PREFIX "
-                            "(or, with --infra local, file:///PATH)")
-        try:
-            parse_hub_url(url)
-        except StorageError as e:
-            raise UserError(f"{flag} {e}") from None
-        endpoint = os.environ.get("HF_ENDPOINT", "")
-        if infra != LOCAL and endpoint and _endpoint_is_local(endpoint):
-            raise UserError(f"{flag} {url}: HF_ENDPOINT {endpoint} is on this machine's loopback, which a cloud "
-                            "node cannot reach; unset it (the Hub itself) or use --infra local")
-        return url
-    if scheme not in ("s3", "file"):
-        raise UserError(f"{flag} {url}: use s3://BUCKET/PREFIX (AWS S3, R2, MinIO via AWS_ENDPOINT_URL)"
-                        + (", hf://ORG/REPO[/PATH][@REVISION] (shards on the Hugging Face Hub)" if flag == "--data"
-                           else "") + " or, with --infra local, file:///PATH")
-    if scheme == "file" and infra != LOCAL:
-        raise UserError(f"{flag} {url}: a cloud node cannot reach a file:// path on this machine; use an "
-                        "s3:// bucket (`gpt2cloud data upload DIR s3://...`) or --infra local")
-    return url
-
-
-def _endpoint_is_local(endpoint: str) -> bool:
-    """An endpoint on this machine's loopback, which no cloud node can reach (a private network may be)."""
-    host = urlparse(endpoint).hostname or ""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_image(image: Optional[str], infra: str) -> str:
@@ -148,11 +127,61 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
          push_every: int = 60, offline: bool = False, max_hours: Optional[float] = None,
          micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None,
          schedule_steps: Optional[int] = None, image: Optional[str] = None) -> Plan:
+    """Check every option, resolve where the run goes and its one price, estimate exactly this launch and
+    build its Job. Writes nothing (`launch --dry-run`)."""
     infra = normalize_infra(infra)
     r = load_recipe(recipe)
     if gpus is None:
         gpus = local_gpus() if infra == LOCAL else DEFAULT_GPUS
     gpu_type, count = parse_gpus(gpus)
+    _check_options(gpus, gpu_type, nodes, infra, spot, max_cost, max_hours, schedule_steps, idle_minutes,
+                   push_every)
+    image = check_image(image, infra)
+    data = task.check_url("--data", data, infra, hub=True)
+    bucket = task.check_url("--bucket", bucket, infra)
+
+    if infra != LOCAL:  # CPU ranks on this machine are not held to a GPU's memory
+        check_fits(r, gpu_type, count * nodes, micro_batch, tokens_per_step)
+    clouds = _clouds(infra, gpu_type, count, spot, offline)
+    # The one price of this launch: --price, else the catalog's (any_of: the most expensive candidate's),
+    # else the table's. The estimate, the spec, the trainer's cap and `status` all use it.
+    found = prices_here(infra, clouds, gpu_type, count, spot, price)
+    est = estimate(r, price=found, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, steps=steps,
+                   micro_batch=micro_batch, tokens_per_step=tokens_per_step, local=infra == LOCAL, spot=spot,
+                   idle_minutes=idle_minutes)
+
+    plain, secrets = task.node_storage([data, bucket], infra)
+    wheel = build.wheel_bytes()  # this exact build of the trainer, made in memory: start.py writes it
+    run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
+    spec = RunSpec(
+        run_id=run_id, kind=LOCAL if infra == LOCAL else MANAGED_JOB if spot else CLUSTER, infra=infra,
+        run_url=f"{bucket}/{run_id}", bucket=bucket, data_url=data, recipe=r.name, gpu_type=gpu_type,
+        gpus_per_node=count, nodes=nodes, spot=spot, price_per_gpu_hour=est.price_per_gpu_hour,
+        cloud_prices=dict(found.candidates), total_steps=est.steps, estimate=est, max_cost_usd=max_cost or 0.0,
+        max_hours=max_hours or 0.0, idle_minutes=idle_minutes, image=image,
+        build_sha256=hashlib.sha256(wheel[1]).hexdigest(),
+    )
+    train_cfg = r.to_train_config(
+        steps=steps, schedule_steps=schedule_steps, micro_batch=est.micro_batch, tokens_per_step=tokens_per_step,
+        device="auto" if spec.local else "cuda", stall_minutes=stall_minutes(est),
+        # MFU in the metrics needs the real peak: a local run of `--gpus H100:2` on CPU ranks has none
+        peak_flops_per_gpu=0.0 if spec.local and gpu_type != CPU else est.peak_tflops_per_gpu * 1e12,
+        **money(spec),
+    )
+    job = task.Job(
+        spec=spec,
+        resources=task.Resources(infra=infra, idle_minutes=idle_minutes, clouds=tuple(clouds),
+                                 accelerators=f"{gpu_type}:{count}", spot=spot, image=image),
+        envs=node_envs(spec, push_every, train_cfg.keep_checkpoints, plain),
+        secrets=secrets, setup=scripts.render(scripts.SETUP_SCRIPT), run=scripts.render(scripts.RUN_SCRIPT),
+        wheel=wheel, workdir=str(home.build_dir(run_id)), config_json=train_cfg.to_json(), estimate=est,
+        price=found, warnings=check_credentials(secrets, est, spec.local),
+    )
+    return Plan(job=job, train_cfg=train_cfg)
+
+
+def _check_options(gpus, gpu_type, nodes, infra, spot, max_cost, max_hours, schedule_steps, idle_minutes,
+                   push_every) -> None:
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: need at least 1 node")
     # Money inputs: a nan or a negative would switch a cap off, or make the pusher spin.
@@ -170,77 +199,73 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
             raise UserError("--infra local runs one node; drop --nodes (or launch on a cloud)")
         if spot:
             raise UserError("--infra local has no spot instances; drop --spot")
-    image = check_image(image, infra)
-    data = _check_url("--data", data, infra)
-    bucket = _check_url("--bucket", bucket, infra)
 
-    # The estimate for exactly this launch; a recipe that does not fit in GPU memory is refused.
-    sizes = dict(gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, steps=steps, micro_batch=micro_batch,
-                 tokens_per_step=tokens_per_step, local=infra == LOCAL, spot=spot, idle_minutes=idle_minutes)
-    est = estimate(r, price=price, **sizes)
-    if not est.fits and infra != LOCAL:
-        raise UserError(
-            f"{r.name} needs ~{est.memory_gb_per_gpu:.1f} GiB per GPU with micro-batch {est.micro_batch}, but "
-            f"{gpu_type} has {est.gpu_memory_gb:g} GiB; pick a GPU with more memory (`gpt2cloud estimate "
-            f"{r.name} --compare`)" + (f" or a recipe whose micro-batch is at most {est.max_micro_batch}"
-                                       if est.max_micro_batch else " (it does not fit even at micro-batch 1)"))
 
-    clouds: list[str] = []  # with --infra any: the enabled clouds that can serve this launch (any_of)
-    cloud_prices: dict = {}  # any_of: each candidate's price, so the node caps at its own cloud's
-    if infra != LOCAL:
-        from gpt2cloud.launch import clouds as cl
+def _clouds(infra: str, gpu_type: str, count: int, spot: bool, offline: bool) -> list[str]:
+    """Check that the infra can run this launch; with --infra any, the enabled clouds that can (any_of)."""
+    if infra == LOCAL:
+        return []
+    from gpt2cloud.launch import clouds as cl
 
-        if infra != ANY:
-            cl.check_infra(infra, gpu_type, count, spot)
-        else:
-            try:
-                clouds = cl.choose_clouds(gpu_type, count, spot)
-            except UserError as e:
-                if not offline or e.args[0] != cl.NO_CLOUD:
-                    raise
-                # a dry run without `sky check`: no infra, SkyPilot picks any enabled cloud at launch
+    if infra != ANY:
+        cl.check_infra(infra, gpu_type, count, spot)
+        return []
+    try:
+        return cl.choose_clouds(gpu_type, count, spot)
+    except UserError as e:
+        if not offline or e.args[0] != cl.NO_CLOUD:
+            raise
+        return []  # a dry run without `sky check`: no infra, SkyPilot picks any enabled cloud at launch
 
-        if price is None:  # the catalog's price for this launch, the cap's too (the table is a fallback)
-            found = cl.launch_price(infra, clouds, gpu_type, count, spot)
-            if found:
-                est = estimate(r, price=found[0], price_source=found[1], **sizes)
-                cloud_prices = found[2] if len(found[2]) > 1 else {}
 
-    run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
-    train_cfg = r.to_train_config(
-        steps=steps, schedule_steps=schedule_steps, micro_batch=est.micro_batch, tokens_per_step=tokens_per_step, max_cost_usd=max_cost or 0.0,
-        price_per_gpu_hour=est.price_per_gpu_hour, max_hours=max_hours or 0.0,
-        device="auto" if infra == LOCAL else "cuda", stall_minutes=stall_minutes(est),
-        # MFU in the metrics needs the real peak: a local run of `--gpus H100:2` on CPU ranks has none
-        peak_flops_per_gpu=0.0 if infra == LOCAL and gpu_type != CPU else est.peak_tflops_per_gpu * 1e12,
-    )
-    plain, secrets = task.storage_settings([data, bucket])
-    endpoint = plain.get("AWS_ENDPOINT_URL_S3") or plain.get("AWS_ENDPOINT_URL")
-    if infra != LOCAL and endpoint and _endpoint_is_local(endpoint):
-        raise UserError(f"--bucket {bucket}: the S3 endpoint {endpoint} is on this machine's "
-                        "loopback, which a cloud node cannot reach; use an endpoint the node can reach, or "
-                        "--infra local")
+def prices_here(infra: str, clouds: list[str], gpu_type: str, count: int, spot: bool,
+                given: Optional[float]) -> Price:
+    """The launch's one Price (gpt2cloud/launch/clouds.py reads SkyPilot's catalog; local runs and --price
+    need no SkyPilot)."""
+    if given is not None or infra == LOCAL:
+        positive("--price", given, "2.99")
+        return prices.given(given) if given is not None else _table_price(gpu_type)
+    from gpt2cloud.launch import clouds as cl
 
-    warnings = check_credentials(secrets, est, infra == LOCAL)
+    return cl.gpu_price(infra, clouds, gpu_type, count, spot) or _table_price(gpu_type)
 
-    # This exact build of the trainer, made in memory: start.py writes it into the workdir.
-    wheel = build.wheel_bytes()
-    spec = RunSpec(
-        run_id=run_id, kind=LOCAL if infra == LOCAL else MANAGED_JOB if spot else CLUSTER, infra=infra,
-        run_url=f"{bucket}/{run_id}", bucket=bucket, data_url=data, recipe=r.name, gpu_type=gpu_type,
-        gpus_per_node=count, nodes=nodes, spot=spot, price_per_gpu_hour=est.price_per_gpu_hour,
-        total_steps=est.steps, estimate=est, max_cost_usd=max_cost or 0.0, max_hours=max_hours or 0.0,
-        idle_minutes=idle_minutes, image=image,
-        build_sha256=hashlib.sha256(wheel[1]).hexdigest(),
-    )
-    node = task.NodeOptions(
-        workdir=str(home.build_dir(run_id)), clouds=tuple(clouds), push_every=push_every,
-        keep_checkpoints=train_cfg.keep_checkpoints, torch_spec=torch_spec(),
-        plain_envs=tuple(sorted(plain.items())), secret_names=tuple(sorted(secrets)),
-        cloud_prices=tuple(sorted(cloud_prices.items())),
-    )
-    return Plan(spec=spec, est=est, train_cfg=train_cfg, node=node, task_cfg=task.build_config(spec, node),
-                secrets=secrets, wheel=wheel, warnings=warnings)
+
+def _table_price(gpu_type: str) -> Price:
+    listed = prices.table_price(gpu_spec(gpu_type).name)
+    if listed is None:
+        raise UserError(f"no default price for {gpu_type}; pass --price USD_PER_GPU_HOUR")
+    return listed
+
+
+def money(spec: RunSpec) -> dict:
+    """The money settings of config.json, from the run's spec: one road (launch -> RunSpec -> config.json),
+    which `status` reads back from the same spec. No environment variable carries or overrides them."""
+    return dict(max_cost_usd=spec.max_cost_usd, price_per_gpu_hour=spec.price_per_gpu_hour,
+                max_hours=spec.max_hours, cloud_prices=dict(spec.cloud_prices))
+
+
+def node_envs(spec: RunSpec, push_every: int, keep_checkpoints: int, plain: dict) -> tuple:
+    """The plain settings the node scripts read (never a secret, never a money setting)."""
+    e = {
+        "GPT2CLOUD_RUN_ID": spec.run_id,
+        "GPT2CLOUD_RUN_URL": spec.run_url,
+        "GPT2CLOUD_BUCKET": spec.bucket,
+        "GPT2CLOUD_DATA_URL": spec.data_url,
+        "GPT2CLOUD_RECIPE": spec.recipe,
+        "GPT2CLOUD_BUILD": spec.build_sha256[:16] or "unknown",
+        "GPT2CLOUD_PUSH_EVERY": str(push_every),
+        "GPT2CLOUD_KEEP_CHECKPOINTS": str(keep_checkpoints),
+        "GPT2CLOUD_TORCH_SPEC": torch_spec(),
+        "GPT2CLOUD_DEVICE": "auto" if spec.local else "cuda",  # cuda: setup refuses a node whose torch sees no GPU
+        "GPT2CLOUD_GPUS_PER_NODE": str(spec.gpus_per_node),
+    }
+    e.update((k, str(v)) for k, v in sorted(plain.items()))
+    return tuple(e.items())
+
+
+def with_data_url(p: Plan, url: str) -> Plan:
+    """The plan with --data pinned to one commit of the Hub (every node and recovery reads the same bytes)."""
+    return dataclasses.replace(p, job=p.job.with_env("GPT2CLOUD_DATA_URL", url, data_url=url))
 
 
 def check_credentials(secrets: dict, est: Estimate, local: bool) -> tuple:

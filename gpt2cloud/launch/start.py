@@ -7,7 +7,6 @@ interrupted.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import uuid
@@ -15,8 +14,8 @@ import uuid
 from gpt2cloud import home
 from gpt2cloud.backends import ACTIVE_STATES, backend_for, state_of
 from gpt2cloud.errors import UserError
-from gpt2cloud.launch import build, task
-from gpt2cloud.launch.plan import Plan
+from gpt2cloud.launch import task
+from gpt2cloud.launch.plan import Plan, with_data_url
 from gpt2cloud.runs import registry
 from gpt2cloud.store import NoSuchObject, StorageError, open_store
 from gpt2cloud.store.layout import MANIFEST, RUN_JSON
@@ -32,7 +31,7 @@ LAUNCH_UNDER_WAY = {"LAUNCHING", "CLUSTER_INIT"}
 
 def write_build(p: Plan) -> None:
     """The node's workdir (wheel, config.json, task.yaml): for a launch, and for `--export-yaml`."""
-    build.write_workdir(p.node.workdir, p.wheel, p.train_cfg.to_json(), task.to_yaml(p.task_cfg))
+    task.write_workdir(p.job)
 
 
 def preflight(p: Plan) -> Plan:
@@ -53,8 +52,7 @@ def preflight(p: Plan) -> Plan:
         raise UserError(f"--data {p.spec.data_url}: cannot read it ({e})") from None
     pinned = data.pinned_url() if hasattr(data, "pinned_url") else p.spec.data_url
     if pinned != p.spec.data_url:
-        spec = dataclasses.replace(p.spec, data_url=pinned)
-        p = dataclasses.replace(p, spec=spec, task_cfg=task.build_config(spec, p.node))
+        p = with_data_url(p, pinned)
     try:
         # a probe of our own, removed at once: two launches racing for one name both may write it
         run = open_store(p.spec.run_url)
@@ -86,7 +84,7 @@ def start(p: Plan) -> registry.RunRecord:
     except BaseException:
         registry.note(record, "launch failed", state="LAUNCH_FAILED")
         raise
-    return hand_to_backend(record, p.task_cfg, p.secrets, what, noted=True)
+    return hand_to_backend(record, p.job, what, noted=True)
 
 
 def check_name(p: Plan, old) -> None:
@@ -121,14 +119,13 @@ def write_spec(p: Plan) -> None:
         raise UserError(f"--bucket {p.spec.bucket}: the node could not write there ({e})") from None
 
 
-def hand_to_backend(record: registry.RunRecord, task_cfg: dict, secrets: dict, what: str,
-                    noted: bool = False) -> registry.RunRecord:
-    """Start a recorded run (a training run or a prepare job) on its backend, noting each state as it
-    goes (noted: start() has recorded the launch already)."""
+def hand_to_backend(record: registry.RunRecord, job: task.Job, what: str, noted: bool = False) -> registry.RunRecord:
+    """Start a recorded run (a training run or a prepare job: any Job) on its backend, noting each state as
+    it goes (noted: start() has recorded the launch already)."""
     if not noted:
         registry.note(record, what, state="LAUNCHING")
     try:
-        backend_for(record.spec.kind).start(record, task_cfg, secrets, save=registry.save)
+        backend_for(record.spec.kind).start(record, task.build_config(job), job.secrets, save=registry.save)
     except BaseException:
         # the backend cancelled and removed what it started, or printed which cluster may still bill
         registry.note(record, "launch failed", state="LAUNCH_FAILED")
@@ -137,6 +134,7 @@ def hand_to_backend(record: registry.RunRecord, task_cfg: dict, secrets: dict, w
         registry.note(record, "launched", state="LAUNCHED")
     except registry.RunTaken:  # another launch took the name over meanwhile: say loudly what may bill
         raise UserError(f"run '{record.run_id}' was taken over by another launch while this one started it: what "
-                        f"this launch started may still bill; look for '{record.cluster or record.run_id}' in "
+                        f"this launch started may still bill; look for "
+                        f"'{getattr(record.handle, 'cluster', None) or record.run_id}' in "
                         "`sky status` and `sky jobs queue` and remove it (`sky down` / `sky jobs cancel`)") from None
     return record

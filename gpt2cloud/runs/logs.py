@@ -6,6 +6,7 @@ import sys
 
 from gpt2cloud.backends import backend_for
 from gpt2cloud.errors import UserError
+from gpt2cloud.names import DOWN
 from gpt2cloud.runs import registry
 from gpt2cloud.store import StorageError, open_store
 from gpt2cloud.store.layout import LOGS
@@ -48,15 +49,15 @@ def stop_run(run_id: str) -> dict:
     A run whose record is missing or damaged is stopped all the same (found from what exists); no record
     is written for it then (a damaged one stays as it is)."""
     record = registry.get(run_id)
-    was_down = record.state == "DOWN"
+    was_down = record.state == DOWN
     what = backend_for(record.spec.kind).stop(record)
     unrecorded = None
     if not (was_down and what.endswith(NOTHING_TO_STOP)):  # a rerun of `down` changes nothing
         try:
-            registry.note(record, f"down: {what}", state="DOWN")
+            registry.note(record, f"down: {what}", state=DOWN)
         except (UserError, OSError) as e:  # stopped all the same: say the record still shows the old state
             unrecorded = f"stopped, but its record was not updated ({e})"
-    d = {"run": run_id, "state": "DOWN", "action": what, "run_url": record.spec.run_url or "its bucket"}
+    d = {"run": run_id, "state": DOWN, "action": what, "run_url": record.spec.run_url or "its bucket"}
     notes = [n for n in (record.recovered, unrecorded) if n]
     if notes:
         d["note"] = "; ".join(notes)

@@ -1,8 +1,8 @@
 """The run registry: one JSON file per run under `$GPT2CLOUD_HOME/runs/` (default ~/.gpt2cloud/runs/).
 
 A run's identity is its RunSpec, frozen at launch and serialized once (the registry and the bucket's
-run.json hold the same dict). A RunRecord adds what happened to it here: where it lives (SkyPilot
-cluster, managed job or local process), its launches and the state we last set.
+run.json hold the same dict). A RunRecord adds what happened to it here: where it lives (its backend's
+handle: SkyPilot cluster, managed job or local process), its launches and the state we last set.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from gpt2cloud import home
+from gpt2cloud.backends import handle_from_dict
 from gpt2cloud.cost.estimate import Estimate
 from gpt2cloud.errors import UserError
-from gpt2cloud.names import CLUSTER, LOCAL, MANAGED_JOB  # noqa: F401 (the kinds of run, re-exported)
+from gpt2cloud.names import CLUSTER, LAUNCHING, LOCAL, MANAGED_JOB, UNKNOWN
 from gpt2cloud.store import atomic_write
 from gpt2cloud.store.base import tmp_path
 
@@ -36,6 +37,10 @@ SPEC_VERSION = 1
 # milliseconds, so a lock held longer belongs to a process that hangs; every wait is bounded.
 LOCK_WAIT_S = 10.0
 
+# Records written before backends kept handles had their fields at the top level; from_dict moves them
+# into the handle (its backend keeps those it has)
+FLAT_HANDLE_FIELDS = ("cluster", "job_id", "request_id", "pid", "local_dir")
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -46,7 +51,7 @@ class RunSpec:
 
     run_id: str
     kind: str  # LOCAL, CLUSTER (on-demand SkyPilot cluster) or MANAGED_JOB (spot, recovered)
-    infra: str  # lambda, aws, ..., "any" (any_of over enabled clouds) or "local"
+    infra: str  # lambda, aws, ..., ANY (any_of over enabled clouds) or LOCAL
     run_url: str  # where the node syncs OUT: <bucket>/<run_id>
     bucket: str
     data_url: str
@@ -55,13 +60,16 @@ class RunSpec:
     gpus_per_node: int
     nodes: int
     spot: bool
-    price_per_gpu_hour: float
+    price_per_gpu_hour: float  # the launch's one price (an any_of launch: its most expensive candidate's)
     total_steps: int
     estimate: Optional[Estimate]  # made for exactly this launch
     max_cost_usd: float = 0.0
     max_hours: float = 0.0  # 0: no wall-time limit
     idle_minutes: int = 0
     build_sha256: str = ""  # the wheel shipped to the node: this exact version of the trainer
+    # an any_of launch over several clouds: each candidate's USD per GPU-hour; the node caps at its own
+    # cloud's (config.json carries these, model/config.py price_here picks)
+    cloud_prices: dict = field(default_factory=dict)
     image: str = ""  # the node's image (SkyPilot image_id, e.g. docker:REPO:TAG with CUDA torch); "": the cloud's default
 
     @property
@@ -98,13 +106,11 @@ class RunRecord:
 
     spec: RunSpec
     started_at: float  # unix time of the (latest) launch
-    cluster: Optional[str] = None  # SkyPilot cluster name (kind CLUSTER)
-    job_id: Optional[int] = None  # SkyPilot job id on the cluster, or the managed job id
-    request_id: Optional[str] = None  # the SkyPilot launch request: `down` cancels it while LAUNCHING
-    pid: Optional[int] = None  # local runs: the driver's PID (also its process group and session)
-    local_dir: Optional[str] = None  # local runs: the node's directory (logs, OUT, data)
+    # where the run lives, kept by its backend (a dataclass of the backend's module: SkyHandle, LocalHandle,
+    # ...); None before the backend started it, and in a record rebuilt from what exists
+    handle: Any = None
     fetched_dir: Optional[str] = None  # where `gpt2cloud fetch` last put the run's OUT (absolute path)
-    state: str = "LAUNCHING"  # last state we set ourselves (LAUNCHING, LAUNCHED, DOWN, ...)
+    state: str = LAUNCHING  # last state we set ourselves (LAUNCHING, LAUNCHED, DOWN, ...: gpt2cloud/names.py)
     launches: int = 1  # how many times this run id was launched (resumes count)
     history: list = field(default_factory=list)  # [{"at", "event"}] launch/down events
     owner: str = ""  # the launch that wrote this record (a random id): only it updates the record
@@ -118,20 +124,28 @@ class RunRecord:
 
     @property
     def node_dir(self) -> Path:
-        """A local run's node directory: where it was started (local_dir), else where it would be now."""
-        return Path(self.local_dir) if self.local_dir else home.local_node_dir(self.run_id)
+        """A local run's node directory: where it was started (its handle's local_dir), else where it
+        would be now."""
+        local_dir = getattr(self.handle, "local_dir", None)
+        return Path(local_dir) if local_dir else home.local_node_dir(self.run_id)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(self)  # the handle too: a dict under "handle" (or None)
         d["spec"] = self.spec.to_dict()
         d.pop("recovered")
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunRecord":
+        """From to_dict()'s JSON, or a record of the version before handles (flat fields); ValueError,
+        TypeError or KeyError for anything else."""
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known and k != "recovered"}
-        values["spec"] = RunSpec.from_dict(d["spec"])
+        values = {k: v for k, v in d.items() if k in known and k not in ("recovered", "handle")}
+        values["spec"] = spec = RunSpec.from_dict(d["spec"])
+        handle = d.get("handle")
+        if handle is None:  # written before handles: the backend's fields stood at the top level
+            handle = {k: d[k] for k in FLAT_HANDLE_FIELDS if d.get(k) is not None} or None
+        values["handle"] = handle_from_dict(spec.kind, handle) if handle is not None else None
         return cls(**values)
 
 
@@ -336,7 +350,7 @@ def recover(run_id: str, problem: str) -> Optional[RunRecord]:
     if not found:  # what the build names, and placeholders: enough to find, stop and report the run
         gpus = str(envs.get("GPT2CLOUD_GPUS_PER_NODE") or "0")
         kind = LOCAL if is_local else MANAGED_JOB if spot else CLUSTER
-        spec = RunSpec(run_id=run_id, kind=kind, infra="local" if is_local else "?", run_url=run_url,
+        spec = RunSpec(run_id=run_id, kind=kind, infra=LOCAL if is_local else "?", run_url=run_url,
                        bucket=str(envs.get("GPT2CLOUD_BUCKET") or ""),
                        data_url=str(envs.get("GPT2CLOUD_DATA_URL") or ""),
                        recipe=str(envs.get("GPT2CLOUD_RECIPE") or "?"), gpu_type="?",
@@ -346,9 +360,10 @@ def recover(run_id: str, problem: str) -> Optional[RunRecord]:
     found += ["its local node"] if is_local else []
     if not spec.local:
         found.append("SkyPilot (by the name)")
+    # No handle: each backend finds a run without one by its name (the cluster's and the managed job's
+    # name, the node directory under $GPT2CLOUD_HOME/local/)
     return RunRecord(spec=spec, started_at=node.stat().st_mtime if node.exists() else 0.0,
-                     cluster=run_id if spec.kind == CLUSTER else None, local_dir=str(node) if is_local else None,
-                     state="UNKNOWN", recovered=f"{problem}; found the run from {', '.join(found)}")
+                     state=UNKNOWN, recovered=f"{problem}; found the run from {', '.join(found)}")
 
 
 def all_runs() -> list[RunRecord]:

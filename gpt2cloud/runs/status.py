@@ -11,7 +11,8 @@ import re
 from typing import Optional
 
 from gpt2cloud.backends import state_of
-from gpt2cloud.runs.registry import LOCAL, RunRecord
+from gpt2cloud.names import FAILED, LOCAL
+from gpt2cloud.runs.registry import RunRecord
 from gpt2cloud.store import StorageError, open_store
 from gpt2cloud.store.layout import METRICS, NODE_HOME, TIMELINE, remote_checkpoints
 from model.datadir import STATUS as DATA_STATUS
@@ -88,7 +89,7 @@ def run_status(record: RunRecord) -> dict:
     }
     if problem:
         d["note"] = problem
-    if d["state"].startswith("FAILED") and spec.kind != LOCAL:
+    if d["state"].startswith(FAILED) and spec.kind != LOCAL:
         d["note"] = node_copy_hint(record, metrics)
     meaning = exit_meaning(d["state"])
     if meaning and spec.kind == LOCAL:  # the node's data directory is on this machine: name it
@@ -120,5 +121,6 @@ def node_copy_hint(record: RunRecord, metrics: RunMetrics) -> str:
     what = (f"checkpoint step {max(saved)} is not in the bucket (newest there: {pushed or 'none'})"
             if saved and max(saved) > pushed else "if its final push failed, the newest checkpoint is only on the node")
     return (f"the job failed; {what}: copy it within {spec.idle_minutes} min of the failure, before autostop "
-            f"removes the node: rsync -a {record.cluster or spec.run_id}:~/{NODE_HOME}/out/ runs/{spec.run_id}/ "
+            f"removes the node: rsync -a {getattr(record.handle, 'cluster', None) or spec.run_id}:~/{NODE_HOME}/out/ "
+            f"runs/{spec.run_id}/ "
             f"(`gpt2cloud logs {spec.run_id}` says why it failed)")

@@ -1,0 +1,245 @@
+"""The scripts a launched node runs, as SkyPilot's `setup` and `run`: a training node's and a prepare
+VM's. The same scripts run on `--infra local` (gpt2cloud/backends/local.py).
+
+They are rendered from the constants below (@NAME@ placeholders), so a path, port or exit code has one
+definition. Settings reach them as the task's envs (gpt2cloud/launch/task.py Job.envs); money settings
+(price, caps) do not: the trainer reads them from config.json, and the run script asks `python -m
+model.config` for what it needs of them.
+"""
+
+from __future__ import annotations
+
+from gpt2cloud.launch.build import NODE_REQUIREMENTS
+from gpt2cloud.store.layout import CONFIG, LOGS, NODE_HOME, TIMELINE
+from model.datadir import STATUS as DATA_STATUS  # the data download's status file
+from model.sync import EXIT_BUCKET, EXIT_DATA, EXIT_FINAL_PUSH  # the exit codes of the node's sync steps
+from model.watchdog import EXIT_STALLED, STALLED
+
+NODE_HOME_DEFAULT = f"$HOME/{NODE_HOME}"
+MASTER_PORT = 8008
+# CUDA builds of torch on PyTorch's wheel index, newest first: the node takes the newest its driver runs.
+TORCH_CUDA_BUILDS = ("130", "128", "126")
+TORCH_INDEX = "https://download.pytorch.org/whl"
+EXIT_NO_GPU = 6  # setup: torch sees fewer GPUs than SkyPilot gave the node
+
+SETUP_SCRIPT = r"""set -euo pipefail
+# gpt2cloud node setup: the trainer's dependencies (never skypilot) and this exact build of the trainer.
+# Fast paths, in order: dependencies already installed on this node (a relaunch: nothing to do); a baked
+# image whose Python has CUDA torch (--image docker:...: torch is not downloaded again); uv, which fetches
+# the ~3 GB of CUDA wheels in parallel (pip when uv is not to be had). Each part's span goes to the timeline.
+NODE_HOME="${GPT2CLOUD_NODE_HOME:-@NODE_HOME_DEFAULT@}"
+mkdir -p "$NODE_HOME"
+: > "$NODE_HOME/setup_times"
+part() {  # part NAME START: a line "NAME START END" that the run script turns into timeline events
+  echo "$1 $2 $(date +%s.%N)" >> "$NODE_HOME/setup_times"
+}
+SETUP_START="$(date +%s.%N)"
+: "${GPT2CLOUD_TORCH_SPEC:=torch}"  # the task sets the exact pin; a hand-run setup gets the latest
+DEPS="$GPT2CLOUD_TORCH_SPEC @NODE_DEPS@"
+if [ -n "${GPT2CLOUD_PYTHON:-}" ]; then
+  PY="$GPT2CLOUD_PYTHON"  # --infra local: this machine's Python already has every dependency
+elif [ -x "$NODE_HOME/venv/bin/python" ] && [ "$(cat "$NODE_HOME/deps" 2>/dev/null)" = "$DEPS" ]; then
+  PY="$NODE_HOME/venv/bin/python"
+  echo "gpt2cloud: dependencies already on this node ($DEPS)"
+else
+  T="$(date +%s.%N)"
+  rm -rf "$NODE_HOME/venv" "$NODE_HOME/deps"
+  VENV_FLAGS=()
+  if python3 -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+    VENV_FLAGS=(--system-site-packages)  # a baked image: its CUDA torch is the one to use
+    BAKED_TORCH="$(python3 -c 'import torch; print(torch.__version__)')"
+  fi
+  python3 -m venv "${VENV_FLAGS[@]}" "$NODE_HOME/venv"
+  PY="$NODE_HOME/venv/bin/python"
+  INSTALL=("$PY" -m pip install -q)
+  if "$PY" -m pip install -q uv 2>/dev/null && "$PY" -m uv --version >/dev/null 2>&1; then
+    INSTALL=("$PY" -m uv pip install -q --python "$PY")
+  fi
+  part venv "$T"
+  T="$(date +%s.%N)"
+  if [ -n "${BAKED_TORCH:-}" ]; then
+    echo "gpt2cloud: torch $BAKED_TORCH from the image"
+  else
+    # torch built for a CUDA the driver runs: `nvidia-smi` names the newest CUDA the driver supports.
+    DRIVER_CUDA="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\)\.\([0-9]\).*/\1\2/p' | head -n1)"
+    TORCH_INDEX=()
+    for CU in @TORCH_CUDA_BUILDS@; do
+      if [ -n "$DRIVER_CUDA" ] && [ "$DRIVER_CUDA" -ge "$CU" ]; then
+        if [ "${INSTALL[2]}" = uv ]; then TORCH_INDEX=(--torch-backend "cu$CU")
+        else TORCH_INDEX=(--index-url "@TORCH_INDEX@/cu$CU" --extra-index-url https://pypi.org/simple); fi
+        break
+      fi
+    done
+    echo "gpt2cloud: driver supports CUDA ${DRIVER_CUDA:-unknown}; torch ${TORCH_INDEX[1]:-from PyPI} via ${INSTALL[2]}"
+    "${INSTALL[@]}" "${TORCH_INDEX[@]}" "$GPT2CLOUD_TORCH_SPEC"
+  fi
+  part torch "$T"
+  T="$(date +%s.%N)"
+  "${INSTALL[@]}" @NODE_DEPS@
+  echo "$DEPS" > "$NODE_HOME/deps"
+  part deps "$T"
+fi
+if [ "${GPT2CLOUD_DEVICE:-auto}" = cuda ]; then
+  T="$(date +%s.%N)"
+  # Fail in seconds, not after an hour of billing on CPU: torch must see every GPU this node was given.
+  "$PY" -c 'import os, sys, torch
+want = int(os.environ["GPT2CLOUD_GPUS_PER_NODE"])
+seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+if seen != want:
+    sys.exit(f"gpt2cloud: torch {torch.__version__} (CUDA {torch.version.cuda}) sees {seen} of the {want} GPUs this "
+             "node was given: the torch build does not match the driver (nvidia-smi); the job stops here")
+print(f"gpt2cloud: torch {torch.__version__} sees {seen} GPUs ({torch.cuda.get_device_name(0)})")' || exit @EXIT_NO_GPU@
+  part gpu_check "$T"
+fi
+# This build of the trainer, from the wheel in the workdir: no network.
+T="$(date +%s.%N)"
+rm -rf "$NODE_HOME/site"
+"$PY" -m pip install -q --no-deps --no-index --target "$NODE_HOME/site" ./gpt2cloud-*.whl
+echo "$PY" > "$NODE_HOME/python"
+part wheel "$T"
+part setup "$SETUP_START"
+echo "gpt2cloud: node ready ($("$PY" --version 2>&1), build $GPT2CLOUD_BUILD)"
+"""
+
+RUN_SCRIPT = r"""set -uo pipefail
+# gpt2cloud run: resume from the bucket, sync OUT to it while training, push once more at the end.
+NODE_HOME="${GPT2CLOUD_NODE_HOME:-@NODE_HOME_DEFAULT@}"
+PY="$(cat "$NODE_HOME/python")"
+export PYTHONPATH="$NODE_HOME/site${PYTHONPATH:+:$PYTHONPATH}"
+RANK="${SKYPILOT_NODE_RANK:-0}"
+OUT="$NODE_HOME/out"
+DATA="$NODE_HOME/data"
+mkdir -p "$OUT/@LOGS@"
+# A fresh node resumes from the newest complete checkpoint in the bucket (sha256-verified).
+PULL_START="$(date +%s.%N)"
+"$PY" -m model.sync pull "$GPT2CLOUD_RUN_URL" "$OUT" --rank "$RANK" || exit @EXIT_BUCKET@
+exec > >(tee -a "$OUT/@LOGS@/node-$RANK.log") 2>&1
+echo "gpt2cloud: run $GPT2CLOUD_RUN_ID, node $RANK of $SKYPILOT_NUM_NODES, $SKYPILOT_NUM_GPUS_PER_NODE GPUs"
+stop_within() {  # stop_within SECONDS PID: SIGTERM, then SIGKILL if it is still there: a bounded wait
+  kill -TERM "$2" 2>/dev/null
+  for _ in $(seq $(($1 * 10))); do kill -0 "$2" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$2" 2>/dev/null; wait "$2" 2>/dev/null
+}
+note() {  # a line of the node's timeline (node 0's is pushed): note EVENT [more JSON fields]
+  printf '{"event": "%s", "time": %s%s}\n' "$1" "$(date +%s.%N)" "${2:+, $2}" >> "$OUT/@TIMELINE@"
+}
+# Billing starts when the node comes up: its boot time (the launch time on --infra local). The trainer
+# counts its budget and time limit from here, plus the earlier attempts' node time.
+export GPT2CLOUD_NODE_UP="${GPT2CLOUD_NODE_UP:-$(awk -v now="$(date +%s.%N)" '{printf "%.3f", now - $1}' /proc/uptime)}"
+# The price this node bills at (config.json; an any_of launch: the cloud it landed on), for `status`.
+PRICE="$("$PY" -m model.config price-here @CONFIG@ 2>/dev/null || echo null)"
+printf '{"event": "node_up", "time": %s, "rank": %s, "price_per_gpu_hour": %s}\n' "$GPT2CLOUD_NODE_UP" "$RANK" \
+  "$PRICE" >> "$OUT/@TIMELINE@"
+# the setup's span, with its parts' seconds (venv, torch, deps, gpu_check, wheel: what to speed up next)
+if read -r _ SETUP_START SETUP_END < <(grep '^setup ' "$NODE_HOME/setup_times" 2>/dev/null); then
+  PARTS="$(awk '$1 != "setup" {printf "%s\"%s\": %.3f", (n++ ? ", " : ""), $1, $3 - $2}' "$NODE_HOME/setup_times")"
+  printf '{"event": "setup", "time": %s, "start": %s, "parts": {%s}}\n' "$SETUP_END" "$SETUP_START" "$PARTS" \
+    >> "$OUT/@TIMELINE@"
+fi
+note pull "\"start\": $PULL_START"
+# The shards stream in the background, in the order the trainer reads them (model/sync.py data); the
+# trainer starts once the validation shards and the first training shard are in, and its loader waits
+# for a shard still on its way. "data" is that wait (the critical path); data_complete comes when all are in.
+DATA_START="$(date +%s.%N)"
+rm -f "$DATA/@DATA_STATUS@"
+"$PY" -m model.sync data "$GPT2CLOUD_DATA_URL" "$DATA" --timeline "$OUT/@TIMELINE@" \
+  ${GPT2CLOUD_DATA_MAX_MB_PER_S:+--max-mb-per-s "$GPT2CLOUD_DATA_MAX_MB_PER_S"} &
+DOWNLOADER=$!
+trap 'kill -TERM "$DOWNLOADER" 2>/dev/null' EXIT  # however the script ends, the download ends with it
+DATA_BYTES="$("$PY" -m model.sync wait "$DATA" --pid "$DOWNLOADER")" || exit @EXIT_DATA@
+note data "\"start\": $DATA_START, \"bytes\": $DATA_BYTES"
+"$PY" -m model.sync push "$OUT" "$GPT2CLOUD_RUN_URL" --rank "$RANK" --every "$GPT2CLOUD_PUSH_EVERY" \
+  --keep "$GPT2CLOUD_KEEP_CHECKPOINTS" --retry-seconds "${GPT2CLOUD_PUSH_RETRY_SECONDS:-5}" &
+PUSHER=$!
+MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
+rm -f "$OUT/@STALLED@"
+LIMIT=()  # --max-hours (config.json): a hard stop for a trainer that would not stop itself
+MAX_SECONDS="$("$PY" -m model.config hard-limit @CONFIG@ 2>/dev/null || echo 0)"
+if [ "$MAX_SECONDS" != 0 ]; then LIMIT=(timeout --kill-after=60 "$MAX_SECONDS"); fi
+note train_start
+"${LIMIT[@]}" "$PY" -m torch.distributed.run --nnodes="$SKYPILOT_NUM_NODES" --nproc_per_node="$SKYPILOT_NUM_GPUS_PER_NODE" \
+  --node_rank="$RANK" --master_addr="$MASTER_ADDR" --master_port="${GPT2CLOUD_MASTER_PORT:-@MASTER_PORT@}" \
+  -m model.train --config @CONFIG@ --data "$DATA" --out "$OUT" --resume auto &
+TRAINER=$!
+trap 'kill -TERM "$TRAINER" 2>/dev/null' TERM INT
+wait "$TRAINER"; RC=$?
+if kill -0 "$TRAINER" 2>/dev/null; then wait "$TRAINER"; RC=$?; fi
+echo "gpt2cloud: trainer exited with code $RC"
+note train_end "\"code\": $RC"
+# The trainer is done with the data: a download still going stops here. Its failure is the job's only
+# when the trainer failed too (its loader then said which shard never came).
+stop_within 30 "$DOWNLOADER"
+if [ "$RC" -ne 0 ] && grep -q '"state": "failed"' "$DATA/@DATA_STATUS@" 2>/dev/null; then
+  echo "gpt2cloud: the data download failed (see $DATA/@DATA_STATUS@); exit @EXIT_DATA@"
+  RC=@EXIT_DATA@
+fi
+if [ -f "$OUT/@STALLED@" ]; then
+  echo "gpt2cloud: the trainer stalled ($(cat "$OUT/@STALLED@") was the last thing it finished); exit @EXIT_STALLED@"
+  RC=@EXIT_STALLED@
+fi
+note final_push
+kill -TERM "$PUSHER" 2>/dev/null
+# Not cut short: the final push carries the last checkpoint (GBs); each request has a read timeout and
+# the push FINAL_TRIES attempts with backoff (model/sync.py), so this wait ends on its own.
+wait "$PUSHER"; PUSHED=$?
+if [ "$PUSHED" -ne 0 ]; then
+  echo "gpt2cloud: FINAL PUSH FAILED: the newest checkpoint is only on this node, in $OUT. Copy it before autostop"
+  echo "gpt2cloud: removes the node: rsync -a $GPT2CLOUD_RUN_ID:$OUT/ runs/$GPT2CLOUD_RUN_ID/"
+  if [ "$RC" -eq 0 ]; then RC=@EXIT_FINAL_PUSH@; fi
+fi
+exit "$RC"
+"""
+
+
+def render(script: str) -> str:
+    """A node script with its @NAME@ placeholders filled from the constants."""
+    values = {"NODE_HOME_DEFAULT": NODE_HOME_DEFAULT, "MASTER_PORT": MASTER_PORT, "EXIT_DATA": EXIT_DATA,
+              "EXIT_BUCKET": EXIT_BUCKET, "EXIT_FINAL_PUSH": EXIT_FINAL_PUSH, "EXIT_STALLED": EXIT_STALLED,
+              "EXIT_NO_GPU": EXIT_NO_GPU, "STALLED": STALLED, "LOGS": LOGS, "CONFIG": CONFIG, "TIMELINE": TIMELINE,
+              "DATA_STATUS": DATA_STATUS,
+              "TORCH_CUDA_BUILDS": " ".join(TORCH_CUDA_BUILDS), "TORCH_INDEX": TORCH_INDEX,
+              "NODE_DEPS": " ".join(NODE_REQUIREMENTS)}
+    for name, value in values.items():
+        script = script.replace(f"@{name}@", str(value))
+    return script
+
+
+PREPARE_SETUP_SCRIPT = """\
+# gpt2cloud prepare job: everything is installed by the run step, so that a failure there is an ended
+# job, which autodown removes (SkyPilot keeps a cluster whose setup failed).
+echo "gpt2cloud: prepare job on $(nproc) CPUs"
+"""
+
+PREPARE_RUN_SCRIPT = r"""set -euo pipefail
+# gpt2cloud prepare job: tokenize SOURCE on this VM's cores, upload the set (manifest last), exit.
+NODE_HOME="${GPT2CLOUD_NODE_HOME:-$HOME/.gpt2cloud-prepare}"
+mkdir -p "$NODE_HOME"
+if [ -n "${GPT2CLOUD_PYTHON:-}" ]; then
+  PY="$GPT2CLOUD_PYTHON"  # --infra local: this machine's Python has the requirements already
+else
+  if [ ! -x "$NODE_HOME/venv/bin/python" ]; then
+    if command -v uv >/dev/null 2>&1 || [ -x "$HOME/.local/bin/uv" ]; then
+      UV="$(command -v uv || echo "$HOME/.local/bin/uv")"
+      "$UV" venv --seed --python 3.11 "$NODE_HOME/venv" || "$UV" venv --seed "$NODE_HOME/venv"
+    else
+      python3 -m venv "$NODE_HOME/venv"
+    fi
+  fi
+  PY="$NODE_HOME/venv/bin/python"
+  "$PY" -m pip install -q --upgrade pip
+  read -r -a REQUIREMENTS <<< "$GPT2CLOUD_PREPARE_REQUIREMENTS"
+  "$PY" -m pip install -q "${REQUIREMENTS[@]}"
+fi
+rm -rf "$NODE_HOME/site"
+"$PY" -m pip install -q --no-deps --no-index --target "$NODE_HOME/site" ./gpt2cloud-*.whl
+export PYTHONPATH="$NODE_HOME/site${PYTHONPATH:+:$PYTHONPATH}"
+ARGS=(--shard-tokens "$GPT2CLOUD_SHARD_TOKENS" --val-tokens "$GPT2CLOUD_VAL_TOKENS")
+if [ -n "${GPT2CLOUD_LIMIT_TOKENS:-}" ]; then ARGS+=(--limit-tokens "$GPT2CLOUD_LIMIT_TOKENS"); fi
+if [ -n "${GPT2CLOUD_SHARD_NAME:-}" ]; then ARGS+=(--name "$GPT2CLOUD_SHARD_NAME"); fi
+if [ -n "${GPT2CLOUD_WORKERS:-}" ]; then ARGS+=(--workers "$GPT2CLOUD_WORKERS"); fi
+echo "gpt2cloud: tokenizing $GPT2CLOUD_SOURCE (build $GPT2CLOUD_BUILD)"
+"$PY" -m gpt2cloud data prepare "$GPT2CLOUD_SOURCE" --out "$NODE_HOME/shards" "${ARGS[@]}"
+echo "gpt2cloud: uploading to $GPT2CLOUD_OUT"
+"$PY" -m gpt2cloud data upload "$NODE_HOME/shards" "$GPT2CLOUD_OUT"
+echo "gpt2cloud: prepared $GPT2CLOUD_OUT"
+"""
