@@ -8,7 +8,6 @@ by PID first and then end every process in it; see gpt2cloud/processes.py.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -126,8 +125,12 @@ def _device_memory() -> tuple:
 
     if not torch.cuda.is_available():
         return None, "CPU", "ranks"
-    name = torch.cuda.get_device_name(0)
-    return torch.cuda.get_device_properties(0).total_memory / 2**30, name, "ranks"
+    from gpt2cloud.cost.hardware import gpu_from_device_name, gpu_spec
+
+    # the GPU table's memory when the GPU is in it: the figure `estimate` and `launch` decide with
+    name, total = torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory / 2**30
+    known = gpu_from_device_name(name, total)
+    return (gpu_spec(known).memory_gib, known, "ranks") if known else (total, name, "ranks")
 
 
 def torchrun_command(config: Path, data: Path, out: Path, nproc: int, resume: str) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from model import checkpoint as ckpt
+from model import trackers
 from model.config import TrainConfig, price_here
 from model.data import TokenLoader, find_shards
 from model.eval import EvalDataError, load_hellaswag, val_loader_steps
@@ -37,6 +38,10 @@ def load_config(args) -> TrainConfig:
     cfg.schedule_steps = schedule_length(cfg)
     if args.steps:
         cfg.steps = args.steps
+    unknown = trackers.check_names(cfg.trackers)
+    if unknown:
+        raise TrainError(f"config {args.config}: unknown tracker {', '.join(map(repr, unknown))} (known: "
+                         f"{', '.join(trackers.TRACKERS) or 'none yet'})")
     # an any_of launch: the price of the cloud this node landed on (else the config's own)
     cfg.price_per_gpu_hour = price_here(cfg, os.environ.get("SKYPILOT_CLUSTER_INFO"))
     return cfg

@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 from model.metrics import MetricsLog
-from model.startup import TrainError
 
 # name -> factory(cfg: TrainConfig, out: Path) -> tracker (write(record), close())
 TRACKERS: dict[str, Callable] = {}
+
+
+def check_names(names) -> list[str]:
+    """The tracker names no entry of TRACKERS has (checked on every rank, before any process group)."""
+    return [n for n in names if n not in TRACKERS]
 
 
 class Metrics:
@@ -26,10 +30,12 @@ class Metrics:
     def __init__(self, path: Path, enabled: bool, cfg, out: Path):
         self.log = MetricsLog(path, enabled=enabled)
         self.trackers = {}
-        for name in (cfg.trackers if enabled else ()):
-            if name not in TRACKERS:
-                raise TrainError(f"config: unknown tracker {name!r} (known: {', '.join(TRACKERS) or 'none yet'})")
-            self.trackers[name] = TRACKERS[name](cfg, out)
+        for name in (cfg.trackers if enabled else ()):  # names checked on every rank by check_names()
+            try:
+                self.trackers[name] = TRACKERS[name](cfg, out)
+            except Exception as e:  # noqa: BLE001 - a login or a server that fails: train without it
+                self.trackers[name] = None
+                self._drop(name, e)
 
     def write(self, record: dict) -> None:
         self.log.write(record)

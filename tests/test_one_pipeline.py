@@ -69,6 +69,10 @@ def test_one_url_check_for_every_launch(sky_mod, env, monkeypatch):
         prepare_job.plan_job("owner/set:cfg", "s3://bkt/shards", infra="aws", cpus=8)
     with pytest.raises(UserError, match="loopback"):
         _train(infra="aws")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("HF_ENDPOINT", "http://localhost:8080")  # a mirror on this machine: not for a cloud VM
+    with pytest.raises(UserError, match="HF_ENDPOINT http://localhost:8080 is on this machine's loopback"):
+        prepare_job.plan_job("owner/set:cfg", "s3://bkt/shards", infra="aws", cpus=8)
 
 
 def test_the_price_is_resolved_once_per_launch(sky_mod, env, monkeypatch):

@@ -3,13 +3,14 @@ dropped with a note and never stops the run."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from model import trackers
 from model.config import TrainConfig
-from model.startup import TrainError
+from model.startup import TrainError, load_config
 
 
 class Recorder:
@@ -66,10 +67,28 @@ def test_a_failing_tracker_is_dropped_and_training_goes_on(tmp_path, registry, c
     assert "tracker flaky failed (ConnectionError" in capsys.readouterr().err
 
 
-def test_only_rank_0_writes_and_an_unknown_tracker_is_refused(tmp_path, registry):
+def test_only_rank_0_writes_and_an_unknown_tracker_is_refused_on_every_rank(tmp_path, registry):
     m = trackers.Metrics(tmp_path / "metrics.jsonl", False, TrainConfig(trackers=["rec"]), tmp_path)
     m.write({"step": 1})
     m.close()
     assert "all" not in registry and not (tmp_path / "metrics.jsonl").exists()
+    # the config's names are checked when it is loaded, on every rank, before OUT is touched
+    config = tmp_path / "config.json"
+    config.write_text(TrainConfig(trackers=["rec", "nope"]).to_json())
+    args = argparse.Namespace(config=str(config), schedule_steps=None, steps=None)
     with pytest.raises(TrainError, match="unknown tracker 'nope'"):
-        trackers.Metrics(tmp_path / "m.jsonl", True, TrainConfig(trackers=["nope"]), tmp_path)
+        load_config(args)
+    config.write_text(TrainConfig(trackers=["rec"]).to_json())
+    assert load_config(args).trackers == ["rec"]
+
+
+def test_a_tracker_that_cannot_start_is_dropped(tmp_path, monkeypatch, capsys):
+    def broken(cfg, out):
+        raise PermissionError("not logged in")
+
+    monkeypatch.setitem(trackers.TRACKERS, "broken", broken)
+    m = trackers.Metrics(tmp_path / "metrics.jsonl", True, TrainConfig(trackers=["broken"]), tmp_path)
+    m.write({"step": 1})
+    m.close()
+    assert m.trackers == {} and [r["step"] for r in lines(tmp_path / "metrics.jsonl")] == [1]
+    assert "tracker broken failed (PermissionError: not logged in)" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from gpt2cloud.cli.output import key_values, print_json
 from gpt2cloud.errors import UserError
+from gpt2cloud.names import LOCAL
 from gpt2cloud.units import hours, human
 
 
@@ -165,7 +166,7 @@ def estimate_command(
     r = load_recipe(recipe)
     gpu_type, count = parse_gpus(gpus)
     positive("--idle-minutes", idle_minutes, "10")
-    local = (infra or "").lower() == "local"
+    local = (infra or "").lower() == LOCAL
     common = dict(mfu=mfu, steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch, spot=spot,
                   idle_minutes=idle_minutes, local=local)
     console = Console()

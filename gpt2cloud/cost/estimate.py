@@ -172,10 +172,7 @@ def estimate(
     if not isinstance(price, Price):
         positive("--price", price, "2.99")
     positive("--mfu", mfu, "0.45", upper=1)
-    positive("--steps", steps, "19073", upper=MAX_STEPS)
-    positive("--tokens-per-step", tokens_per_step, "524288", upper=MAX_TOKENS_PER_STEP)
-    positive("--micro-batch", micro_batch, "16", upper=MAX_MICRO_BATCH)
-    positive("--nodes", nodes, "2", upper=1024)
+    check_sizes(steps, tokens_per_step, micro_batch, nodes)
 
     cfg = recipe.to_train_config(steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch)
     note = ""
@@ -245,6 +242,14 @@ def choose_micro_batch(cfg: TrainConfig, gpus: int, memory_gib: float | None, de
             f"{'fits in ' + device + ' memory and ' if memory_gib is not None and chosen < cfg.micro_batch else ''}"
             f"divides {cfg.tokens_per_step:,} tokens per step over {gpus} {ranks}")
     return dataclasses.replace(cfg, micro_batch=chosen), note
+
+
+def check_sizes(steps: int | None, tokens_per_step: int | None, micro_batch: int | None, nodes: int = 1) -> None:
+    """The size options: whole, positive, within what the trainer can run."""
+    positive("--steps", steps, "19073", upper=MAX_STEPS)
+    positive("--tokens-per-step", tokens_per_step, "524288", upper=MAX_TOKENS_PER_STEP)
+    positive("--micro-batch", micro_batch, "16", upper=MAX_MICRO_BATCH)
+    positive("--nodes", nodes, "2", upper=1024)
 
 
 def check_fits(recipe: Recipe, gpu_type: str, gpus: int, micro_batch: int | None = None,

@@ -18,7 +18,7 @@ from typing import Optional
 
 from gpt2cloud import home
 from gpt2cloud.cost import prices
-from gpt2cloud.cost.estimate import Estimate, check_fits, estimate
+from gpt2cloud.cost.estimate import Estimate, check_fits, check_sizes, estimate
 from gpt2cloud.cost.hardware import gpu_from_device_name, gpu_spec, parse_gpus
 from gpt2cloud.cost.prices import Price
 from gpt2cloud.cost.recipes import load_recipe
@@ -37,36 +37,11 @@ COMPILE_ALLOWANCE_S = 600  # torch.compile of a 1.5B model, the first step's all
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(task.Planned):
     """A training launch, planned: its Job (gpt2cloud/launch/task.py) and the trainer's config in it."""
 
     job: task.Job
     train_cfg: TrainConfig  # config.json in the workdir (job.config_json is its text)
-
-    @property
-    def spec(self) -> RunSpec:
-        return self.job.spec
-
-    @property
-    def est(self) -> Estimate:
-        return self.job.estimate
-
-    @property
-    def task_cfg(self) -> dict:
-        """The SkyPilot task, secrets redacted (what --dry-run prints)."""
-        return task.build_config(self.job)
-
-    @property
-    def secrets(self) -> dict:
-        return self.job.secrets
-
-    @property
-    def warnings(self) -> tuple:
-        return self.job.warnings
-
-    @property
-    def run_id(self) -> str:
-        return self.spec.run_id
 
 
 def torch_spec() -> str:
@@ -140,6 +115,7 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
     data = task.check_url("--data", data, infra, hub=True)
     bucket = task.check_url("--bucket", bucket, infra)
 
+    check_sizes(steps, tokens_per_step, micro_batch, nodes)
     if infra != LOCAL:  # CPU ranks on this machine are not held to a GPU's memory
         check_fits(r, gpu_type, count * nodes, micro_batch, tokens_per_step)
     clouds = _clouds(infra, gpu_type, count, spot, offline)

@@ -33,14 +33,14 @@ from typing import Optional
 from gpt2cloud import home
 from gpt2cloud.backends import backend_for, state_of
 from gpt2cloud.cost import prices
-from gpt2cloud.cost.prepare import PrepareEstimate, disk_gb, estimate_prepare, expected_tokens
+from gpt2cloud.cost.prepare import disk_gb, estimate_prepare, expected_tokens
 from gpt2cloud.errors import UserError
 from gpt2cloud.launch import build, scripts, start, task
 from gpt2cloud.launch.plan import normalize_infra
 from gpt2cloud.names import ANY, CLUSTER, FAILED, LOCAL, SUCCEEDED
 from gpt2cloud.runs import registry
 from gpt2cloud.runs.registry import RunSpec
-from gpt2cloud.store import StorageError, open_store
+from gpt2cloud.store import STORES, StorageError, open_store
 from gpt2cloud.store.layout import MANIFEST
 
 DEFAULT_CPUS = 32
@@ -50,12 +50,14 @@ IDLE_MINUTES = 1  # autodown this long after the job ends (SkyPilot counts in wh
 DEFAULT_DISK_GB = 256  # SkyPilot's default; more only when the shards need it
 
 # What `gpt2cloud data prepare` and `data upload` import on the VM (tests/test_prepare_on_cloud.py runs
-# them with everything else blocked); `datasets` streams hub datasets and brings pyarrow for parquet.
-PREPARE_REQUIREMENTS = ("typer>=0.12", "rich", "pydantic>=2", "numpy", "tiktoken>=0.7", "boto3", "datasets")
+# them with everything else blocked); `datasets` streams hub datasets and brings pyarrow for parquet;
+# then each store's client library (gpt2cloud/store STORES: boto3 for s3://).
+PREPARE_REQUIREMENTS = ("typer>=0.12", "rich", "pydantic>=2", "numpy", "tiktoken>=0.7", "datasets") + tuple(
+    dict.fromkeys(r for scheme in STORES.values() for r in scheme.node_requirements))
 
 
 @dataclass(frozen=True)
-class PrepareJob:
+class PrepareJob(task.Planned):
     """A prepare VM, planned: its Job and what the summary shows beside it."""
 
     job: task.Job
@@ -66,29 +68,8 @@ class PrepareJob:
     disk_gb: int
 
     @property
-    def spec(self) -> RunSpec:
-        return self.job.spec
-
-    @property
-    def est(self) -> PrepareEstimate:
-        return self.job.estimate
-
-    @property
-    def task_cfg(self) -> dict:
-        """The SkyPilot task, secrets redacted (what --dry-run prints)."""
-        return task.build_config(self.job)
-
-    @property
-    def secrets(self) -> dict:
-        return self.job.secrets
-
-    @property
     def clouds(self) -> tuple:
         return self.job.resources.clouds
-
-    @property
-    def run_id(self) -> str:
-        return self.spec.run_id
 
     @property
     def workdir(self) -> str:
@@ -249,7 +230,7 @@ def wait_job(job: PrepareJob, record: registry.RunRecord, quiet: bool = False) -
         print(f"note: {e}", file=sys.stderr)
     state = state_of(record)
     manifest = _read_manifest(job.out)
-    if manifest is None or code not in (0, None) or state.startswith("FAILED"):
+    if manifest is None or code not in (0, None) or state.startswith(FAILED):
         registry.note(record, f"prepare job failed ({state})", state=FAILED)
         where = ("its VM removes itself in a minute" if job.spec.kind == CLUSTER else "nothing is left running")
         raise UserError(f"the prepare job {job.run_id} ended without a complete set in {job.out} ({state}); "

@@ -14,6 +14,7 @@ import uuid
 from gpt2cloud import home
 from gpt2cloud.backends import ACTIVE_STATES, backend_for, state_of
 from gpt2cloud.errors import UserError
+from gpt2cloud.names import LAUNCH_FAILED, LAUNCHED, LAUNCHING
 from gpt2cloud.launch import task
 from gpt2cloud.launch.plan import Plan, with_data_url
 from gpt2cloud.runs import registry
@@ -26,7 +27,7 @@ PROBE = ".gpt2cloud-probe-"  # preflight's write test in the run's prefix, delet
 LAUNCHING_GRACE_S = 120.0
 # Past that grace, what the backend says: a launch request still active (a spot launch may spend minutes
 # starting the jobs controller) or a cluster still provisioning is a launch under way, whatever its age.
-LAUNCH_UNDER_WAY = {"LAUNCHING", "CLUSTER_INIT"}
+LAUNCH_UNDER_WAY = {LAUNCHING, "CLUSTER_INIT"}  # CLUSTER_INIT: SkyPilot's
 
 
 def write_build(p: Plan) -> None:
@@ -72,7 +73,7 @@ def start(p: Plan) -> registry.RunRecord:
     check_name(p, old)
     what = "launch" if old is None else "relaunch (resumes from the bucket)"
     record = registry.RunRecord(
-        spec=p.spec, started_at=time.time(), state="LAUNCHING",
+        spec=p.spec, started_at=time.time(), state=LAUNCHING,
         launches=(old.launches + 1) if old else 1, history=list(old.history) if old else [],
         fetched_dir=old.fetched_dir if old else None,  # a relaunch continues the same run
     )
@@ -82,7 +83,7 @@ def start(p: Plan) -> registry.RunRecord:
         write_spec(p)
         write_build(p)
     except BaseException:
-        registry.note(record, "launch failed", state="LAUNCH_FAILED")
+        registry.note(record, "launch failed", state=LAUNCH_FAILED)
         raise
     return hand_to_backend(record, p.job, what, noted=True)
 
@@ -92,7 +93,7 @@ def check_name(p: Plan, old) -> None:
     running (its record missing or not), or an earlier run of that name that this launch would not resume
     (another recipe or bucket: the node would refuse it only after a cluster was paid for)."""
     run_id = p.run_id
-    if old is not None and old.state == "LAUNCHING" and time.time() - old.started_at < LAUNCHING_GRACE_S:
+    if old is not None and old.state == LAUNCHING and time.time() - old.started_at < LAUNCHING_GRACE_S:
         raise registry.RunTaken(f"run '{run_id}' is being launched by another gpt2cloud process (started "
                                 f"{time.time() - old.started_at:.0f} s ago); watch it with `gpt2cloud status "
                                 f"{run_id}`, or pick another --name")
@@ -123,15 +124,15 @@ def hand_to_backend(record: registry.RunRecord, job: task.Job, what: str, noted:
     """Start a recorded run (a training run or a prepare job: any Job) on its backend, noting each state as
     it goes (noted: start() has recorded the launch already)."""
     if not noted:
-        registry.note(record, what, state="LAUNCHING")
+        registry.note(record, what, state=LAUNCHING)
     try:
         backend_for(record.spec.kind).start(record, task.build_config(job), job.secrets, save=registry.save)
     except BaseException:
         # the backend cancelled and removed what it started, or printed which cluster may still bill
-        registry.note(record, "launch failed", state="LAUNCH_FAILED")
+        registry.note(record, "launch failed", state=LAUNCH_FAILED)
         raise
     try:
-        registry.note(record, "launched", state="LAUNCHED")
+        registry.note(record, "launched", state=LAUNCHED)
     except registry.RunTaken:  # another launch took the name over meanwhile: say loudly what may bill
         raise UserError(f"run '{record.run_id}' was taken over by another launch while this one started it: what "
                         f"this launch started may still bill; look for "

@@ -71,7 +71,7 @@ class Job:
     spec: RunSpec  # the run's identity: the registry's record and the bucket's run.json
     resources: Resources
     envs: tuple  # (name, value) plain settings for the node scripts; never a secret, never money
-    secrets: dict  # values only in memory, handed to SkyPilot or the local node's environment
+    secrets: dict = field(repr=False)  # values only in memory, handed to SkyPilot or the local node's environment
     setup: str  # the node scripts, rendered (gpt2cloud/launch/scripts.py)
     run: str
     wheel: tuple  # (file name, bytes) of this build
@@ -89,6 +89,37 @@ class Job:
         """The job with one env (and the spec fields it mirrors) changed: a pinned --data URL."""
         envs = tuple((k, value if k == name else v) for k, v in self.envs)
         return dataclasses.replace(self, envs=envs, spec=dataclasses.replace(self.spec, **spec_changes))
+
+
+class Planned:
+    """What a plan (training or prepare) shows of the Job it holds as `job`."""
+
+    job: Job
+
+    @property
+    def spec(self) -> RunSpec:
+        return self.job.spec
+
+    @property
+    def est(self):
+        return self.job.estimate
+
+    @property
+    def task_cfg(self) -> dict:
+        """The SkyPilot task, secrets redacted (what --dry-run prints)."""
+        return build_config(self.job)
+
+    @property
+    def secrets(self) -> dict:
+        return self.job.secrets
+
+    @property
+    def warnings(self) -> tuple:
+        return self.job.warnings
+
+    @property
+    def run_id(self) -> str:
+        return self.job.spec.run_id
 
 
 def resources(res: Resources) -> dict:
@@ -196,6 +227,10 @@ def node_storage(urls: list[str], infra: str, *, hub: bool = False, flag: str = 
         url = next((u for u in urls if u.startswith("s3://")), "")
         raise UserError(f"{flag} {url}: the S3 endpoint {endpoint} is on this machine's loopback, which a cloud "
                         f"{machine} cannot reach; use an endpoint the {machine} can reach, or --infra local")
+    hub_endpoint = plain.get("HF_ENDPOINT", "")
+    if infra != LOCAL and hub_endpoint and endpoint_is_local(hub_endpoint):
+        raise UserError(f"HF_ENDPOINT {hub_endpoint} is on this machine's loopback, which a cloud {machine} cannot "
+                        "reach; unset it (the Hub itself) or use --infra local")
     return plain, secrets
 
 
