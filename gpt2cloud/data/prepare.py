@@ -160,20 +160,10 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
             progress: bool = True, chunk_bytes: int = CHUNK_BYTES, on_shard=None) -> dict:
     """Tokenize `source` into shards in out_dir; return a summary (see the module docstring)."""
     from gpt2cloud.data.sources import open_source
-    from model import shards as shard_format
-    from model.tokenizer import RANKS_SHA256, VOCAB_SIZE, EOT_TOKEN, get_encoding
+    from model.tokenizer import RANKS_SHA256, get_encoding
 
     t0 = time.monotonic()
-    if shard_tokens < 1 or val_tokens < 0 or (limit_tokens is not None and limit_tokens < 1):
-        raise UserError("--shard-tokens and --limit-tokens must be >= 1 and --val-tokens >= 0")
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if workers < 1:
-        raise UserError("--workers must be >= 1")
-    name = name or default_name(source)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or re.search("val|train", name):
-        raise UserError(f"--name {name!r}: use letters, digits, '-', '_' and neither 'val' nor 'train' "
-                        "(the trainer tells shards apart by those words)")
+    workers, name = _checked_options(source, name, shard_tokens, val_tokens, workers, limit_tokens)
     src = open_source(source)
     params = {"name": name, "shard_tokens": shard_tokens, "val_tokens": val_tokens, "limit_tokens": limit_tokens}
     fingerprint = {"source": src.fingerprint(), "parameters": params, "tokenizer_ranks_sha256": RANKS_SHA256}
@@ -181,18 +171,9 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
     out = _out_dir(Path(out_dir))
     for stale in out.glob(f".*.bin{TMP_MARK}*"):
         stale.unlink()  # a shard whose write was interrupted: never under a final name, rewritten below
-
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError:
-            manifest = {}
-        if manifest.get("fingerprint") == fingerprint:
-            (out / STATE).unlink(missing_ok=True)  # killed between the manifest and this: complete all the same
-            return _summary(manifest, out, t0, resumed=len(manifest["shards"]), complete_before=True)
-        raise UserError(f"{out} already holds shards prepared from another source or with other parameters; "
-                        "choose another --out or delete that directory")
+    complete = _already_complete(out, fingerprint, t0)
+    if complete is not None:
+        return complete
     done = _resumable_shards(out, fingerprint)
 
     get_encoding()  # build the tokenizer once, before forking, so every worker inherits it
@@ -204,7 +185,58 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
             on_shard(shards)
 
     writer = ShardWriter(out, name, val_tokens, shard_tokens, limit_tokens, done, record)
+    text_bytes = _tokenize(src, writer, done, workers, progress, chunk_bytes, limit_tokens)
+    _check_enough_tokens(source, writer.total, val_tokens)
+    writer.finish()
+
+    manifest = _manifest(source, src, params, fingerprint, workers, writer)
+    _write_json(out / MANIFEST, manifest)  # last: the directory is complete from here on
+    state_path.unlink(missing_ok=True)
+    summary = _summary(manifest, out, t0, resumed=len(done))
+    summary.update(text_mb_per_s=round(text_bytes / 1e6 / summary["seconds"], 2),
+                   tokens_per_s=round((writer.total - sum(s["tokens"] for s in done)) / summary["seconds"]))
+    return summary
+
+
+def _checked_options(source: str, name: str | None, shard_tokens: int, val_tokens: int, workers: int | None,
+                     limit_tokens: int | None) -> tuple[int, str]:
+    """(workers, name), defaulted and checked, before anything is opened or written."""
+    if shard_tokens < 1 or val_tokens < 0 or (limit_tokens is not None and limit_tokens < 1):
+        raise UserError("--shard-tokens and --limit-tokens must be >= 1 and --val-tokens >= 0")
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers < 1:
+        raise UserError("--workers must be >= 1")
+    name = name or default_name(source)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or re.search("val|train", name):
+        raise UserError(f"--name {name!r}: use letters, digits, '-', '_' and neither 'val' nor 'train' "
+                        "(the trainer tells shards apart by those words)")
+    return workers, name
+
+
+def _already_complete(out: Path, fingerprint: dict, t0: float) -> dict | None:
+    """The summary when out already holds this very set (a rerun does nothing); None when it holds no
+    manifest; a UserError when its manifest is of other inputs (those shards are not ours to replace)."""
+    manifest_path = out / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        manifest = {}
+    if manifest.get("fingerprint") == fingerprint:
+        (out / STATE).unlink(missing_ok=True)  # killed between the manifest and this: complete all the same
+        return _summary(manifest, out, t0, resumed=len(manifest["shards"]), complete_before=True)
+    raise UserError(f"{out} already holds shards prepared from another source or with other parameters; "
+                    "choose another --out or delete that directory")
+
+
+def _tokenize(src, writer: ShardWriter, done: list[dict], workers: int, progress: bool, chunk_bytes: int,
+              limit_tokens: int | None) -> int:
+    """Feed the source's documents after the finished shards to the writer, in order, until it is full or
+    the source ends; return the utf-8 bytes of text tokenized in this run."""
     skip_docs, skip_tokens = done[-1]["end"] if done else (0, 0)
+    # A dict, not plain locals: the callbacks below update it in place.
     stats = {"src_bytes": 0, "text_bytes": 0, "skip_tokens": skip_tokens}
 
     with _Progress(progress, src.total_bytes, limit_tokens) as bar:
@@ -227,19 +259,29 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
                     break
         else:
             _run_pool(workers, chunks, consume, lambda: writer.full)
-    if writer.total == 0:
+    return stats["text_bytes"]
+
+
+def _check_enough_tokens(source: str, total: int, val_tokens: int) -> None:
+    """Refuse, before any final shard or manifest is written, a source too small to train on."""
+    if total == 0:
         raise UserError(f"{source}: no text to tokenize (empty source)")
-    if val_tokens and writer.total <= val_tokens:
+    if val_tokens and total <= val_tokens:
         raise UserError(
-            f"{source}: only {writer.total:,} tokens, all of them taken by --val-tokens {val_tokens:,}: "
-            f"nothing left to train on; rerun with a smaller --val-tokens (e.g. {max(writer.total // 10, 1)})"
+            f"{source}: only {total:,} tokens, all of them taken by --val-tokens {val_tokens:,}: "
+            f"nothing left to train on; rerun with a smaller --val-tokens (e.g. {max(total // 10, 1)})"
         )
-    writer.finish()
+
+
+def _manifest(source: str, src, params: dict, fingerprint: dict, workers: int, writer: ShardWriter) -> dict:
+    """manifest.json's content for the finished writer's shards."""
+    from model import shards as shard_format
+    from model.tokenizer import EOT_TOKEN, RANKS_SHA256, VOCAB_SIZE
 
     keys = ("name", "split", "index", "tokens", "max_token", "size", "sha256")
     shards = [{k: s[k] for k in keys} for s in writer.shards]
-    manifest = {
-        "format": FORMAT, "version": VERSION, "name": name,
+    return {
+        "format": FORMAT, "version": VERSION, "name": params["name"],
         "shard_format": {"magic": shard_format.MAGIC, "version": shard_format.VERSION,
                          "header_bytes": shard_format.HEADER_BYTES, "dtype": "uint16"},
         "tokenizer": {"name": "gpt2", "ranks_sha256": RANKS_SHA256, "vocab_size": VOCAB_SIZE,
@@ -256,12 +298,6 @@ def prepare(source: str, out_dir, *, name: str | None = None, shard_tokens: int 
         "files": [{"name": s["name"], "size": s["size"], "sha256": s["sha256"]} for s in shards],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write_json(manifest_path, manifest)  # last: the directory is complete from here on
-    state_path.unlink(missing_ok=True)
-    summary = _summary(manifest, out, t0, resumed=len(done))
-    summary.update(text_mb_per_s=round(stats["text_bytes"] / 1e6 / summary["seconds"], 2),
-                   tokens_per_s=round((writer.total - sum(s["tokens"] for s in done)) / summary["seconds"]))
-    return summary
 
 
 def _out_dir(out: Path) -> Path:
