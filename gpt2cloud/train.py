@@ -17,12 +17,18 @@ import tempfile
 from pathlib import Path
 from typing import TextIO
 
-from gpt2cloud.cost.recipes import load_recipe
+from gpt2cloud.cost.recipes import MAX_CHECKPOINT_MINUTES, load_recipe
 from gpt2cloud.errors import MAX_STEPS, UserError, positive
 from gpt2cloud.processes import kill_process_tree
 from gpt2cloud.store.layout import CHECKPOINTS, CONFIG, METRICS
-from model.config import ERROR_FILE_ENV, BatchError, TrainConfig
+from model.config import DIVERGED_MARKER, ERROR_FILE_ENV, EXIT_DIVERGED, BatchError, TrainConfig
 from model.metrics import RunMetrics
+
+
+class TrainingDiverged(UserError):
+    """The trainer stopped a diverged run (its one line); `gpt2cloud train` exits with `code`."""
+
+    code = EXIT_DIVERGED
 
 
 def check_inputs(cfg, data: Path, out: Path, nproc: int, resume: str) -> None:
@@ -190,6 +196,8 @@ def run_trainer(cmd: list[str], out: Path, stream: TextIO) -> None:
     if code == 0:
         stream.writelines(held)
         return
+    if refusal and (out / DIVERGED_MARKER).is_file():  # the trainer's verdict (train() removed any older one)
+        raise TrainingDiverged(refusal)
     if refusal:
         raise UserError(refusal)
     stream.writelines(held)
@@ -223,20 +231,23 @@ def summarize(out: Path) -> dict:
 
 def train(recipe: str, data: str | Path, out: str | Path, nproc: int = 1, steps: int | None = None,
           resume: str = "auto", compile: bool | None = None, price: float | None = None,
-          max_cost: float | None = None, stream: TextIO | None = None, schedule_steps: int | None = None) -> dict:
+          max_cost: float | None = None, stream: TextIO | None = None, schedule_steps: int | None = None,
+          checkpoint_minutes: float | None = None) -> dict:
     """Train a recipe on local data with `nproc` processes; return summarize(out)."""
     data, out = Path(data), Path(out)
     positive("--price", price, "2.99")
     positive("--max-cost", max_cost, "5")
+    positive("--checkpoint-minutes", checkpoint_minutes, "10", upper=MAX_CHECKPOINT_MINUTES)
     positive("--nproc", nproc, "2", upper=1024)
     positive("--schedule-steps", schedule_steps, "19073", upper=MAX_STEPS)
     cfg = load_recipe(recipe).to_train_config(steps=steps, schedule_steps=schedule_steps, compile=compile,
                                                price_per_gpu_hour=price,
-                                               max_cost_usd=max_cost)
+                                               max_cost_usd=max_cost, checkpoint_minutes=checkpoint_minutes)
     cfg = fit_to_ranks(cfg, nproc, stream or sys.stdout)
     check_inputs(cfg, data, out, nproc, resume)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / CONFIG
     config_path.write_text(cfg.to_json() + "\n")
+    (out / DIVERGED_MARKER).unlink(missing_ok=True)  # an earlier run's verdict must not name this one's failure
     run_trainer(torchrun_command(config_path, data, out, nproc, resume), out, stream or sys.stdout)
     return summarize(out)

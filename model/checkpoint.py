@@ -9,6 +9,10 @@ A checkpoint holds everything an exact resume needs:
 - manifest.json       written last, atomically: format, step, world size, recipe, config, and the
                       size and sha256 of every other file. No manifest: incomplete, ignored.
 
+Non-finite weights are never written (a diverged run's), and older checkpoints are rotated out only
+once a newer one is complete, finite and verified against its manifest on disk: a run that went bad
+cannot push its good checkpoints out.
+
 Public helpers other parts call: latest_checkpoint, verify_checkpoint, load_model.
 """
 
@@ -30,7 +34,7 @@ import torch
 from gpt2cloud.store import StorageError, atomic_write  # the one part of gpt2cloud model/ imports
 from gpt2cloud.store.layout import CHECKPOINTS, MANIFEST, STEP_DIR, local_checkpoints, step_dir
 from gpt2cloud.store.transfer import check_files
-from model import hf
+from model import deadman, hf
 from model.config import GPTConfig, TrainConfig
 from model.gpt import GPT
 
@@ -136,6 +140,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def weights_finite(module: torch.nn.Module) -> bool:
+    """Is every parameter finite? Checked on the device (one sync) before a checkpoint's host copy."""
+    flags = [torch.isfinite(p.detach()).all() for p in module.parameters() if p.is_floating_point()]
+    return bool(torch.stack(flags).all().item()) if flags else True
+
+
+def non_finite(weights: dict) -> list[str]:
+    """The names of the tensors in a state dict that hold a NaN or an infinity."""
+    return [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def weights_state_dict(raw_model: torch.nn.Module) -> dict:
     """The weights to store: the raw module's, without the tied duplicate, contiguous, on CPU."""
     return {k: v.detach().contiguous().cpu() for k, v in raw_model.state_dict().items() if k != TIED}
@@ -220,10 +235,42 @@ class BackgroundWriter:
 def write_checkpoint(out_dir: str | Path, step: int, raw_model, optimizer_state: dict,
                      trainer_state: dict, rng_states: list[dict], config: dict, keep: int) -> Path:
     """Write one checkpoint (rank 0 only), manifest last, then prune to the newest `keep`. `raw_model` is
-    the module, or its weights already copied to the host (weights_state_dict)."""
+    the module, or its weights already copied to the host (weights_state_dict). Non-finite weights are
+    refused (CheckpointError) before anything is written; the older checkpoints go only once this one
+    reads back intact. A full disk is a CheckpointError too, with the node's DISK_FULL marker left in OUT."""
+    weights = raw_model if isinstance(raw_model, dict) else weights_state_dict(raw_model)
+    bad = non_finite(weights)
+    if bad:
+        raise CheckpointError(f"step {step}: not checkpointed, its weights are not finite ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}); the run diverged")
+    path = Path(out_dir) / CHECKPOINTS / step_dir(step)
+    try:
+        _write_files(path, step, weights, optimizer_state, trainer_state, rng_states, config)
+    except (OSError, RuntimeError) as e:  # torch.save may wrap the OSError in a RuntimeError
+        if not deadman.is_disk_full(e):
+            raise
+        # a full disk: no half checkpoint left behind (its space back for the metrics and the push), the
+        # marker saying so (the run script ends the job with EXIT_DISK_FULL), and one line
+        shutil.rmtree(path, ignore_errors=True)
+        deadman.note_disk_full(out_dir, f"checkpoint step {step}")
+        raise CheckpointError(f"step {step}: not checkpointed, the disk is full ({getattr(e, 'strerror', '') or e}); the task's "
+                              "disk_size is too small for its shards and keep_checkpoints") from None
+    # read back from disk before anything older goes: a bad disk or a torn write must not cost the run
+    # the checkpoints that are still good (a failure here leaves them all and raises)
+    try:
+        verify_checkpoint(path)
+    except CheckpointError:
+        (path / MANIFEST).unlink(missing_ok=True)  # unpublished: never the checkpoint a resume or a push picks
+        raise
+    prune_checkpoints(out_dir, keep)
+    return path
+
+
+def _write_files(path: Path, step: int, weights: dict, optimizer_state: dict, trainer_state: dict,
+                 rng_states: list[dict], config: dict) -> None:
+    """The checkpoint's files, each hashed as it is written, then its manifest (last: it publishes them)."""
     from safetensors.torch import save as safetensors_bytes
 
-    path = Path(out_dir) / CHECKPOINTS / step_dir(step)
     if path.exists():
         shutil.rmtree(path)  # an incomplete attempt at this step (a killed run): start it over
     path.mkdir(parents=True)
@@ -234,7 +281,6 @@ def write_checkpoint(out_dir: str | Path, step: int, raw_model, optimizer_state:
         save(out)
         files.append(out.entry())
 
-    weights = raw_model if isinstance(raw_model, dict) else weights_state_dict(raw_model)
     write(WEIGHTS, lambda f: f.write(safetensors_bytes(weights, metadata={"format": "pt"})))
     write("optimizer.pt", lambda f: torch.save(optimizer_state, f))
     write("trainer_state.json", lambda f: f.write(json.dumps(trainer_state, indent=2).encode()))
@@ -244,13 +290,12 @@ def write_checkpoint(out_dir: str | Path, step: int, raw_model, optimizer_state:
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": len(rng_states),
                 "recipe": config.get("recipe_name"), "config": config, "files": files}
     atomic_write(path / MANIFEST, json.dumps(manifest, indent=2))
-    prune_checkpoints(out_dir, keep)
-    return path
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; drop older ones and incomplete leftovers
-    (a killed run's half-written directory) older than the newest complete one."""
+    (a killed run's half-written directory) older than the newest complete one. write_checkpoint calls
+    it only after its new checkpoint proved finite and intact."""
     root = Path(out_dir) / CHECKPOINTS
     complete = _complete_checkpoints(Path(out_dir))
     if not complete:

@@ -47,6 +47,27 @@ FLOPS_FORMULA = "6N + 12*L*d*T"
 # torchrun its exit code is lost (torchrun exits 1 with a traceback of the failed child).
 ERROR_FILE_ENV = "GPT2CLOUD_ERROR_FILE"
 
+# The node's setup exits with this when torch sees fewer GPUs than the node was given (its CUDA build
+# does not match the driver): gpt2cloud/launch/scripts.py runs the check, `status` explains the code.
+EXIT_NO_GPU = 6
+
+# The trainer stops a run that diverged (a non-finite loss or gradient norm, or a loss that stays far
+# above its best: model/stop.py Divergence) with this code, and leaves DIVERGED_MARKER in OUT holding
+# its one line (under torchrun the code is lost: the node's run script and `gpt2cloud train` read the
+# marker). Not 75: a spot job must not relaunch a run that would diverge again on the same settings.
+EXIT_DIVERGED = 65  # sysexits' EX_DATAERR: the run's own numbers went bad
+DIVERGED_MARKER = "diverged"
+
+# Time-based checkpoints (checkpoint_minutes): a preemption loses at most this much training, plus the
+# pusher's interval (1 min) and one checkpoint's write and upload (~3.5 min for a 1.5B model's 19 GB at
+# 100 MB/s): under ~15 min at any model size, whatever its step time.
+DEFAULT_CHECKPOINT_MINUTES = 10.0
+# The divergence guard's defaults: stop once the loss stays above LOSS_SPIKE_FACTOR x its best so far for
+# LOSS_SPIKE_STEPS steps in a row. A healthy GPT-2 run's spikes stay well under 2x and pass within a few
+# steps; a diverged one sits near or above ln(vocab) ~ 10.8, 3-4x its best. 20 steps cost seconds.
+LOSS_SPIKE_FACTOR = 2.0
+LOSS_SPIKE_STEPS = 20
+
 
 class BatchError(ValueError):
     """tokens_per_step does not split into whole micro-batches over the ranks."""
@@ -84,6 +105,8 @@ class TrainConfig:
     sample_prompt: str = "Hello, I'm a language model,"
     sample_tokens: int = 32
     checkpoint_every: int = 5000
+    # also checkpoint once this many minutes passed since the last checkpoint (0: only checkpoint_every)
+    checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES
     keep_checkpoints: int = 3
     hellaswag_every: int = 0  # 0: never
     # execution
@@ -94,8 +117,15 @@ class TrainConfig:
     max_cost_usd: float = 0.0  # 0: no budget cap
     price_per_gpu_hour: float = 0.0  # an any_of launch: its most expensive candidate (see price_here)
     cloud_prices: dict = field(default_factory=dict)  # any_of: lowercase cloud -> USD per GPU-hour; else {}
+    # what bills after the trainer stops, in node seconds: the final push, the teardown and the idle minutes
+    # before autostop (the launch's estimate of them): the budget stop leaves room for it
+    after_stop_seconds: float = 0.0
     max_hours: float = 0.0  # 0: no limit; else stop (with a checkpoint) before the run's wall time passes it
     stall_minutes: float = 0.0  # 0: off; else exit when no step (or eval, checkpoint) finishes for this long
+    # the divergence guard (a non-finite loss always stops the run): the loss above loss_spike_factor x its
+    # best for loss_spike_steps steps in a row also does; loss_spike_factor 0 turns that part off
+    loss_spike_factor: float = LOSS_SPIKE_FACTOR
+    loss_spike_steps: int = LOSS_SPIKE_STEPS
     trackers: list = field(default_factory=list)  # where metrics go besides metrics.jsonl (model/trackers.py)
 
     def grad_accum(self, world_size: int) -> int:
@@ -131,11 +161,12 @@ class TrainConfig:
 # Everything else (model, batch, optimizer, schedule, seed, precision) makes it another run.
 RESUME_MAY_CHANGE = (
     "steps",  # where this run stops: earlier, or later on the same schedule
-    "max_cost_usd", "price_per_gpu_hour", "cloud_prices", "max_hours",  # the caps ("raise max_cost_usd and resume")
+    "max_cost_usd", "price_per_gpu_hour", "cloud_prices", "after_stop_seconds", "max_hours",  # the caps ("raise max_cost_usd and resume")
     "micro_batch",  # follows --nproc: the same tokens per step, gradient accumulation adjusts
     "compile", "stall_minutes", "peak_flops_per_gpu", "trackers",  # how it runs, not what it computes
     "device",  # cuda on a node, auto for `train`: a cloud checkpoint resumes here and the other way round
-    "checkpoint_every", "keep_checkpoints",  # what it writes, and how often
+    "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",  # what it writes, and how often
+    "loss_spike_factor", "loss_spike_steps",  # when the guard calls it diverged: a looser bound resumes
     "val_every", "val_steps", "sample_every", "sample_prompt", "sample_tokens", "hellaswag_every",
 )
 

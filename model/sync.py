@@ -2,7 +2,7 @@
 
     python -m model.sync push OUT URL [--every 60] [--rank R] [--keep 3]   # loop; final push on exit/SIGTERM
     python -m model.sync pull URL OUT [--rank R]     # newest complete checkpoint (+ metrics) for --resume auto
-    python -m model.sync data URL DIR [--max-mb-per-s X] [--timeline FILE]   # the token shards (below)
+    python -m model.sync data URL DIR [--max-mb-per-s X] [--timeline FILE] [--config CONFIG]   # the shards (below)
     python -m model.sync wait DIR [--pid PID] [--timeout S]   # until DIR holds what training needs first
 
 Bucket layout under URL (= <bucket>/<run id>): the same tree as OUT (gpt2cloud/store/layout.py), each
@@ -15,13 +15,15 @@ exists), so a preempted or failed node loses at most the steps since its last ch
 
 `data` streams: it writes the set's manifest into DIR first, then downloads the validation shards and
 the first training shard (what the first step and the first val loss need), then the other training
-shards in name order, 4 at a time, each sha256-verified before it gets its final name; DIR/download.json
-says how far it got and ends "complete" or "failed" (model/datadir.py). The node's run script starts it
-in the background, waits (`wait --pid`) until it is ready and starts the trainer, whose loader waits
-for any shard still on its way (model/data.py). `--timeline` appends a data_complete event when all
-is in. Exit code EXIT_DATA when the download fails. Every node of a multi-node run streams its own
-copy: behind training it costs bandwidth, not time (docs/cloud.md, "The data streams in", has the
-measured rates and the reasons).
+shards in name order, 4 at a time, each sha256-verified before it gets its final name; with `--config`
+only the training shards the run's steps read (model/datadir.py files_to_read). DIR/download.json says
+how far it got and ends "complete", "partial" (the shards left out) or "failed" (model/datadir.py).
+The node's run script starts it in the background, waits (`wait --pid`) until it is ready and starts
+the trainer, whose loader waits for any shard still on its way (model/data.py). `--timeline` appends
+a data_complete event when all is in. Exit code EXIT_DATA when the download fails, EXIT_DISK_FULL
+(model/deadman.py) when the node's disk is full (the pull's too); `wait` gives up after --timeout
+(EXIT_DATA_HUNG). Every node of a multi-node run streams its own copy: behind training it costs
+bandwidth, not time (docs/cloud.md, "The data streams in", has the measured rates and the reasons).
 
 Imports only the standard library and gpt2cloud's store package (boto3 is imported when an s3:// URL
 is opened). Never imports typer, pydantic or skypilot.
@@ -42,17 +44,19 @@ from pathlib import Path
 
 from gpt2cloud.store import NoSuchObject, StorageError, atomic_write, open_store, sha256_file
 from gpt2cloud.store.base import remove_stale_tmp
-from gpt2cloud.store.layout import (CHECKPOINTS, LOGS, MANIFEST, METRICS, TIMELINE, local_checkpoints, node_log,
-                                    remote_checkpoints)
+from gpt2cloud.store.layout import (CHECKPOINTS, LOGS, MANIFEST, METRICS, PUSH_STATUS, TIMELINE, local_checkpoints,
+                                    node_log, remote_checkpoints)
 from gpt2cloud.store.sets import GPT2_VOCAB_SIZE, fetch_checked
 from gpt2cloud.store.transfer import FILE_WORKERS, download_dir, parse_manifest, upload_dir
-from model import datadir
+from model import datadir, deadman, pushstate, stoprequest
+from model.config import TrainConfig
 
 # Exit codes: the node's run script passes them on (gpt2cloud/launch/task.py renders them into it).
 EXIT_DATA = 3  # could not download the shards from --data
 EXIT_BUCKET = 4  # could not reach the run's bucket
 EXIT_FINAL_PUSH = 5  # the final push failed: the last checkpoint is only on the node
 FINAL_TRIES = 5  # the final push's attempts, backing off 1x, 2x, 4x, 8x the retry delay
+FINAL_MAX_DELAY_S = 60.0  # between final-push attempts once they go on for --final-minutes
 
 
 def log(msg: str) -> None:
@@ -136,14 +140,30 @@ class Pusher:
             self.push_checkpoint(ckpts)
         self._push_file(self.out / node_log(self.rank), node_log(self.rank))
 
+    def attempt(self, every: float) -> str:
+        """One push; "" when it worked, else what failed. Rank 0 records how it went (model/pushstate.py)
+        and pushes that record last, so the bucket says when the node last saved its work."""
+        try:
+            self.push_once()
+            if self.rank == 0:
+                pushstate.record(self.out, True, every)
+                self._push_file(self.out / PUSH_STATUS, PUSH_STATUS)
+            return ""
+        except (StorageError, OSError) as e:
+            if self.rank == 0:
+                with contextlib.suppress(OSError):  # a full disk: the push's own failure is what to report
+                    pushstate.record(self.out, False, every, str(e))
+            return str(e) or type(e).__name__
+
 
 def push_loop(out: str, url: str, every: float, rank: int, keep: int, once: bool = False,
-              retry_seconds: float = 5.0) -> int:
+              retry_seconds: float = 5.0, final_minutes: float = 0.0) -> int:
     """Push every `every` seconds until told to stop (SIGTERM) or orphaned, then push once more: that
-    final push, retried with backoff, carries the trainer's last checkpoint. Its failure is the job's."""
+    final push, retried with backoff (FINAL_TRIES times, and for at least final_minutes), carries the
+    trainer's last checkpoint. Its failure is the job's."""
     stop = threading.Event()
     with stop_on_signals(stop):
-        return _push_until_stopped(out, url, every, rank, keep, once, retry_seconds, stop)
+        return _push_until_stopped(out, url, every, rank, keep, once, retry_seconds, stop, final_minutes)
 
 
 @contextlib.contextmanager
@@ -164,44 +184,51 @@ def stop_on_signals(stop: threading.Event):
 
 
 def _push_until_stopped(out: str, url: str, every: float, rank: int, keep: int, once: bool,
-                        retry_seconds: float, stop: threading.Event) -> int:
+                        retry_seconds: float, stop: threading.Event, final_minutes: float = 0.0) -> int:
     parent = os.getppid()
+    # before the trainer starts (the run script starts it after this): an earlier job's marker on a node
+    # used again (a relaunch onto a live cluster) is not a stop this job was asked for
+    stoprequest.clear_marker(out)
     try:
         pusher = Pusher(out, url, rank=rank, keep=keep)
     except StorageError as e:
         log(f"cannot reach the bucket: {e}")
         return EXIT_BUCKET
     while not (once or stop.is_set() or os.getppid() != parent):
-        try:
-            pusher.push_once()
-        except (StorageError, OSError) as e:
-            log(f"push failed ({e}); next try in {every:g} s")
+        error = pusher.attempt(every)
+        if error:
+            log(f"push failed ({error}); next try in {every:g} s")
+        stoprequest.relay(pusher.store, out, log)  # `gpt2cloud down --graceful`: tell the trainer
         stop.wait(every)
-    for attempt in range(1, FINAL_TRIES + 1):
-        try:
-            pusher.push_once()
+    return _final_push(pusher, every, retry_seconds, final_minutes)
+
+
+def _final_push(pusher: "Pusher", every: float, retry_seconds: float, final_minutes: float) -> int:
+    """The last push: FINAL_TRIES attempts backing off, and more (the delay capped at FINAL_MAX_DELAY_S)
+    until final_minutes have passed: a bounded wait either way."""
+    deadline = time.monotonic() + final_minutes * 60
+    attempt = 0
+    while True:
+        attempt += 1
+        e = pusher.attempt(every)
+        if not e:
             log("final push done")
             return 0
-        except (StorageError, OSError) as e:
-            wait = retry_seconds * 2 ** (attempt - 1)
-            log(f"final push failed ({attempt}/{FINAL_TRIES}): {e}" + (f"; again in {wait:g} s" if attempt < FINAL_TRIES else ""))
-            if attempt < FINAL_TRIES:
-                time.sleep(wait)
+        wait = min(FINAL_MAX_DELAY_S, retry_seconds * 2 ** (attempt - 1))
+        more = attempt < FINAL_TRIES or time.monotonic() + wait < deadline
+        log(f"final push failed (try {attempt}): {e}" + (f"; again in {wait:g} s" if more else ""))
+        if not more:
+            break
+        time.sleep(wait)
     log("FINAL PUSH FAILED: the newest checkpoint and metrics are only on this node")
     return EXIT_FINAL_PUSH
 
 
 # ---- pull ----
 
-def pull(url: str, out: str | Path, rank: int = 0) -> int:
-    """Fetch the newest complete, verified checkpoint (and metrics, and this node's log) into OUT."""
-    out = Path(out)
-    try:
-        store = open_store(url)
-        complete, _ = remote_checkpoints(store)
-    except StorageError as e:
-        log(f"cannot reach the bucket {url}: {e}")
-        return EXIT_BUCKET
+def _pull_into(store, complete: list, out: Path, rank: int) -> int | None:
+    """The newest complete checkpoint that downloads and verifies (its step, or None), then the metrics,
+    timeline and this node's log; a full disk is raised, never taken for a damaged checkpoint."""
     (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     (out / LOGS).mkdir(parents=True, exist_ok=True)
     got = None
@@ -211,6 +238,8 @@ def pull(url: str, out: str | Path, rank: int = 0) -> int:
             got = step
             break
         except StorageError as e:  # a damaged or half-deleted set: fall back to the one before
+            if deadman.is_disk_full(e):
+                raise
             log(f"checkpoint {name} unusable ({e}); trying an older one")
     for key, dest in ((METRICS, out / METRICS), (TIMELINE, out / TIMELINE), (node_log(rank), out / node_log(rank))):
         if (key in (METRICS, TIMELINE) and rank != 0) or dest.exists():
@@ -219,7 +248,31 @@ def pull(url: str, out: str | Path, rank: int = 0) -> int:
             if store.exists(key):
                 store.get_file(key, dest)
         except StorageError as e:
+            if deadman.is_disk_full(e):
+                raise
             log(f"could not fetch {key}: {e}")
+    return got
+
+
+def pull(url: str, out: str | Path, rank: int = 0) -> int:
+    """Fetch the newest complete, verified checkpoint (and metrics, and this node's log) into OUT.
+    A full disk ends it with EXIT_DISK_FULL: an older checkpoint would not fit either, and starting
+    from scratch instead would throw the run's progress away."""
+    out = Path(out)
+    try:
+        store = open_store(url)
+        complete, _ = remote_checkpoints(store)
+    except StorageError as e:
+        log(f"cannot reach the bucket {url}: {e}")
+        return EXIT_BUCKET
+    try:
+        got = _pull_into(store, complete, out, rank)
+    except (StorageError, OSError) as e:
+        if not deadman.is_disk_full(e):
+            raise
+        log(f"the node's disk is full: {e}; the checkpoint does not fit (the task's disk_size is too small)")
+        deadman.note_disk_full(out, "pull")
+        return deadman.EXIT_DISK_FULL
     if got is None:
         log(f"no complete checkpoint in {url}: starting from scratch")
     else:
@@ -254,13 +307,15 @@ class Download:
     how far it got (model/datadir.py): the files training needs first, then the rest, `workers` at a
     time. A file already in DIR is kept if its sha256 checks out (a rerun resumes)."""
 
-    def __init__(self, url: str, dest: str | Path, max_mb_per_s: float | None = None, workers: int = FILE_WORKERS):
+    def __init__(self, url: str, dest: str | Path, max_mb_per_s: float | None = None, workers: int = FILE_WORKERS,
+                 steps: int = 0, tokens_per_step: int = 0):
         self.url, self.dest, self.workers = url, Path(dest), workers
+        self.steps, self.tokens_per_step = steps, tokens_per_step  # what the run reads (0: everything)
         self.limit = RateLimit(max_mb_per_s)
         self.lock = threading.Lock()
         self.status = {"state": datadir.RUNNING, "error": None, "pid": os.getpid(), "start": time.time(),
                        "time": time.time(), "files": None, "ready": None, "arrived": {}, "bytes": 0,
-                       "total_bytes": None}
+                       "total_bytes": None, "left_out": []}
         self.fetched = 0  # bytes of the files actually downloaded (not already there)
 
     def save(self, **changes) -> None:
@@ -297,7 +352,8 @@ class Download:
                 failed = next((f for f in done if f.exception() is not None), None)
                 if failed is not None:
                     # said at once (a waiting trainer stops waiting), then the transfers in flight are cut
-                    self.save(state=datadir.FAILED, error=str(failed.exception()))
+                    self.save(state=datadir.FAILED, error=str(failed.exception()),
+                              exit_code=failure_code(failed.exception()))
                     for f in pending:
                         f.cancel()
                     store.abort()
@@ -319,42 +375,59 @@ class Download:
             raise StorageError(f"{store.url_for(MANIFEST)}: no manifest there; the set was never uploaded or its "
                                "upload did not finish: run `gpt2cloud data upload` (again), or check the URL") from None
         files = parse_manifest(manifest_bytes, store.url_for(MANIFEST))["files"]
-        first, rest = datadir.download_order(files)
-        atomic_write(self.dest / MANIFEST, manifest_bytes)  # first: the trainer knows every shard to come
-        self.save(files=len(files), ready=[f["name"] for f in first], total_bytes=sum(f["size"] for f in files))
+        # only what the run's steps read: the 1558M recipes' 100B-token set is ~200 GB, their run reads a third
+        wanted = datadir.files_to_read(files, self.steps, self.tokens_per_step)
+        left_out = [f["name"] for f in files if f not in wanted]
+        first, rest = datadir.download_order(wanted)
+        atomic_write(self.dest / MANIFEST, manifest_bytes)  # first: the trainer knows every shard of the set
+        self.save(files=len(wanted), ready=[f["name"] for f in first], total_bytes=sum(f["size"] for f in wanted),
+                  left_out=left_out)
         t0 = time.monotonic()
         self.fetch_in_order(store, first)
         log(f"data: ready: {len(first)} files ({sum(f['size'] for f in first) / 1e6:.1f} MB) in "
             f"{time.monotonic() - t0:.1f} s; {len(rest)} more on the way")
         self.fetch_in_order(store, rest)
-        self.save(state=datadir.COMPLETE)
-        return {"files": len(files), "bytes": self.fetched, "seconds": time.monotonic() - t0}
+        self.save(state=datadir.PARTIAL if left_out else datadir.COMPLETE)
+        if left_out:
+            log(f"data: {len(left_out)} training shards left out: this run's steps do not reach them")
+        return {"files": len(wanted), "bytes": self.fetched, "seconds": time.monotonic() - t0,
+                "left_out": len(left_out)}
+
+
+def failure_code(e: BaseException) -> int:
+    """The job's exit code for a failed download: a full disk is not the data's fault (EXIT_DISK_FULL)."""
+    return deadman.EXIT_DISK_FULL if deadman.is_disk_full(e) else EXIT_DATA
 
 
 def data(url: str, dest: str | Path, max_mb_per_s: float | None = None, timeline: str | None = None,
-         workers: int = FILE_WORKERS) -> int:
-    """Download the shards at URL into DEST (see Download); note `data_complete` in TIMELINE at the end."""
-    download = Download(url, dest, max_mb_per_s, workers)
+         workers: int = FILE_WORKERS, steps: int = 0, tokens_per_step: int = 0) -> int:
+    """Download the shards at URL into DEST that a run of `steps` steps reads (see Download; 0: all);
+    note `data_complete` in TIMELINE at the end."""
+    download = Download(url, dest, max_mb_per_s, workers, steps, tokens_per_step)
     try:
         result = download.run()
     except (StorageError, OSError) as e:
-        log(f"cannot fetch the data: {e}")
+        code = failure_code(e)
+        log(f"the node's disk is full: {e} (the task's disk_size is too small)" if code == deadman.EXIT_DISK_FULL
+            else f"cannot fetch the data: {e}")
         with contextlib.suppress(OSError):  # (DIR itself may be what fails)
-            download.save(state=datadir.FAILED, error=str(e))
-        return EXIT_DATA
+            download.save(state=datadir.FAILED, error=str(e), exit_code=code)
+        return code
     log(f"data: {result['files']} files, {result['bytes'] / 1e6:.1f} MB downloaded in {result['seconds']:.1f} s "
         f"({result['bytes'] / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s), all sha256-verified")
     if timeline:
         event = {"event": "data_complete", "time": time.time(), "start": download.status["start"],
-                 "bytes": result["bytes"], "files": result["files"]}
+                 "bytes": result["bytes"], "files": result["files"], "left_out": result["left_out"]}
         with open(timeline, "a", encoding="utf-8") as f:  # one short append: whole, beside the script's own notes
             f.write(json.dumps(event) + "\n")
     return 0
 
 
-def wait_ready(dest: str | Path, pid: int | None = None, timeout: float = 0, poll: float = 0.2) -> int:
+def wait_ready(dest: str | Path, pid: int | None = None, timeout: float = deadman.DATA_BOUND, poll: float = 0.2) -> int:
     """Block until DEST holds what training needs first; print the bytes moved so far (for the timeline).
-    EXIT_DATA once the download failed or its process (`pid`, else the status file's) is gone."""
+    EXIT_DATA once the download failed or its process (`pid`, else the status file's) is gone (the
+    status's own exit code when it has one: a full disk); EXIT_DATA_HUNG after `timeout` seconds (0:
+    never, for a caller that bounds the wait itself)."""
     deadline = time.monotonic() + timeout if timeout > 0 else None
     while True:
         status = datadir.read_status(dest)
@@ -364,13 +437,14 @@ def wait_ready(dest: str | Path, pid: int | None = None, timeout: float = 0, pol
             None if pid is None or datadir.process_alive(pid) else f"the data download (pid {pid}) ended at once")
         if why:  # even when what training needs first is in: the rest will not come
             log(f"data not ready: {why}")
-            return EXIT_DATA
+            return (status or {}).get("exit_code") or EXIT_DATA
         if status is not None and datadir.ready_now(status):
             print(status.get("bytes", 0), flush=True)
             return 0
         if deadline is not None and time.monotonic() > deadline:
-            log(f"data not ready after {timeout:g} s")
-            return EXIT_DATA
+            log(f"data not ready after {timeout:g} s: the first shards did not arrive in time (the data source "
+                "is stalled or far too slow); the job ends here rather than bill while it waits")
+            return deadman.EXIT_DATA_HUNG
         time.sleep(poll)
 
 
@@ -385,6 +459,8 @@ def main(argv=None) -> int:
     ps.add_argument("--keep", type=int, default=0, help="complete checkpoints to keep in the bucket (0: all)")
     ps.add_argument("--once", action="store_true", help="push once and exit")
     ps.add_argument("--retry-seconds", type=float, default=5.0, help="first delay between final-push attempts")
+    ps.add_argument("--final-minutes", type=float, default=0.0,
+                    help="keep retrying the final push this long (a managed job: its node goes when the job ends)")
     pl = sub.add_parser("pull", help="download the newest complete checkpoint from URL into OUT")
     pl.add_argument("url")
     pl.add_argument("out")
@@ -394,18 +470,37 @@ def main(argv=None) -> int:
     pd.add_argument("dir")
     pd.add_argument("--max-mb-per-s", type=float, default=None, help="cap the download rate (tests, shared links)")
     pd.add_argument("--timeline", default=None, help="append a data_complete event to this file at the end")
+    pd.add_argument("--config", default=None,
+                    help="the trainer's config.json: only the training shards its steps read are downloaded")
     pw = sub.add_parser("wait", help="wait until DIR holds the validation and first training shards")
     pw.add_argument("dir")
     pw.add_argument("--pid", type=int, default=None, help="the process id of `data` running in the background")
-    pw.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0: never)")
+    pw.add_argument("--timeout", type=float, default=deadman.DATA_BOUND,
+                    help="give up after this many seconds (0: never)")
     a = p.parse_args(argv)
     if a.cmd == "push":
-        return push_loop(a.out, a.url, a.every, a.rank, a.keep, once=a.once, retry_seconds=a.retry_seconds)
+        return push_loop(a.out, a.url, a.every, a.rank, a.keep, once=a.once, retry_seconds=a.retry_seconds,
+                         final_minutes=a.final_minutes)
     if a.cmd == "pull":
         return pull(a.url, a.out, rank=a.rank)
     if a.cmd == "wait":
         return wait_ready(a.dir, pid=a.pid, timeout=a.timeout)
-    return data(a.url, a.dir, max_mb_per_s=a.max_mb_per_s, timeline=a.timeline)
+    steps, tokens_per_step = run_length(a.config)
+    return data(a.url, a.dir, max_mb_per_s=a.max_mb_per_s, timeline=a.timeline, steps=steps,
+                tokens_per_step=tokens_per_step)
+
+
+def run_length(config: str | None) -> tuple[int, int]:
+    """(steps, tokens per step) of the trainer's config, or (0, 0) (everything) without a readable one:
+    the trainer then says what is wrong with it."""
+    if not config:
+        return 0, 0
+    try:
+        cfg = TrainConfig.load(config)
+    except (OSError, ValueError, TypeError) as e:
+        log(f"data: cannot read {config} ({e}); downloading every shard")
+        return 0, 0
+    return cfg.steps, cfg.tokens_per_step
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ validate, score HellaSwag, sample and checkpoint. A plain `python -m model.train
 
 run() is that sequence of named steps; each is a function below, in the order it runs. What they share
 is one explicit Trainer (processes, data, model, clock, progress). When to stop early (cost cap, time
-cap) is model/stop.py's StopPolicy: plain numbers, tested without training.
+cap, pushes failing on a node), when to checkpoint between checkpoint_every steps (checkpoint_minutes),
+and when the run diverged is model/stop.py's StopPolicy: plain numbers, tested without training. A
+diverged run stops without a checkpoint of its bad weights, leaves OUT/diverged and exits EXIT_DIVERGED.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2cloud.store.layout import CHECKPOINTS, METRICS, TIMELINE
 from model import checkpoint as ckpt
-from model.config import ERROR_FILE_ENV, BatchError, TrainConfig
+from model import pushstate, stoprequest
+from model.config import DIVERGED_MARKER, ERROR_FILE_ENV, EXIT_DIVERGED, BatchError, TrainConfig
 from model.eval import evaluate, hellaswag_eval
 from model.metrics import console_line, cost_usd, mfu, node_seconds_before, parse_metrics, truncate_after
 from model.sample import generate_text
 from model.startup import Data, Procs, TrainError, load_config, load_data, start_processes
 from model.shards import ShardError
 from model.step import Setup, get_lr, pick_dtype, schedule_length, setup_training, train_step  # noqa: F401 (re-exported)
-from model.stop import CHECK_SECONDS, Decision, StopPolicy, Usage, steps_that_fit  # noqa: F401 (re-exported)
+from model.stop import (CHECK_SECONDS, DECISION_SIZE, Decision, Diverged, StopPolicy, Usage,  # noqa: F401
+                        steps_that_fit)  # CHECK_SECONDS and steps_that_fit: re-exported
 from model.tokenizer import VOCAB_SIZE
 from model.trackers import Metrics
 from model.watchdog import Watchdog
@@ -50,7 +54,10 @@ def run(args, t_start: float) -> None:
     resume(t, args.resume)  # weights, optimizer, schedule position, data position, RNG
     t.model = wrap(t)
     start_metrics(t)
-    train_loop(t)
+    try:
+        train_loop(t)
+    except Diverged as e:  # every rank, at the same step (model/stop.py): no checkpoint of what it broke
+        raise RunDiverged(end_diverged(t, e)) from None
     report_checkpoints(t, wait=True)
     t.watchdog.stop()
     t.metrics.close()
@@ -100,8 +107,9 @@ class Clock:
     def cost(self, price_per_gpu_hour: float) -> float:
         return cost_usd(self.gpu_seconds(), 1, price_per_gpu_hour)
 
-    def usage(self) -> Usage:
-        return Usage(elapsed=self.elapsed(), gpu_seconds=self.gpu_seconds())
+    def usage(self, since_checkpoint: float = 0.0, push_failing: float = 0.0, stop_requested: bool = False) -> Usage:
+        return Usage(elapsed=self.elapsed(), gpu_seconds=self.gpu_seconds(), since_checkpoint=since_checkpoint,
+                     push_failing=push_failing, stop_requested=stop_requested)
 
 
 @dataclasses.dataclass
@@ -137,6 +145,7 @@ class Trainer:
     tokens_seen: int = 0
     loss: float | None = None  # the newest step read back
     saved_step: int | None = None  # the newest checkpoint's step (this run's or the resumed one)
+    checkpoint_at: float = 0.0  # when this run last checkpointed (time.time()), or started: checkpoint_minutes
     pending: Pending | None = None
     writer: ckpt.BackgroundWriter = dataclasses.field(default_factory=ckpt.BackgroundWriter)
     copy_seconds: dict = dataclasses.field(default_factory=dict)  # step -> the blocking part of its checkpoint
@@ -156,7 +165,11 @@ def set_up(cfg: TrainConfig, args, p: Procs, t_start: float) -> Trainer:
     data.train.set_heartbeat(watchdog.beat)  # waiting for a shard that is still downloading is not a stall
     # On CPU the ops are synchronous anyway: read at once (GPT2CLOUD_DEFER_READS=1 defers there too)
     defer = p.device_type == "cuda" or os.environ.get("GPT2CLOUD_DEFER_READS") == "1"
-    return Trainer(cfg, p, grad_accum, data, s, out, clock, watchdog, StopPolicy.from_config(cfg, p.world), defer)
+    if p.master:
+        (out / DIVERGED_MARKER).unlink(missing_ok=True)  # an earlier attempt's verdict is not this run's
+    # a node (GPT2CLOUD_NODE_UP) runs a pusher beside the trainer: its failures are a stop rule there
+    policy = StopPolicy.from_config(cfg, p.world, pushed=clock.node_up is not None)
+    return Trainer(cfg, p, grad_accum, data, s, out, clock, watchdog, policy, defer, checkpoint_at=time.time())
 
 
 # ---- resume: weights, optimizer, schedule position, data position, RNG ----
@@ -213,8 +226,10 @@ def resume(t: Trainer, resume_mode: str) -> None:
     t.clock.elapsed_before = state["elapsed_seconds"]
     t.clock.gpu_seconds_before = state.get("gpu_seconds", state["elapsed_seconds"] * state["world_size"])
     t.tokens_seen, t.loss = state["tokens_seen"], state["loss"]
-    # the resumed run's slowest recent loop iteration: else one stopped at its cap would take a step past it
-    t.policy = StopPolicy.from_config(t.cfg, p.world, state.get("slowest_iteration_seconds", 0.0))
+    # the resumed run's slowest recent loop iteration: else one stopped at its cap would take a step past it;
+    # its loss: the divergence guard's best so far (every rank reads the same file)
+    t.policy = StopPolicy.from_config(t.cfg, p.world, state.get("slowest_iteration_seconds", 0.0),
+                                      pushed=t.clock.node_up is not None, best_loss=state.get("loss"))
     if state["world_size"] != p.world:
         p.log(f"note: {latest.name} was written by {state['world_size']} ranks, this run has {p.world}: same data "
               f"position and tokens per step, gradient accumulation now {t.grad_accum}")
@@ -331,27 +346,50 @@ def finish_pending(t: Trainer) -> None:
     t.metrics.write(record)
     t.p.log(console_line(done.step, cfg.steps, t.loss, done.lr, record["grad_norm"], tok_s, dt))
     t.watchdog.beat(f"step {done.step}")
+    # every rank reads every step here, at the same points of the loop: the guard decides alike everywhere.
+    # fp16's GradScaler skips steps whose gradients overflowed: a non-finite norm is expected there
+    t.policy.observe(done.step, t.loss, None if t.s.scaler.is_enabled() else record["grad_norm"])
 
 
 # ---- stopping early: rank 0 asks the stop policy, every rank follows ----
 
 
 def check_stop(t: Trainer) -> bool:
-    """Stop before a step that would take the cost or the wall time past its cap (True: stopped). Each check
-    waits for the device (the time is only known then), so the policy also says how many steps surely fit
-    before the next one."""
+    """Stop before a step that would take the cost or the wall time past its cap, or train on while pushes
+    fail (True: stopped); or checkpoint now, checkpoint_minutes after the last one. Each check waits for the
+    device (the time is only known then), so the policy also says how many steps surely fit before the next
+    one. Rank 0 decides; its decision is the check's one broadcast."""
     finish_pending(t)
-    code = torch.zeros(2, dtype=torch.long, device=t.p.device)
+    decided = [0] * DECISION_SIZE
     if t.p.master:
-        code[0], code[1] = t.policy.decide(t.clock.usage()).encode()
+        usage = t.clock.usage(since_checkpoint=time.time() - t.checkpoint_at, push_failing=push_failing(t),
+                              stop_requested=t.clock.node_up is not None and stoprequest.requested(t.out) is not None)
+        decided = t.policy.decide(usage).encode()
+    code = torch.tensor(decided, dtype=torch.long, device=t.p.device)
     if t.p.ddp:
         dist.broadcast(code, 0)
     decision = Decision.decode(code.tolist())
     t.policy.checked(t.step, decision)
-    if decision.stop is None:
-        return False
-    stop_here(t, decision.stop)
-    return True
+    if decision.stop is not None:
+        stop_here(t, decision.stop)
+        return True
+    if decision.checkpoint and t.saved_step != t.step:
+        save_checkpoint(t)
+    return False
+
+
+def push_failing(t: Trainer) -> float:
+    """How long this node's pushes have been failing (0: no pusher, or the last push worked), counted from
+    this trainer's start at the earliest. A status last written before the trainer started may be an
+    earlier job's on the same node: it counts once the pusher has written it again."""
+    status = pushstate.read(t.out) if t.clock.node_up is not None else None
+    now = time.time()
+    try:
+        if not status or float(status.get("time") or 0.0) < t.clock.t_start:
+            return 0.0
+        return min(pushstate.failing_seconds(status, now), max(0.0, now - t.clock.t_start))
+    except (TypeError, ValueError):  # a status of another shape: no reading, no stop on it
+        return 0.0
 
 
 def stop_here(t: Trainer, reason: str) -> None:
@@ -359,15 +397,35 @@ def stop_here(t: Trainer, reason: str) -> None:
     if t.saved_step != t.step:
         save_checkpoint(t)
     report_checkpoints(t, wait=True)
-    cfg, step, spent = t.cfg, t.step, t.clock.cost(t.cfg.price_per_gpu_hour)
+    record, line = stop_line(t, reason)
+    t.metrics.write({"step": t.step, **record})
+    t.p.log(line)
+
+
+def stop_line(t: Trainer, reason: str) -> tuple[dict, str]:
+    """The stop's metrics record and its log line: why, and how to go on."""
+    cfg, step = t.cfg, t.step
     if reason == "budget":
-        t.metrics.write({"event": "budget_stop", "step": step, "cost_usd": spent})
-        t.p.log(f"budget: stopping at step {step}, ${spent:.2f} spent of ${cfg.max_cost_usd:.2f}; "
+        spent = t.clock.cost(cfg.price_per_gpu_hour)
+        return ({"event": "budget_stop", "cost_usd": spent},
+                f"budget: stopping at step {step}, ${spent:.2f} spent of ${cfg.max_cost_usd:.2f}; "
                 "raise max_cost_usd and resume to continue")
-    else:
-        t.metrics.write({"event": "time_stop", "step": step, "elapsed_seconds": t.clock.elapsed()})
-        t.p.log(f"time: stopping at step {step} after {t.clock.elapsed() / 3600:.2f} h of the {cfg.max_hours:g} h "
-                "limit; raise max_hours and resume to continue")
+    if reason == "push":
+        failing, status = push_failing(t), pushstate.read(t.out) or {}
+        return ({"event": "push_stop", "push_failing_seconds": failing, "last_error": status.get("last_error")},
+                f"push: stopping at step {step} with a checkpoint: pushes to the bucket have failed for "
+                f"{failing / 60:.1f} min (last error: {status.get('last_error') or 'unknown'}), longer than the "
+                "checkpoint interval, and a preemption would lose everything since; the node's final push "
+                "retries it. Relaunch the run (same --name) once the bucket is reachable to continue")
+    if reason == "requested":
+        why = stoprequest.requested(t.out) or "stop requested"
+        return ({"event": "requested_stop", "reason": why},
+                f"stop: stopping at step {step} with a checkpoint, as asked ({why}); the final push saves it. "
+                "Relaunch the run (same --name) to continue from it")
+    elapsed = t.clock.elapsed()
+    return ({"event": "time_stop", "elapsed_seconds": elapsed},
+            f"time: stopping at step {step} after {elapsed / 3600:.2f} h of the {cfg.max_hours:g} h limit; "
+            "raise max_hours and resume to continue")
 
 
 # ---- after a step: evaluation (val loss, a sample, HellaSwag) and checkpoints ----
@@ -377,22 +435,21 @@ def after_step(t: Trainer) -> None:
     cfg, step = t.cfg, t.step
     val_due = t.data.val is not None and (step % cfg.val_every == 0 or step == cfg.steps)
     # sampling needs the GPT-2 vocabulary (tests use tiny ones); the raw module also works when compiled
-    sample_due = (t.p.master and cfg.sample_every > 0 and step % cfg.sample_every == 0
-                  and cfg.model.vocab_size >= VOCAB_SIZE)
+    sample_step = cfg.sample_every > 0 and step % cfg.sample_every == 0 and cfg.model.vocab_size >= VOCAB_SIZE
     hellaswag_due = bool(t.data.hellaswag) and (step % cfg.hellaswag_every == 0 or step == cfg.steps)
     checkpoint_due = step % cfg.checkpoint_every == 0 or step == cfg.steps
-    if val_due or sample_due or hellaswag_due or checkpoint_due:
+    # every rank reads the step here, not only the one that samples: the divergence guard must see each
+    # step at the same point of the loop on every rank (model/stop.py)
+    if val_due or sample_step or hellaswag_due or checkpoint_due:
         finish_pending(t)  # this step's line first, and the loss a checkpoint stores
     if val_due:
         validate(t)
-    if sample_due:
+    if sample_step and t.p.master:
         write_sample(t)
     if hellaswag_due:
         score_hellaswag(t)
     if checkpoint_due:
         save_checkpoint(t)
-        t.saved_step = step
-        t.watchdog.beat(f"checkpoint at step {step}")
     report_checkpoints(t)
 
 
@@ -425,28 +482,43 @@ def score_hellaswag(t: Trainer) -> None:
 
 def save_checkpoint(t: Trainer) -> None:
     """A checkpoint of step t.step: every rank's RNG, gathered to rank 0 (no shared filesystem needed); rank 0
-    takes a host copy (all the training waits for) and the disk write goes on in the background."""
-    p, cfg, step = t.p, t.cfg, t.step
+    checks the weights are finite, takes a host copy (all the training waits for) and the disk write goes on
+    in the background. Non-finite weights are not written: every rank learns it from rank 0 and the run
+    stops as diverged (raises Diverged)."""
+    p, step = t.p, t.step
     rngs = [ckpt.rng_state()]
     if p.ddp:
         gathered = [None] * p.world if p.master else None
         dist.gather_object(rngs[0], gathered, dst=0)
         rngs = gathered
-    if p.master:
-        state = {"step": step, "tokens_seen": t.tokens_seen, "elapsed_seconds": t.clock.elapsed(), "loss": t.loss,
-                 "gpu_seconds": t.clock.gpu_seconds(), "data_identity": t.data.identity,
-                 "data": t.data.train.state(), "world_size": p.world, "grad_accum": t.grad_accum,
-                 "slowest_iteration_seconds": t.policy.slowest()}
-        t0 = time.perf_counter()
-        weights = ckpt.to_host(ckpt.weights_state_dict(t.s.raw_model))
-        opt_state = ckpt.to_host({"optimizer": t.s.optimizer.state_dict(),
-                                  "scaler": t.s.scaler.state_dict() if t.s.scaler.is_enabled() else None})
-        config, out = dataclasses.asdict(cfg), t.out
-        t.writer.submit(step, lambda: ckpt.write_checkpoint(out, step, weights, opt_state, state, rngs, config,
-                                                            cfg.keep_checkpoints))
-        t.copy_seconds[step] = time.perf_counter() - t0
-    if p.ddp:
-        dist.barrier()
+    finite = ckpt.weights_finite(t.s.raw_model) if p.master else True
+    if p.master and finite:
+        submit_checkpoint(t, rngs)
+    if p.ddp:  # rank 0's verdict; it also keeps the ranks together as the barrier here used to
+        verdict = torch.tensor([int(finite)], dtype=torch.long, device=p.device)
+        dist.broadcast(verdict, 0)
+        finite = bool(verdict.item())
+    if not finite:
+        raise Diverged(f"weights not finite at step {step} (its loss {t.loss})", step)
+    t.saved_step, t.checkpoint_at = step, time.time()
+    t.watchdog.beat(f"checkpoint at step {step}")
+
+
+def submit_checkpoint(t: Trainer, rngs: list) -> None:
+    """Rank 0: the host copy of step t.step's state, handed to the background writer."""
+    cfg, step = t.cfg, t.step
+    state = {"step": step, "tokens_seen": t.tokens_seen, "elapsed_seconds": t.clock.elapsed(), "loss": t.loss,
+             "gpu_seconds": t.clock.gpu_seconds(), "data_identity": t.data.identity,
+             "data": t.data.train.state(), "world_size": t.p.world, "grad_accum": t.grad_accum,
+             "slowest_iteration_seconds": t.policy.slowest()}
+    t0 = time.perf_counter()
+    weights = ckpt.to_host(ckpt.weights_state_dict(t.s.raw_model))
+    opt_state = ckpt.to_host({"optimizer": t.s.optimizer.state_dict(),
+                              "scaler": t.s.scaler.state_dict() if t.s.scaler.is_enabled() else None})
+    config, out = dataclasses.asdict(cfg), t.out
+    t.writer.submit(step, lambda: ckpt.write_checkpoint(out, step, weights, opt_state, state, rngs, config,
+                                                        cfg.keep_checkpoints))
+    t.copy_seconds[step] = time.perf_counter() - t0
 
 
 def report_checkpoints(t: Trainer, wait: bool = False) -> None:
@@ -457,6 +529,35 @@ def report_checkpoints(t: Trainer, wait: bool = False) -> None:
         t.metrics.write({"event": "checkpoint", "step": done["step"], "path": done["path"],
                          "seconds": t.copy_seconds.pop(done["step"], 0.0), "write_seconds": done["write_seconds"]})
         t.p.log(f"checkpoint {done['path']}")
+
+
+# ---- a diverged run: no checkpoint of it, one line, EXIT_DIVERGED ----
+
+
+class RunDiverged(Exception):
+    """The run diverged: its one line (main exits with EXIT_DIVERGED)."""
+
+
+def end_diverged(t: Trainer, e: Diverged) -> str:
+    """Every rank: finish the good checkpoint still being written, note the verdict (metrics line, OUT's
+    marker), close down, and return the one line that says what happened and what to do."""
+    report_checkpoints(t, wait=True)
+    kept = ckpt.latest_checkpoint(t.out)
+    line = (f"diverged: {e.why}; stopped without checkpointing it ("
+            + (f"the newest good checkpoint, {kept}, is kept" if kept else "no checkpoint of this run was written")
+            + "). "
+            + ("If it is a spike that passes, resume with a higher loss_spike_factor or loss_spike_steps; else "
+               if e.spike else "The same settings diverge again: ")
+            + "lower the lr (or raise warmup_steps) and train into a new --out")
+    t.metrics.write({"event": "diverged", "step": e.step, "why": e.why,
+                     "checkpoint": str(kept) if kept else None})
+    if t.p.master:  # the node's run script and `gpt2cloud train` turn it into EXIT_DIVERGED
+        (t.out / DIVERGED_MARKER).write_text(line + "\n", encoding="utf-8")
+    t.watchdog.stop()
+    t.metrics.close()
+    if t.p.ddp:
+        dist.destroy_process_group()
+    return line
 
 
 # ---- the command line ----
@@ -481,13 +582,14 @@ def parse_args(argv=None):
 REFUSED = 2  # the exit code of a refusal: one `error:` line, the user's to fix
 
 
-def refuse(message: str) -> None:
-    """Print the one line (rank 0: every rank hits the same problem), note it where the CLI looks, exit 2."""
+def refuse(message: str, code: int = REFUSED) -> None:
+    """Print the one line (rank 0: every rank hits the same problem), note it where the CLI looks, exit
+    `code` (2: a refusal; EXIT_DIVERGED: the run diverged)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr, flush=True)
         if os.environ.get(ERROR_FILE_ENV):
             Path(os.environ[ERROR_FILE_ENV]).write_text(message + "\n", encoding="utf-8")
-    sys.exit(REFUSED)
+    sys.exit(code)
 
 
 def main(argv=None) -> None:
@@ -497,6 +599,8 @@ def main(argv=None) -> None:
         run(args, t_start)
     except (TrainError, ShardError, ckpt.CheckpointError, FileNotFoundError) as e:
         refuse(str(e))
+    except RunDiverged as e:
+        refuse(str(e), EXIT_DIVERGED)
 
 
 if __name__ == "__main__":

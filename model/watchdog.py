@@ -17,6 +17,9 @@ from pathlib import Path
 
 EXIT_STALLED = 75  # the node's exit code after a stall (EX_TEMPFAIL: a transient fault, worth a retry)
 STALLED = "stalled"  # the marker file in OUT
+# Written in OUT when a rank's watchdog starts: the trainer's start-up is over. Until then the node's run
+# script bounds the start-up itself (model/deadman.py STARTUP_BOUND), since nothing here watches it yet.
+STARTED = "started"
 
 
 class Watchdog:
@@ -28,6 +31,10 @@ class Watchdog:
         self._thread = threading.Thread(target=self._watch, name="gpt2cloud-watchdog", daemon=True)
 
     def start(self) -> "Watchdog":
+        try:
+            (self.out / STARTED).write_text(f"{os.getpid()}\n")
+        except OSError:  # (a full disk fails the text, not the file; failing both, the run script's bound ends it)
+            pass
         if self.seconds > 0:
             self._thread.start()
         return self
@@ -39,6 +46,10 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        try:
+            (self.out / STARTED).unlink(missing_ok=True)  # the run is over: no marker of it left in OUT
+        except OSError:
+            pass
 
     def _watch(self) -> None:
         while not self._stop.wait(min(5.0, self.seconds / 10)):

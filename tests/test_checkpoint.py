@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,84 @@ def test_hf_format_dir_goes_to_load_hf(tmp_path, monkeypatch):
     assert ckpt.load_model(hf_dir) is sentinel
     with pytest.raises(ckpt.CheckpointError, match="not a checkpoint"):
         ckpt.load_model(tmp_path)
+
+
+# ---- a diverged run cannot cost the run its good checkpoints ----
+
+
+def _poison(model: GPT) -> GPT:
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    return model
+
+
+def test_non_finite_weights_are_never_written_and_rotate_nothing_out(tmp_path):
+    for step in (2, 4):
+        _save(tmp_path, step, keep=2)
+    root = tmp_path / "checkpoints"
+    assert ckpt.weights_finite(GPT(tiny_config().model)) and not ckpt.weights_finite(_poison(GPT(tiny_config().model)))
+    with pytest.raises(ckpt.CheckpointError, match="not finite.*diverged"):
+        _save(tmp_path, 6, model=_poison(GPT(tiny_config().model)), keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000004"]  # nothing of step 6, both kept
+    # the host copy the trainer hands over (a dict of weights) is checked the same way
+    weights = ckpt.weights_state_dict(_poison(GPT(tiny_config().model)))
+    assert ckpt.non_finite(weights) == ["transformer.h.0.mlp.c_fc.weight"]
+    with pytest.raises(ckpt.CheckpointError, match="c_fc"):
+        ckpt.write_checkpoint(tmp_path, 8, weights, {"optimizer": {}}, {"step": 8}, [ckpt.rng_state()], {}, 1)
+    assert ckpt.latest_checkpoint(tmp_path) == root / "step_000004"
+
+
+def test_old_checkpoints_go_only_once_the_new_one_reads_back_intact(tmp_path, monkeypatch):
+    """A torn write (the disk kept fewer bytes than were hashed): the new checkpoint is unpublished, the
+    error raised, and the older ones stay although keep=1 would have pruned them."""
+    for step in (2, 4):
+        _save(tmp_path, step, keep=2)
+    real_entry = ckpt._HashingWriter.entry
+
+    def torn(self):
+        entry = real_entry(self)
+        if self.name == "optimizer.pt":
+            written = Path(self.fh.name)
+            written.write_bytes(written.read_bytes()[:-10])
+        return entry
+
+    monkeypatch.setattr(ckpt._HashingWriter, "entry", torn)
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.pt"):
+        _save(tmp_path, 6, keep=1)
+    root = tmp_path / "checkpoints"
+    assert [p.name for _, p in ckpt.local_checkpoints(tmp_path)] == ["step_000002", "step_000004"]
+    assert not (root / "step_000006" / "manifest.json").exists()  # never the one a resume or a push picks
+    monkeypatch.setattr(ckpt._HashingWriter, "entry", real_entry)
+    _save(tmp_path, 8, keep=1)  # an intact one: now the rotation goes ahead
+    assert [p.name for _, p in ckpt.local_checkpoints(tmp_path)] == ["step_000008"]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["oserror", "torch-wraps-it"])
+def test_a_full_disk_leaves_no_half_checkpoint_and_the_nodes_marker(tmp_path, monkeypatch, wrapped):
+    """ENOSPC mid-write: the older checkpoints stay, the half-written one is removed (its space back for the
+    push), OUT gets model/deadman.py's marker (the run script then exits EXIT_DISK_FULL), and the error is one
+    CheckpointError line."""
+    import errno
+
+    from model import deadman
+
+    _save(tmp_path, 1)
+    real_write = ckpt._HashingWriter.write
+
+    def full(self, data):
+        if self.name == "optimizer.pt":
+            error = OSError(errno.ENOSPC, "No space left on device")
+            if wrapped:
+                try:
+                    raise error
+                except OSError:
+                    raise RuntimeError("PytorchStreamWriter failed writing file data/0") from None
+            raise error
+        return real_write(self, data)
+
+    monkeypatch.setattr(ckpt._HashingWriter, "write", full)
+    with pytest.raises(ckpt.CheckpointError, match=r"step 2: not checkpointed, the disk is full"):
+        _save(tmp_path, 2)
+    assert [s for s, _ in ckpt.local_checkpoints(tmp_path)] == [1]
+    assert not (tmp_path / "checkpoints" / "step_000002").exists()
+    assert (tmp_path / deadman.DISK_FULL).read_text() == "checkpoint step 2\n"

@@ -215,7 +215,7 @@ def test_node_scripts_use_the_constants_they_name(sky_mod, env):
     assert not re.findall(r"@[A-Z_]+@", run + setup)  # every placeholder filled
     from model.sync import EXIT_BUCKET, EXIT_DATA
 
-    assert f"|| exit {EXIT_BUCKET}" in run and f"|| exit {EXIT_DATA}" in run
+    assert f"|| exit {EXIT_BUCKET}" in run and f'RC="${{RC:-{EXIT_DATA}}}"' in run
     assert f"--master_port=\"${{GPT2CLOUD_MASTER_PORT:-{scripts.MASTER_PORT}}}\"" in run
     assert scripts.NODE_HOME_DEFAULT in run and scripts.NODE_HOME_DEFAULT in setup
 
@@ -234,7 +234,9 @@ def test_export_is_safe_to_launch_by_hand(sky_mod, env):
     cfg = yaml.safe_load(text)
     res = cfg["resources"]
     assert res["autostop"] == {"idle_minutes": 10, "down": True, "wait_for": "jobs"}
-    assert res["job_recovery"]["recover_on_exit_codes"] == [75] and res["job_recovery"]["max_restarts_on_errors"] == 0
+    # a stall, a hung setup or trainer start-up (model/deadman.py RECOVERABLE): transient faults of one node
+    assert res["job_recovery"]["recover_on_exit_codes"] == [75, 80, 83]
+    assert res["job_recovery"]["max_restarts_on_errors"] == 0
     assert cfg["envs"]["GPT2CLOUD_DEVICE"] == "cuda" and cfg["envs"]["GPT2CLOUD_GPUS_PER_NODE"] == "8"
     # the hard limit comes from config.json (max_hours), read on the node by model/config.py
     config = json.loads((Path(cfg["workdir"]) / "config.json").read_text())
@@ -242,7 +244,7 @@ def test_export_is_safe_to_launch_by_hand(sky_mod, env):
     assert "torch.cuda.device_count()" in cfg["setup"] and "timeout --kill-after" in cfg["run"]
     task = sky_mod.Task.from_yaml(str(out))  # SkyPilot's own schema accepts all of it
     (res,) = list(task.resources)
-    assert res.autostop_config.down and res.job_recovery["recover_on_exit_codes"] == [75]
+    assert res.autostop_config.down and res.job_recovery["recover_on_exit_codes"] == [75, 80, 83]
     on_demand = _plan(infra="lambda", max_hours=2.0)
     assert on_demand.train_cfg.max_hours == 2.0 and on_demand.train_cfg.device == "cuda"
     assert on_demand.train_cfg.stall_minutes >= 20 and "use_spot" not in on_demand.task_cfg["resources"]
@@ -285,6 +287,11 @@ def test_prices_come_from_the_catalog_of_the_cloud(sky_mod, env):
     spot = catalog_price("aws/us-west-2", "H100", 8, spot=True)
     assert (spot.usd_per_hour, spot.source) == (42.0 / 8, "SkyPilot catalog: AWS p5.48xlarge spot, us-west-2")
     assert catalog_price("lambda", "H100", 8, spot=True) is None  # Lambda has no spot
+    # no region pinned: SkyPilot may land in any region, so the launch is estimated and capped at the dearest
+    dearest = catalog_price("aws", "H100", 8, spot=True)
+    assert dearest.usd_per_hour == 42.0 / 8 and dearest.region == "us-west-2"
+    assert "the dearest of 2 regions (pin one: --infra CLOUD/REGION)" in dearest.source
+    assert catalog_price("aws/us-east-1", "H100", 8, spot=True).usd_per_hour == 40.0 / 8
     aws = _plan(infra="aws", max_cost=30)
     assert aws.est.price_per_gpu_hour == pytest.approx(12.29) and aws.est.price_source.startswith("SkyPilot catalog: AWS")
     assert aws.train_cfg.price_per_gpu_hour == pytest.approx(12.29)  # the node's cap counts at AWS's price

@@ -195,3 +195,71 @@ def test_preempted_run_resumes_with_the_same_losses_and_budget_cap_stops(local_e
     assert sync.remote_checkpoints(open_store(f"{bucket}/runs/capped"))[0][-1][0] == (d["step"] or 0)
     assert "budget: stopping at step" in log_of("capped")
 
+
+
+# ---- down --graceful (issue 22, part 10) ----
+
+
+def _training(bucket: str, run_id: str, step: int = 10) -> None:
+    """Until the bucket holds a checkpoint of at least `step`: the run trains and its pusher pushes."""
+    store = open_store(f"{bucket}/runs/{run_id}")
+    deadline = time.time() + TIMEOUT_S
+    while time.time() < deadline:
+        complete, _ = sync.remote_checkpoints(store)
+        if complete and complete[-1][0] >= step:
+            return
+        assert node_state(Path(registry.get(run_id).handle.local_dir)) == "RUNNING", log_of(run_id)
+        time.sleep(0.2)
+    pytest.fail(f"no checkpoint of step {step} in the bucket; log:\n{log_of(run_id)[-3000:]}")
+
+
+def _graceful_setup(local_env, name: str, steps: int):
+    from trainer_helpers import make_shards
+
+    from gpt2cloud.store.transfer import upload_dir
+
+    tmp, bucket = local_env
+    upload_dir(make_shards(tmp / "shards", train_tokens=(30000,), val_tokens=2000),
+               open_store(f"{bucket}/data"), progress=False)
+    recipe = tmp / "sync-test.yaml"
+    recipe.write_text(RECIPE)
+    launch(recipe, name, f"{bucket}/data", f"{bucket}/runs", "--steps", str(steps))
+    _training(bucket, name)
+    return bucket
+
+
+def _ends_with_a_checkpoint_at_its_last_step(bucket: str, run_id: str, d: dict) -> int:
+    """What every graceful down that ended must leave: the job over, its node gone, the bucket's newest
+    checkpoint at the last step its metrics know, nothing said lost, the request withdrawn."""
+    rec = registry.get(run_id)
+    store = open_store(f"{bucket}/runs/{run_id}")
+    assert d["graceful"]["asked"] and d["graceful"]["ended"] and d["graceful"]["state"] == "SUCCEEDED", d
+    assert "may_lose" not in d and d["action"] == "it was not running"  # the job had ended: nothing to kill
+    assert node_state(Path(rec.handle.local_dir)) == "SUCCEEDED" and not alive(rec.handle.pid)
+    last = max(_losses(bucket, run_id))
+    assert sync.remote_checkpoints(store)[0][-1][0] == last
+    assert not store.exists("stop_request.json") and rec.state == "DOWN"
+    assert "stop requested by " in log_of(run_id)  # the node's pusher relayed it to OUT/stop_requested
+    assert (Path(rec.handle.local_dir) / "node" / "out" / "stop_requested").is_file()
+    return last
+
+
+def test_down_graceful_stops_the_trainer_at_its_next_check_with_a_checkpoint(local_env):
+    """The run would train for hours at this pace: only the request ends it. The node's pusher relays it,
+    the trainer stops with a checkpoint, the final push carries it, the job ends and `down` sees that."""
+    bucket = _graceful_setup(local_env, "long", steps=100000)
+    d = json.loads(cli("down", "long", "--graceful", "--wait-minutes", "1", "--json").stdout)
+    last = _ends_with_a_checkpoint_at_its_last_step(bucket, "long", d)
+    assert 10 <= last < 100000 and d["graceful"]["waited_s"] < 60
+
+
+def test_plain_down_of_a_local_run_says_what_it_may_lose(local_env):
+    """A wait (0.3 s) that runs out long before a trainer could stop and exit, rule or not: the plain down
+    follows, kills the tree and names the bucket's newest checkpoint as what the work since may be lost to."""
+    bucket = _graceful_setup(local_env, "abrupt", steps=100000)
+    r = cli("down", "abrupt", "--graceful", "--wait-minutes", "0.005", "--json")
+    d = json.loads(r.stdout)
+    rec = registry.get("abrupt")
+    assert not d["graceful"]["ended"] and d["action"] == "killed its local process tree"
+    assert d["may_lose"].startswith("the work since the bucket's newest checkpoint, step "), d
+    assert not open_store(f"{bucket}/runs/abrupt").exists("stop_request.json") and not alive(rec.handle.pid)

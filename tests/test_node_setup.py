@@ -105,3 +105,42 @@ def test_bad_images_are_refused(sky_mod, tmp_path, monkeypatch, image, infra, me
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         plan("gpt2-tiny", "H100:1" if infra != "local" else "CPU:1", infra=infra, data=data,
              bucket=data.replace("/d", "/r"), name="img", image=image)
+
+
+def test_a_relaunch_onto_a_node_holding_an_older_build_runs_this_one(tmp_path):
+    """A relaunch onto a cluster that is still up: SkyPilot skips setup when the task's config hash matches,
+    so the node holds an earlier launch's wheel. The run script sees that its workdir ships another build,
+    runs setup again (its fast path: only the wheel goes in) and trains with this build; a run of the same
+    build sets nothing up again."""
+    import hashlib
+    import io
+    import zipfile
+
+    from node_helpers import node_env, run_script, uploaded_data
+    from trainer_helpers import make_shards, read_metrics, tiny_config
+
+    new = build.wheel_bytes()
+    with zipfile.ZipFile(io.BytesIO(new[1])) as z:
+        files = [(n, z.read(n)) for n in z.namelist() if ".dist-info/" not in n]
+    stale = b'raise SystemExit("the OLD build ran")\n'  # an older trainer: it would fail the run
+    old = build.pack_wheel([(n, stale if n == "model/train.py" else d) for n, d in files], ("torch",), "older")
+    assert old[0] == new[0] and old[1] != new[1]  # same file name, another build
+    run_dir = tmp_path / "bucket" / "r1"
+    e = node_env(tmp_path, uploaded_data(tmp_path, make_shards(tmp_path / "shards")), run_dir.as_uri())
+    old_workdir, new_workdir = tmp_path / "old", tmp_path / "new"
+    build.write_workdir(old_workdir, old, "{}", "")
+    build.write_workdir(new_workdir, new, tiny_config(steps=2).to_json(), "")
+    p, _ = run_script(scripts.SETUP_SCRIPT, old_workdir, e)  # the earlier launch's setup
+    node = tmp_path / "node"
+    assert p.returncode == 0 and (node / "site" / "model" / "train.py").read_bytes() == stale, p.stderr
+
+    p, _ = run_script(scripts.RUN_SCRIPT, new_workdir, e)  # this launch: its setup was skipped
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-3000:]
+    assert "not this task's" in log and "setting it up again" in log and "OLD build" not in log
+    assert [r["step"] for r in read_metrics(node / "out") if "loss" in r] == [1, 2]
+    assert (node / "site" / "model" / "train.py").read_bytes() == dict(files)["model/train.py"]
+    assert (node / "build").read_text().strip() == hashlib.sha256(new[1]).hexdigest()
+
+    p, _ = run_script(scripts.RUN_SCRIPT, new_workdir, e)  # the same build again: nothing to set up
+    assert p.returncode == 0 and "setting it up again" not in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]

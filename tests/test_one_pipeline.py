@@ -99,6 +99,11 @@ def test_money_travels_in_the_spec_and_config_never_in_envs(sky_mod, env):
     for key in ("max_cost_usd", "price_per_gpu_hour", "max_hours", "cloud_prices"):
         assert config[key] == getattr(p.spec, key), key
     assert config["cloud_prices"] == {"aws": pytest.approx(12.29), "lambda": pytest.approx(2.99)}
+    # the budget stop keeps room for what bills after it: the trainer's exit and final push, then the idle
+    # minutes before autostop (the estimate's finish and idle phases)
+    hours = p.est.breakdown_hours
+    assert config["after_stop_seconds"] == pytest.approx((hours["finish"] + hours["idle"]) * 3600, abs=0.1)
+    assert config["after_stop_seconds"] >= 10 * 60  # --idle-minutes 10
     envs = p.task_cfg["envs"]
     assert not [k for k in envs if re.search("PRICE|COST|MAX_SECONDS|MAX_HOURS", k)], envs
     run = p.task_cfg["run"]

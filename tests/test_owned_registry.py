@@ -301,7 +301,7 @@ def test_down_finds_a_cluster_whose_record_was_deleted(fake, tmp_path):
 
 def test_status_and_down_find_a_managed_job_whose_record_was_deleted(fake, tmp_path):
     _sky_build(tmp_path, spot=True)
-    fake.named_jobs = [7]
+    fake.jobs = {7: "RUNNING"}  # SkyPilot's managed job of the run's name
     r = cli(["status", "r1", "--json"])
     assert r.exit_code == 0, r.output
     assert "is missing" in json.loads(r.stdout)["note"]
@@ -383,6 +383,31 @@ def test_a_record_of_the_version_before_handles_still_loads(tmp_path, monkeypatc
     on_disk = json.loads(registry.path_for("old1").read_text())
     assert not set(flat) & set(on_disk) and registry.find("old1").handle == old.handle
     assert on_disk["handle"] == dataclasses.asdict(old.handle)
+
+
+@pytest.mark.parametrize("kind", ["cluster", "managed-job"])
+def test_a_handle_written_before_it_kept_every_attempt_still_loads(tmp_path, monkeypatch, kind):
+    """A SkyPilot handle of the version that kept one request id and one job id (before issue 22): it
+    loads, its one request and job count as the run's every one (status, the relaunch check and `down`
+    ask about them), and a relaunch keeps them beside its own."""
+    monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
+    d = _record("old2", state="LAUNCHING").to_dict()
+    d["spec"]["kind"] = kind
+    d["handle"] = {"cluster": "old2" if kind == "cluster" else None, "job_id": 7, "request_id": "req-1"}
+    registry.check_writable(registry.path_for("old2").parent)
+    registry.path_for("old2").write_text(json.dumps(d))
+    old = registry.get("old2")
+    assert old.handle.every_request() == ["req-1"] and old.handle.every_job() == [7]
+    nxt = old.handle.next_attempt(cluster=old.handle.cluster)
+    nxt.got_request("req-2")
+    nxt.got_jobs(8)
+    assert (nxt.request_id, nxt.job_id) == ("req-2", None)
+    assert nxt.every_request() == ["req-1", "req-2"] and nxt.every_job() == [7, 8]
+    old.handle = nxt
+    registry.save(old)
+    on_disk = json.loads(registry.path_for("old2").read_text())["handle"]
+    assert on_disk["request_ids"] == ["req-1", "req-2"] and on_disk["job_ids"] == [7, 8]
+    assert registry.find("old2").handle == nxt
 
 
 def test_a_record_with_no_handle_yet_round_trips(tmp_path, monkeypatch):

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from sky_offline import prepare, sky_env
 from sky_offline import sky_home, sky_mod  # noqa: F401  (fixtures)
 
-from gpt2cloud.backends import sky_sdk
+from gpt2cloud.backends import RETRY_MINUTES_ENV, sky_sdk
 from gpt2cloud.backends.sky_errors import ClusterGone, ControllerNotUp, sky_errors
 from gpt2cloud.backends.skypilot import ClusterBackend, ManagedJobBackend, SkyHandle, to_sky_task
 from gpt2cloud.errors import UserError
@@ -130,7 +132,7 @@ def test_dry_run_launch_of_the_real_task(server, monkeypatch, capfd):
     job_id = sky_sdk.launch_cluster(to_sky_task(p.task_cfg, p.secrets), p.run_id, p.spec.idle_minutes,
                                     dryrun=True, on_request=ids.append)
     out = capfd.readouterr()
-    assert job_id is None and len(ids) == 1 and sky_sdk.request_status(ids[0]) == "SUCCEEDED"
+    assert job_id is None and len(ids) == 1 and sky_sdk.request_statuses(ids) == {ids[0]: "SUCCEEDED"}
     assert "gpu_8x_h100_sxm5" in out.out and "Dryrun finished" in out.out
     assert SECRET not in out.out + out.err
     assert sky_sdk.cluster_status(p.run_id) is None  # a dry run makes nothing
@@ -149,8 +151,7 @@ def test_unknown_cluster_status_logs_and_down(server):
 
 
 def test_managed_jobs_without_a_controller(server):
-    for call in (lambda: sky_sdk.managed_job_status(7), lambda: sky_sdk.managed_job_ids("nope"),
-                 lambda: sky_sdk.cancel_managed_job(7)):
+    for call in (lambda: sky_sdk.managed_jobs("nope"), lambda: sky_sdk.cancel_managed_jobs([7])):
         with pytest.raises(ControllerNotUp) as info:
             with sky_errors("status nope"):
                 call()
@@ -173,7 +174,7 @@ def test_ctrl_c_mid_launch_cancels_the_request_on_the_server(server, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         ClusterBackend().start(rec, TASK_CFG, {}, save=lambda r: saved.append(r.handle.request_id))
     assert saved == [rec.handle.request_id] and rec.handle.request_id
-    assert sky_sdk.request_status(rec.handle.request_id) == "CANCELLED"
+    assert sky_sdk.request_statuses([rec.handle.request_id]) == {rec.handle.request_id: "CANCELLED"}
     assert sky_sdk.cluster_status("ctrlc1") is None
     assert "launch of ctrlc1 stopped: cancelled SkyPilot's launch request" in capsys.readouterr().err
 
@@ -189,15 +190,132 @@ def test_down_of_a_provisioning_run_cancels_its_request(server):
         rec = _record("prov1", state="LAUNCHING", handle=SkyHandle(cluster="prov1", request_id=request_id))
         if ClusterBackend().state(rec) in ("LAUNCHING", "CLUSTER_INIT"):
             break
-        assert sky_sdk.request_status(request_id) not in ("PENDING", "RUNNING")  # it ended, not a wrong state
+        assert sky_sdk.request_statuses([request_id])[request_id] not in ("PENDING", "RUNNING")  # it ended
     else:
         pytest.fail("every launch request ended before it could be seen in progress")
-    assert ClusterBackend().stop(rec) == "cancelled its launch request; no cluster was left"
-    assert sky_sdk.request_status(request_id) == "CANCELLED"
+    assert ClusterBackend().stop(rec) == f"cancelled its launch request {request_id}; no cluster was left"
+    assert sky_sdk.request_statuses([request_id]) == {request_id: "CANCELLED"}
     with pytest.raises(UserError) as info:  # whoever streamed it hears why, in one line
         with sky_errors("launch prov1"):
             sky.get(request_id)
     assert "request was cancelled" in _one_line(info.value)
+
+
+def test_what_the_server_says_of_requests_and_jobs_it_does_not_know(server):
+    """A request id the server never handed out (or forgot when a local server restarted) is not under
+    way, and nothing is cancelled; no ids: no call at all (SkyPilot's cancel of no ids cancels every
+    request of the user)."""
+    assert sky_sdk.request_statuses(["0123abcd-not-a-request"]) == {"0123abcd-not-a-request": None}
+    assert sky_sdk.cancel_requests(["0123abcd-not-a-request"]) == []
+    assert sky_sdk.request_statuses([]) == {} and sky_sdk.cancel_requests([]) == []
+    sky_sdk.cancel_managed_jobs([])  # no ids: nothing is sent (the controller is not up: a call would raise)
+
+
+def _signal_self(sig, wait_s=10.0):
+    os.kill(os.getpid(), sig)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:  # the handler runs between these
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_mid_launch_cancels_the_request_on_the_server(server, monkeypatch, capsys, sig):
+    """A real launch request (it could never provision: no credentials) and the signal arriving while
+    SkyPilot streams it, under the launch's guard (gpt2cloud/launch/start.py): Ctrl-C's road."""
+    from gpt2cloud.launch.start import Terminated, stop_signals_interrupt
+
+    sky = server
+    monkeypatch.setattr(sky, "stream_and_get", lambda *a, **k: _signal_self(sig))
+    mine = lambda *_: None  # noqa: E731 - a signal the guard misses must not end the test run
+    previous = signal.signal(sig, mine)
+    try:
+        rec = _record(f"sig{int(sig)}", state="LAUNCHING")
+        with pytest.raises(Terminated):
+            with stop_signals_interrupt():
+                ClusterBackend().start(rec, TASK_CFG, {}, save=None)
+        assert signal.getsignal(sig) is mine
+    finally:
+        signal.signal(sig, previous)
+    request_id = rec.handle.request_id
+    assert request_id and rec.handle.request_ids == [request_id]
+    # cancelled by the cleanup, unless the server had failed this offline launch already
+    status = sky_sdk.request_statuses([request_id])[request_id]
+    err = capsys.readouterr().err
+    assert status in ("CANCELLED", "FAILED") and f"launch of {rec.run_id} stopped:" in err
+    assert ("cancelled SkyPilot's launch request" in err) == (status == "CANCELLED"), (status, err)
+    assert sky_sdk.cluster_status(rec.run_id) is None
+
+
+def test_relaunch_check_and_down_ask_about_every_request_of_the_run(server):
+    """Two launch requests of one run, the first from an attempt killed with -9: while either is under
+    way a relaunch is refused; `down` cancels each one still under way and names exactly those."""
+    from gpt2cloud.launch.start import earlier_attempt_gone
+
+    sky = server
+    task = to_sky_task(TASK_CFG)
+    for _ in range(4):  # offline the server fails a launch within a second or so: catch them under way
+        ids = [str(sky.launch(task, cluster_name="two1", idle_minutes_to_autostop=5, down=True)) for _ in range(2)]
+        rec = _record("two1", state="LAUNCHING", handle=SkyHandle(cluster="two1", request_id=ids[1], request_ids=ids))
+        try:
+            earlier_attempt_gone(rec)
+            continue  # both had ended already
+        except UserError as e:
+            assert "is still being launched" in _one_line(e)
+        said = ClusterBackend().stop(rec)
+        statuses = sky_sdk.request_statuses(ids)
+        cancelled = [i for i in ids if statuses[i] == "CANCELLED"]
+        if cancelled:
+            break
+    else:
+        pytest.fail("every launch request ended before it could be seen in progress")
+    assert not [i for i in ids if statuses[i] in ("PENDING", "WAITING", "RUNNING")], statuses
+    assert said.startswith(f"cancelled its launch request{'s' if len(cancelled) > 1 else ''} "
+                           f"{', '.join(cancelled)}"), (said, statuses)
+    earlier_attempt_gone(rec)  # nothing of it under way any more: a relaunch may go on
+
+
+def _launch_failing_with(run_id: str, cfg: dict, expected: str, tries: int = 4):
+    """A launch's one-line failure containing `expected`, and its record and seconds. After the requests
+    other tests cancelled (the server kills their workers) the server's next launch may die of its own
+    transient fault (a broken process pool, an import race in a fresh worker): such a launch is tried again."""
+    seen = []
+    for attempt in range(tries):
+        rec = _record(f"{run_id}-{attempt}", state="LAUNCHING")
+        t0 = time.monotonic()
+        with pytest.raises(UserError) as info:
+            ClusterBackend().start(rec, cfg, {}, save=None)
+        if expected in _one_line(info.value):
+            return rec, time.monotonic() - t0
+        seen.append(str(info.value))
+        time.sleep(2)
+    pytest.fail(f"no launch failed with {expected!r}: {seen}")
+
+
+def test_a_retrying_launch_is_cancelled_on_the_server_when_its_window_passes(server):
+    """--retry-until-up through the real server. Offline, an AWS launch finds no credentials, so every
+    region fails: without the flag SkyPilot gives up after one round (ResourcesUnavailableError); with it,
+    SkyPilot retries round after round (it would forever), until the launch's window cancels the request
+    on the server once --retry-minutes have passed; the launch fails in one line saying so, nothing left."""
+    aws = {**TASK_CFG, "resources": {"infra": "aws", "accelerators": "H100:8"}}
+    _launch_failing_with("retry-plain", aws, "no H100:8 available")  # one round, then SkyPilot's own error
+    rec, waited = _launch_failing_with("retry-window", {**aws, "envs": {RETRY_MINUTES_ENV: "0.2"}},  # 12 s
+                                       "in the 0.2 min of --retry-minutes")
+    assert 12 <= waited < 120
+    request_id = rec.handle.request_id
+    assert sky_sdk.request_statuses([request_id]) == {request_id: "CANCELLED"}
+    assert sky_sdk.cluster_status(rec.run_id) is None
+
+
+def test_no_jobs_controller_on_the_server(server):
+    """What `down --controller` asks SkyPilot, answered by the real server when no spot run ever started
+    its controller: none there, nothing to remove, and no managed job is live."""
+    from gpt2cloud.backends.skypilot import remove_jobs_controller
+
+    assert sky_sdk.jobs_controller() is None
+    with pytest.raises(ControllerNotUp):
+        with sky_errors("down --controller"):
+            sky_sdk.live_managed_jobs()
+    assert remove_jobs_controller() == "SkyPilot's jobs controller is not there: nothing to remove"
 
 
 def test_other_tests_keep_the_unreachable_endpoint(sky_mod):

@@ -1,7 +1,9 @@
-"""model/stop.py: when the trainer stops early (cost cap, time cap), decided from plain numbers.
+"""model/stop.py: when the trainer stops early (cost cap, time cap, failing pushes), when it checkpoints
+between steps (checkpoint_minutes), and when it calls a run diverged, decided from plain numbers.
 
-No training and no torch: the policy is fed seconds and GPU-seconds as the trainer would feed them.
-The end-to-end behaviour (a checkpoint at the stop, the metrics line, resuming) is tests/test_trainer.py's.
+No training and no torch: the policy is fed seconds, GPU-seconds and losses as the trainer would feed them.
+The end-to-end behaviour (a checkpoint at the stop, the metrics line, resuming) is tests/test_trainer.py's,
+tests/test_checkpoint_minutes.py's and tests/test_divergence.py's.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import sys
 
 import pytest
 
-from model.config import TrainConfig
-from model.stop import (CHECK_SECONDS, MARGIN, STOP_REASONS, CostCap, Decision, StopPolicy, TimeCap, Usage,
-                        steps_that_fit)
+from model.config import DEFAULT_CHECKPOINT_MINUTES, TrainConfig
+from model.stop import (CHECK_SECONDS, DECISION_SIZE, MARGIN, STOP_REASONS, CheckpointTimer, CostCap, Decision,
+                        Diverged, Divergence, PushStalled, StopPolicy, TimeCap, Usage, steps_that_fit)
 from trainer_helpers import REPO
 
 
-def caps(max_cost_usd=0.0, price_per_gpu_hour=0.0, max_hours=0.0) -> TrainConfig:
-    return TrainConfig(max_cost_usd=max_cost_usd, price_per_gpu_hour=price_per_gpu_hour, max_hours=max_hours)
+def caps(max_cost_usd=0.0, price_per_gpu_hour=0.0, max_hours=0.0, checkpoint_minutes=0.0) -> TrainConfig:
+    """The caps alone: the checkpoint timer off unless asked for (its own tests below)."""
+    return TrainConfig(max_cost_usd=max_cost_usd, price_per_gpu_hour=price_per_gpu_hour, max_hours=max_hours,
+                       checkpoint_minutes=checkpoint_minutes)
 
 
 def with_laps(policy: StopPolicy, *seconds: float) -> StopPolicy:
@@ -57,6 +61,17 @@ def test_a_step_that_would_pass_the_cost_cap_stops_for_the_budget():
     two = with_laps(StopPolicy.from_config(caps(10.0, DOLLAR_A_SECOND), world=2), 0.1)
     decision = two.decide(Usage(elapsed=4.9, gpu_seconds=9.8))
     assert decision.stop == "budget" and decision.fit == 0  # $0.20 left is 0.1 s of 2 GPUs: no 0.15 s step fits
+
+
+def test_the_budget_stop_leaves_room_for_what_bills_after_it():
+    """--max-cost caps the whole bill: the final push and the idle minutes after the stop are kept in reserve."""
+    cfg = caps(10.0, DOLLAR_A_SECOND)
+    cfg.after_stop_seconds = 2.0  # $2 on one GPU at $1 a second
+    policy = with_laps(StopPolicy.from_config(cfg, world=1), 0.1)
+    assert policy.decide(Usage(elapsed=7.9, gpu_seconds=7.9)).stop == "budget"  # $7.90 + $0.15 + $2 > $10
+    go = policy.decide(Usage(elapsed=7.0, gpu_seconds=7.0))
+    assert go.stop is None and go.fit == int(1.0 / 0.15)  # $1 left after the reserve: 6 steps of 0.15 s
+    assert CostCap(10.0, DOLLAR_A_SECOND, 1, after_stop=2.0).seconds_left(Usage(7.0, 7.0)) == pytest.approx(1.0)
 
 
 def test_the_time_cap_stops_for_time_and_the_budget_wins_a_tie():
@@ -98,12 +113,102 @@ def test_the_rules_a_config_sets():
     assert StopPolicy.from_config(caps(max_hours=3.0), world=1).due(0)  # the first check is before step 0
 
 
-def test_a_decision_crosses_ranks_as_two_numbers():
-    for decision in (Decision(None, 7), *(Decision(reason, 0) for reason in STOP_REASONS)):
+def test_a_decision_crosses_ranks_as_three_numbers():
+    for decision in (Decision(None, 7), Decision(None, 5, checkpoint=True),
+                     *(Decision(reason, 0) for reason in STOP_REASONS)):
         code = decision.encode()
-        assert len(code) == 2 and all(isinstance(c, int) for c in code)
+        assert len(code) == DECISION_SIZE == 3 and all(isinstance(c, int) for c in code)
         assert Decision.decode(code) == decision
     assert Decision(None, 3).encode()[0] == 0  # 0: go on
+    assert Decision(None, 3).encode()[2] == 0 and Decision(None, 3, checkpoint=True).encode()[2] == 1
+
+
+# ---- checkpoint_minutes: the timer rides on the same check ----
+
+
+def test_the_timer_checkpoints_before_the_interval_passes_and_bounds_the_steps_between_checks():
+    policy = with_laps(StopPolicy.from_config(caps(checkpoint_minutes=1.0), world=8), 0.1)  # 60 s; margin 0.15 s
+    assert policy.rules == [] and isinstance(policy.timer, CheckpointTimer)
+    assert policy.due(0)  # the timer alone makes the check run
+    assert policy.decide(Usage(0.0, 0.0, since_checkpoint=30.0)) == Decision(None, int(CHECK_SECONDS / 0.15))
+    # 1 s before the minute: the check must come back before it passes (6 x 0.15 s fit), no checkpoint yet
+    assert policy.decide(Usage(0.0, 0.0, since_checkpoint=59.0)) == Decision(None, 6)
+    # the next iteration would pass the minute: checkpoint now; the steps that fit count from that checkpoint
+    assert policy.decide(Usage(0.0, 0.0, since_checkpoint=59.9)) == Decision(None, int(CHECK_SECONDS / 0.15), True)
+    assert policy.decide(Usage(0.0, 0.0, since_checkpoint=600.0)).checkpoint  # late (a long eval): at once
+
+
+def test_a_stop_wins_over_a_timed_checkpoint_and_no_timer_means_no_check():
+    policy = with_laps(StopPolicy.from_config(caps(10.0, DOLLAR_A_SECOND, checkpoint_minutes=1.0), world=1), 0.1)
+    assert policy.decide(Usage(9.9, 9.9, since_checkpoint=60.0)) == Decision("budget", 0)  # its own checkpoint
+    off = StopPolicy.from_config(caps(checkpoint_minutes=0.0), world=1)
+    assert off.timer is None and not off.due(0)
+    assert StopPolicy.from_config(TrainConfig(), world=1).timer.seconds == DEFAULT_CHECKPOINT_MINUTES * 60
+
+
+# ---- pushes failing on a node ----
+
+
+def test_pushes_failing_longer_than_the_checkpoint_interval_stop_the_run_on_a_node_only():
+    cfg = caps(checkpoint_minutes=5.0)
+    assert not any(isinstance(r, PushStalled) for r in StopPolicy.from_config(cfg, world=1).rules)  # local: no pusher
+    policy = with_laps(StopPolicy.from_config(cfg, world=1, pushed=True), 2.0)  # margin 3 s
+    assert [type(r).__name__ for r in policy.rules] == ["PushStalled", "StopRequested"]
+    assert policy.rules[0].limit_seconds == 300
+    assert policy.decide(Usage(0.0, 0.0, push_failing=0.0)).stop is None  # pushes work
+    going = policy.decide(Usage(0.0, 0.0, push_failing=250.0))
+    assert going.stop is None and going.fit == 1  # 50 s left; a 3 s iteration is past CHECK_SECONDS: every step
+    assert policy.decide(Usage(0.0, 0.0, push_failing=298.0)) == Decision("push", 0)  # 298 + 3 s > 5 min
+    # the budget still wins a tie; with the timer off the interval is the default one
+    both = with_laps(StopPolicy.from_config(caps(10.0, DOLLAR_A_SECOND), world=1, pushed=True), 2.0)
+    assert both.decide(Usage(9.0, 9.0, push_failing=1e6)).stop == "budget"
+    assert both.rules[-2].limit_seconds == DEFAULT_CHECKPOINT_MINUTES * 60
+
+
+# ---- the divergence guard ----
+
+
+def _observe(guard: Divergence, losses, norm=1.0) -> int | None:
+    """The step (1-based) at which the guard calls the run diverged, or None."""
+    for step, loss in enumerate(losses, start=1):
+        if guard.observe(step, loss, norm) is not None:
+            return step
+    return None
+
+
+def test_a_non_finite_loss_or_gradient_norm_is_divergence_at_once():
+    assert _observe(Divergence(2.0, 20), [5.0, 4.0, 3.0]) is None
+    assert _observe(Divergence(2.0, 20), [5.0, 4.0, math.nan, 3.0]) == 3
+    assert _observe(Divergence(2.0, 20), [5.0, math.inf]) == 2
+    assert _observe(Divergence(0.0, 20), [5.0, -math.inf]) == 2  # the spike part off: non-finite still stops
+    guard = Divergence(2.0, 20)
+    assert "gradient norm inf" in guard.observe(1, 5.0, math.inf)
+    assert guard.observe(2, 5.0, None) is None  # under fp16's loss scaler the norm is not judged
+
+
+def test_a_loss_held_above_the_bound_for_k_steps_is_divergence_and_a_passing_spike_is_not():
+    # best 3.0, bound 6.0: two steps above, back under (the count restarts), then three in a row
+    losses = [5.0, 4.0, 3.0, 7.0, 7.0, 5.0, 7.0, 7.0, 7.0]
+    assert _observe(Divergence(2.0, 3), losses) == 9
+    assert _observe(Divergence(2.0, 4), losses) is None
+    assert _observe(Divergence(0.0, 3), losses) is None  # factor 0: only non-finite losses
+    assert _observe(Divergence(2.0, 3), [6.0, 6.0, 6.0]) is None  # exactly at the bound is within it
+    # a resumed run starts from its checkpoint's loss (every rank reads the same one); a NaN one is ignored
+    assert _observe(Divergence(2.0, 2, best=3.0), [7.0, 7.0]) == 2
+    assert _observe(Divergence(2.0, 2, best=math.nan), [7.0, 7.0]) is None
+
+
+def test_the_policy_raises_the_guards_verdict_with_its_step():
+    policy = StopPolicy.from_config(TrainConfig(loss_spike_factor=2.0, loss_spike_steps=2), world=2)
+    policy.observe(1, 3.0, 1.0)
+    with pytest.raises(Diverged) as nan:
+        policy.observe(2, math.nan, 1.0)
+    assert nan.value.step == 2 and "loss nan at step 2" in nan.value.why and not nan.value.spike
+    policy = StopPolicy.from_config(TrainConfig(loss_spike_factor=2.0, loss_spike_steps=2), world=2, best_loss=3.0)
+    policy.observe(1, 7.0, 1.0)
+    with pytest.raises(Diverged) as spike:
+        policy.observe(2, 7.0, 1.0)
+    assert spike.value.spike and "above 2x its best (3.0000) for 2 steps" in spike.value.why
 
 
 def test_steps_that_fit_lives_in_the_policy_and_the_trainer_still_names_it():
@@ -119,3 +224,14 @@ def test_the_policy_needs_no_torch():
     p = subprocess.run([sys.executable, "-c", "import sys, model.stop; print('torch' in sys.modules)"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr
+
+
+def test_a_graceful_down_stops_a_node_at_its_next_check():
+    """`down --graceful` reaches the trainer as usage.stop_requested (model/stoprequest.py's marker, read on
+    a node only): it stops at the next check, with a checkpoint, whatever the caps say."""
+    on_node = with_laps(StopPolicy.from_config(caps(), world=8, pushed=True), 1.0)
+    assert on_node.decide(Usage(elapsed=10.0, gpu_seconds=80.0)).stop is None
+    assert on_node.decide(Usage(elapsed=10.0, gpu_seconds=80.0, stop_requested=True)).stop == "requested"
+    local = with_laps(StopPolicy.from_config(caps(), world=1), 1.0)  # `gpt2cloud train`: no pusher, no request
+    assert local.decide(Usage(elapsed=10.0, gpu_seconds=10.0, stop_requested=True)).stop is None
+    assert Decision.decode(Decision("requested", 0).encode()) == Decision("requested", 0)

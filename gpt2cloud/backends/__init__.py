@@ -17,7 +17,8 @@ import dataclasses
 import importlib
 from typing import Protocol
 
-from gpt2cloud.names import UNKNOWN
+from gpt2cloud.errors import UserError
+from gpt2cloud.names import LAUNCHING, UNKNOWN
 
 # The modules that register backends, imported on the first backend_for (not before: `gpt2cloud --help`
 # stays instant, and a command that never asks for a backend never imports one)
@@ -28,10 +29,28 @@ MODULES = (
 
 BACKENDS: dict[str, type] = {}  # kind -> backend class, filled by @register as MODULES are imported
 
-# What state_of says while a run is (still) under way: SkyPilot's job and managed-job states, and the
-# local node's RUNNING. A cluster that is up but has no live job (CLUSTER_*, UP) is not, nor is an
-# UNKNOWN state: the launch goes on, and SkyPilot reuses a live cluster.
-ACTIVE_STATES = {"INIT", "PENDING", "SUBMITTED", "STARTING", "SETTING_UP", "RUNNING", "RECOVERING"}
+# What state_of says while a run is (still) under way: SkyPilot's job and managed-job states that are not
+# final (CANCELLING and WINDING_DOWN too: the job's cluster still bills), and the local node's RUNNING. A
+# cluster that is up but has no live job (UP) is not, nor is an UNKNOWN state: the launch goes on, and
+# SkyPilot reuses a live cluster. A launch still under way is MAY_BE_ALIVE's.
+ACTIVE_STATES = {"INIT", "PENDING", "SUBMITTED", "STARTING", "SETTING_UP", "RUNNING", "RECOVERING", "CANCELLING",
+                 "WINDING_DOWN"}
+# What refuses a relaunch (gpt2cloud/launch/start.py check_name): a live job, or an earlier attempt whose
+# launch request is still under way (LAUNCHING: the backends ask SkyPilot about every request of the run)
+# or whose cluster is still being provisioned (CLUSTER_INIT). Two attempts at once would bill twice and
+# write one bucket prefix.
+MAY_BE_ALIVE = ACTIVE_STATES | {LAUNCHING, "CLUSTER_INIT"}
+
+# `launch --retry-until-up --retry-minutes M`: the task's envs carry M (the backend gets only the task), and
+# with it SkyPilot retries the provisioning until capacity turns up, for at most M minutes
+# (backends/skypilot.py RetryWindow). On the node it is an env nothing reads.
+RETRY_MINUTES_ENV = "GPT2CLOUD_RETRY_MINUTES"
+
+
+class NothingRunning(UserError):
+    """What a backend's state() may raise when its own answer is that nothing of the run is there any more
+    (SkyPilot: the cluster is gone, or the managed-jobs controller is down, so no managed job is in
+    progress): a message for `status`, and for the relaunch check a confirmation that no attempt is alive."""
 
 
 class Backend(Protocol):
@@ -94,8 +113,6 @@ def handle_from_dict(kind: str, d: dict):
 
 def state_of(record) -> str:
     """The run's state as its backend sees it now; never raises (status must still show the bucket's progress)."""
-    from gpt2cloud.errors import UserError
-
     try:
         return backend_for(record.spec.kind).state(record)
     except UserError as e:

@@ -11,6 +11,7 @@ import contextlib
 import re
 from typing import Optional
 
+from gpt2cloud.backends import NothingRunning
 from gpt2cloud.errors import UserError
 
 LAMBDA_HELP = ("for Lambda: create an API key at https://cloud.lambda.ai/api-keys, put `api_key = <KEY>` in "
@@ -21,11 +22,11 @@ GONE = "no longer exists"  # what sky_errors says of a cluster that is gone (dow
 SERVER_HELP = "start one with `sky api start` or check SKYPILOT_API_SERVER_ENDPOINT"
 
 
-class ClusterGone(UserError):
+class ClusterGone(NothingRunning):
     """SkyPilot has no such cluster (ClusterDoesNotExist): autostop tore it down, or it never came up."""
 
 
-class ControllerNotUp(UserError):
+class ControllerNotUp(NothingRunning):
     """SkyPilot's managed-jobs controller is not up (ClusterNotUpError from a jobs call): no managed job
     of this user is in progress."""
 

@@ -1,4 +1,5 @@
-"""The one place that talks to SkyPilot's API server: launch, cancel, status, logs, down.
+"""The one place that talks to SkyPilot's API server: launch, cancel, status, logs, down (the jobs
+controller's too).
 
 Everything here goes through the SkyPilot SDK (0.14: every call returns a request id; `sky.get` /
 `sky.stream_and_get` wait for the result and re-raise SkyPilot's own exception classes). What to do
@@ -35,17 +36,18 @@ def _submitted(request_id, on_request: OnRequest) -> None:
         on_request(str(request_id))
 
 
-def launch_cluster(task, cluster_name: str, idle_minutes: int, *, dryrun: bool = False,
-                   on_request: OnRequest = None) -> Optional[int]:
+def launch_cluster(task, cluster_name: str, idle_minutes: int, *, retry_until_up: bool = False,
+                   dryrun: bool = False, on_request: OnRequest = None) -> Optional[int]:
     """Provision (or reuse) a cluster, run the task on it; autostop with down: nothing bills after.
 
-    Returns the job id on the cluster (None for a dry run, which only runs SkyPilot's optimizer).
-    Streams SkyPilot's provisioning output.
+    retry_until_up: SkyPilot retries the provisioning, round after round, until capacity turns up, with
+    no end of its own (the caller bounds it by cancelling the request). Returns the job id on the cluster
+    (None for a dry run, which only runs SkyPilot's optimizer). Streams SkyPilot's provisioning output.
     """
     import sky
 
     request = sky.launch(task, cluster_name=cluster_name, idle_minutes_to_autostop=idle_minutes, down=True,
-                         retry_until_up=False, dryrun=dryrun)
+                         retry_until_up=retry_until_up, dryrun=dryrun)
     _submitted(request, on_request)
     job_id, _handle = sky.stream_and_get(request)
     return job_id
@@ -63,22 +65,29 @@ def launch_managed_job(task, name: str, *, on_request: OnRequest = None) -> Opti
     return job_ids
 
 
-def cancel_request(request_id: str) -> bool:
-    """Cancel an API-server request (a launch still provisioning) and wait until the server has: it
-    kills the request's worker and marks it CANCELLED. False when there was nothing to cancel (the
-    request had finished already)."""
+def cancel_requests(request_ids: list[str]) -> list[str]:
+    """Cancel those of these API-server requests still under way (a launch provisioning) and wait until
+    the server has: it kills each one's worker and marks it CANCELLED. Returns the ids it cancelled; a
+    request that had finished, or that the server does not know, is left as it is."""
     import sky
 
-    return bool(sky.get(sky.api_cancel(request_id, silent=True)))
+    ids = [str(i) for i in request_ids if i]
+    if not ids:
+        return []  # never ask with no ids: SkyPilot then cancels every request of this user
+    return [str(i) for i in sky.get(sky.api_cancel(ids, silent=True)) or []]
 
 
-def request_status(request_id: str) -> Optional[str]:
-    """PENDING, WAITING, RUNNING, SUCCEEDED, FAILED or CANCELLED; None when the server does not know it."""
+def request_statuses(request_ids: list[str]) -> dict[str, Optional[str]]:
+    """{request id: PENDING, WAITING, RUNNING, SUCCEEDED, FAILED or CANCELLED}, in one call; None for a
+    request the server does not know (a local server that was restarted forgot the old ones: they died
+    with it)."""
     import sky
 
-    for r in sky.api_status([request_id]) or []:
-        return _name(_field(r, "status"))
-    return None
+    ids = [str(i) for i in request_ids if i]
+    if not ids:
+        return {}
+    found = {str(_field(r, "request_id")): _name(_field(r, "status")) for r in sky.api_status(ids) or []}
+    return {i: found.get(i) for i in ids}
 
 
 def cluster_status(cluster_name: str, refresh: bool = True) -> Optional[str]:
@@ -107,20 +116,53 @@ def cluster_job_status(cluster_name: str, job_id: Optional[int]) -> Optional[str
     return _name(statuses.get(job_id, next(iter(statuses.values()))))
 
 
-def managed_job_status(job_id: int) -> Optional[str]:
-    """PENDING, STARTING, RUNNING, RECOVERING, SUCCEEDED, FAILED, CANCELLED, ... (None if unknown).
+def managed_jobs(name: str) -> dict[int, Optional[str]]:
+    """{job id: PENDING, STARTING, RUNNING, RECOVERING, SUCCEEDED, FAILED, CANCELLED, ...} of every managed
+    job of this user named `name` that SkyPilot's jobs controller knows, finished ones included, in one
+    call. By name: a job launched by an attempt that died before it learnt the id is found too, and a
+    remembered id is never taken for another job's (ids restart at 1 on a new controller).
 
-    Raises ClusterNotUpError when SkyPilot's jobs controller is not up (it never ran, or autostopped).
+    Raises ClusterNotUpError when the controller is not up (it never ran, or autostopped).
     """
     import sky
 
     # queue_v2 answers (records, total, status_counts, total_no_filter); the older jobs.queue is deprecated
-    result = sky.get(sky.jobs.queue_v2(refresh=False, job_ids=[job_id]))
+    result = sky.get(sky.jobs.queue_v2(refresh=False, name_match=name))
     records = result[0] if isinstance(result, tuple) else result
+    jobs: dict[int, Optional[str]] = {}
+    # name_match matches substrings (and an older server ignores it): keep exact names only
     for r in records or []:
-        if _field(r, "job_id") == job_id:
-            return _name(_field(r, "status"))
+        if _field(r, "job_name") == name and _field(r, "job_id") is not None:
+            jobs.setdefault(int(_field(r, "job_id")), _name(_field(r, "status")))
+    return jobs
+
+
+def jobs_controller() -> Optional[tuple[str, Optional[str]]]:
+    """(name, UP / INIT / STOPPED) of SkyPilot's managed-jobs controller, or None when there is none. Found
+    by its name's prefix, as SkyPilot's own CLI does (sky/client/cli/command.py): the rest of the name is
+    the API server's id, which only the server knows."""
+    import sky
+    from sky.utils import common
+
+    records = sky.get(sky.status(cluster_names=[common.JOB_CONTROLLER_PREFIX + "*"],
+                                 refresh=sky.StatusRefreshMode.NONE, all_users=True))
+    for r in records or []:
+        name = _field(r, "name")
+        if name and str(name).startswith(common.JOB_CONTROLLER_PREFIX):
+            return str(name), _name(_field(r, "status"))
     return None
+
+
+def live_managed_jobs() -> dict[int, tuple[Optional[str], Optional[str]]]:
+    """{job id: (name, status)} of every managed job of every user that is not finished (PENDING, STARTING,
+    RUNNING, RECOVERING, CANCELLING, ...): what the jobs controller still manages. Raises ClusterNotUpError
+    when the controller is not up (stopped, or never launched: then none is in progress)."""
+    import sky
+
+    result = sky.get(sky.jobs.queue_v2(refresh=False, skip_finished=True, all_users=True))
+    records = result[0] if isinstance(result, tuple) else result
+    return {int(_field(r, "job_id")): (_field(r, "job_name"), _name(_field(r, "status")))
+            for r in records or [] if _field(r, "job_id") is not None}
 
 
 def down(cluster_name: str) -> None:
@@ -130,23 +172,14 @@ def down(cluster_name: str) -> None:
     sky.get(sky.down(cluster_name))
 
 
-def managed_job_ids(name: str) -> list[int]:
-    """The ids of this user's managed jobs named `name` that have not finished: how a launch interrupted
-    before it learnt its job id finds the job. Raises ClusterNotUpError when the controller is not up."""
+def cancel_managed_jobs(job_ids: list[int]) -> None:
+    """Cancel these managed jobs; SkyPilot tears their clusters down (and skips a job that has ended).
+    Raises ClusterNotUpError when the jobs controller is not up (then no managed job is in progress)."""
     import sky
 
-    result = sky.get(sky.jobs.queue_v2(refresh=False, skip_finished=True, name_match=name))
-    records = result[0] if isinstance(result, tuple) else result
-    # name_match matches substrings (and an older server ignores it): keep exact names only
-    return sorted({_field(r, "job_id") for r in records or [] if _field(r, "job_name") == name})
-
-
-def cancel_managed_job(job_id: int) -> None:
-    """Cancel a managed job; SkyPilot tears its cluster down. Raises ClusterNotUpError when the jobs
-    controller is not up (then no managed job is in progress)."""
-    import sky
-
-    sky.get(sky.jobs.cancel(job_ids=[job_id]))
+    ids = sorted({int(j) for j in job_ids})
+    if ids:  # never with none: a cancel that names no job is not one to send
+        sky.get(sky.jobs.cancel(job_ids=ids))
 
 
 def tail_logs(cluster_name: str, job_id: Optional[int], follow: bool) -> int:

@@ -74,6 +74,12 @@ def fast_rows(e) -> list[tuple[str, str]]:
     return rows
 
 
+# SkyPilot's jobs controller outlives a spot run: it stops after 10 idle minutes and is kept, so its 50 GB
+# disk bills on (sky/jobs/constants.py CONTROLLER_AUTOSTOP: down False; CONTROLLER_RESOURCES: disk_size 50)
+CONTROLLER_REMOVAL = ("SkyPilot stops it after 10 idle minutes and keeps it (its 50 GB disk bills on); remove it with "
+                      "`gpt2cloud down --controller` once no managed job runs")
+
+
 def render_phases(e, console: Console) -> None:
     """The all-in bill, phase by phase, each with where its figure comes from."""
     t = Table(title="the whole bill, phase by phase", title_justify="left", box=None, pad_edge=False)
@@ -88,6 +94,8 @@ def render_phases(e, console: Console) -> None:
         t.add_row("controller", hours(e.all_in_hours), f"${e.controller_usd:,.2f}", e.phase_sources["controller"],
                   style="dim")
     console.print(t)
+    if e.controller_usd:
+        console.print(f"the spot run's jobs controller: {CONTROLLER_REMOVAL}", soft_wrap=True)
 
 
 def _where(e) -> str:

@@ -9,12 +9,13 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from gpt2cloud.cli.output import print_json, show_task
+from gpt2cloud.cli.output import fail, print_json, show_task
 from gpt2cloud.errors import UserError
 from gpt2cloud.units import usd
 
 
 def _print_plan(p, console: Console) -> None:
+    from gpt2cloud.backends import RETRY_MINUTES_ENV
     from gpt2cloud.cli.estimate import render
 
     render(p.est, console)
@@ -29,6 +30,11 @@ def _print_plan(p, console: Console) -> None:
     if not s.spot and not s.local:
         console.print(f"[bold]teardown[/]       autostop after {s.idle_minutes} idle minutes, then down "
                       "(nothing keeps billing)")
+    retry = dict(p.job.envs).get(RETRY_MINUTES_ENV)
+    if retry:
+        console.print(f"[bold]capacity[/]       SkyPilot retries until the GPUs come up, for at most {retry} min; "
+                      + ("then the managed job is cancelled" if s.spot else "then the launch is cancelled and what "
+                         "it made removed"))
     if s.image:
         console.print(f"[bold]node image[/]     {s.image} (its CUDA torch is used as is)")
     if s.max_hours:
@@ -39,6 +45,19 @@ def _print_plan(p, console: Console) -> None:
     if p.secrets:
         console.print(f"[bold]secrets[/]        {', '.join(sorted(p.secrets))} (passed as SkyPilot secrets, "
                       "never written or printed)")
+
+
+def _start(p):
+    """start.start(p). SIGTERM or SIGHUP during it ends the launch as Ctrl-C does (the backend says above what
+    it cancelled and removed, or what may still bill), then the command with one line and the signal's status."""
+    from gpt2cloud.launch import start
+
+    try:
+        return start.start(p)
+    except start.Terminated as e:
+        fail(f"launch of {p.run_id} stopped by {e.signal_name} (a closed terminal or `kill`), like Ctrl-C: see "
+             f"above for what was cancelled and removed; `gpt2cloud status {p.run_id}` shows what is left",
+             code=e.exit_code)
 
 
 def launch_command(
@@ -66,6 +85,15 @@ def launch_command(
     image: Optional[str] = typer.Option(None, "--image", help="Node image: docker:REPO:TAG with CUDA torch inside "
                                         "(setup skips the torch download) or a cloud image id (SkyPilot image_id)."),
     push_every: int = typer.Option(60, "--push-every", help="Seconds between syncs of OUT to the bucket."),
+    checkpoint_minutes: Optional[float] = typer.Option(None, "--checkpoint-minutes", help="Also checkpoint once "
+                                                       "this many minutes passed since the last checkpoint: what "
+                                                       "a preemption may lose (default: the recipe's "
+                                                       "eval.checkpoint_minutes, 10)."),
+    retry_until_up: bool = typer.Option(False, "--retry-until-up", help="No capacity: SkyPilot retries until the "
+                                        "GPUs come up (nothing bills meanwhile), for at most --retry-minutes; then "
+                                        "the launch is cancelled and what it made removed."),
+    retry_minutes: Optional[float] = typer.Option(None, "--retry-minutes", help="With --retry-until-up: the most "
+                                                  "minutes to retry (default 60, at most 1440)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the SkyPilot YAML (secrets redacted); launch nothing."),
     export_yaml: Optional[Path] = typer.Option(None, "--export-yaml", help="Write the SkyPilot YAML for `sky launch "
                                                "FILE` (secrets redacted); launch nothing."),
@@ -84,7 +112,8 @@ def launch_command(
     p = plan(recipe, gpus, nodes=nodes, infra=infra, spot=spot, data=data, bucket=bucket, name=name, steps=steps, schedule_steps=schedule_steps,
              max_cost=max_cost, max_hours=max_hours, idle_minutes=idle_minutes, price=price, push_every=push_every,
              offline=offline, micro_batch=micro_batch, tokens_per_step=tokens_per_step,
-             image=image)
+             image=image, checkpoint_minutes=checkpoint_minutes, retry_until_up=retry_until_up,
+             retry_minutes=retry_minutes)
     console = Console(stderr=as_json)
     for w in p.warnings:
         Console(stderr=True).print(f"[yellow]warning:[/] {w}", soft_wrap=True)
@@ -104,7 +133,11 @@ def launch_command(
             raise UserError("not launching without confirmation: add --yes (stdin is not a terminal)")
         if not typer.confirm(f"Launch {p.run_id} (estimated {usd(p.est.cost_usd)})?", default=False, err=True):
             raise UserError("not launched (answered no)")
-    record = start.start(p)
+    _say_launched(_start(p), p, console, as_json)
+
+
+def _say_launched(record, p, console: Console, as_json: bool) -> None:
+    """What was launched, and the commands that watch and end it."""
     s = record.spec
     if as_json:
         print_json({"run": s.run_id, "kind": s.kind, "infra": s.infra, "run_url": s.run_url,
@@ -113,4 +146,8 @@ def launch_command(
         return
     console.print(f"[green]launched[/] {s.run_id} ({s.kind}); outputs go to {s.run_url}")
     console.print(f"  gpt2cloud status {record.run_id}     gpt2cloud logs {record.run_id} --follow")
-    console.print(f"  gpt2cloud fetch {record.run_id}      gpt2cloud down {record.run_id}")
+    console.print(f"  gpt2cloud fetch {record.run_id}      gpt2cloud down {record.run_id} --graceful")
+    if s.spot:  # it outlives the run, and nothing else says so
+        from gpt2cloud.cli.estimate import CONTROLLER_REMOVAL
+
+        console.print(f"  SkyPilot's jobs controller stays after the run: {CONTROLLER_REMOVAL}", soft_wrap=True)

@@ -21,13 +21,19 @@ def train_command(
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: the recipe's setting)."),
     price: Optional[float] = typer.Option(None, "--price", help="USD per GPU-hour, for cost_usd in the metrics."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Stop (with a checkpoint) before the cost passes this many USD; needs --price."),
+    checkpoint_minutes: Optional[float] = typer.Option(None, "--checkpoint-minutes", help="Also checkpoint once this many minutes passed since the last checkpoint (default: the recipe's eval.checkpoint_minutes, 10)."),
     as_json: bool = typer.Option(False, "--json", help="Send the trainer's output to stderr and end with one JSON object on stdout."),
 ):
     """Train locally under torchrun; Ctrl-C stops every process, rerunning resumes exactly."""
-    from gpt2cloud.train import train
+    from gpt2cloud.cli.output import fail
+    from gpt2cloud.train import TrainingDiverged, train
 
-    result = train(recipe, data, out, nproc=nproc, steps=steps, schedule_steps=schedule_steps, resume=resume, compile=compile_,
-                   price=price, max_cost=max_cost, stream=sys.stderr if as_json else sys.stdout)
+    try:
+        result = train(recipe, data, out, nproc=nproc, steps=steps, schedule_steps=schedule_steps, resume=resume,
+                       compile=compile_, price=price, max_cost=max_cost, checkpoint_minutes=checkpoint_minutes,
+                       stream=sys.stderr if as_json else sys.stdout)
+    except TrainingDiverged as e:  # one line like any error, with its own exit code (not a refusal's 2)
+        fail(str(e).replace("[", r"\["), code=e.code)
     if as_json:
         print_json(result)
         return

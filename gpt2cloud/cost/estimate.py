@@ -163,6 +163,7 @@ def estimate(
     idle_minutes: float = 10.0,
     price_source: str | None = None,
     side_by_side: bool = True,
+    checkpoint_minutes: float | None = None,
 ) -> Estimate:
     """The estimate of a recipe on given hardware. side_by_side: a fast recipe also gets its faithful
     recipe's estimate on the same hardware and price (est.faithful), and a faithful recipe with a bundled
@@ -174,7 +175,8 @@ def estimate(
     positive("--mfu", mfu, "0.45", upper=1)
     check_sizes(steps, tokens_per_step, micro_batch, nodes)
 
-    cfg = recipe.to_train_config(steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch)
+    cfg = recipe.to_train_config(steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch,
+                                 checkpoint_minutes=checkpoint_minutes)  # None: the recipe's
     note = ""
     if micro_batch is None:  # the recipe's micro-batch: use the largest one that divides and fits instead
         spec = gpu_spec(gpu_type)
@@ -188,7 +190,8 @@ def estimate(
 
     def sibling(other: Recipe, other_steps: int | None) -> dict:
         e = estimate(other, gpu_type, gpus_per_node, nodes, price, mfu, other_steps, tokens_per_step, micro_batch,
-                     check_batch, local, spot, idle_minutes, price_source, side_by_side=False)
+                     check_batch, local, spot, idle_minutes, price_source, side_by_side=False,
+                     checkpoint_minutes=checkpoint_minutes)
         return {k: getattr(e, k) for k in SIBLING_FIELDS}
 
     if recipe.is_fast:

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from gpt2cloud.cost.optimizers import OPTIMIZERS
 from gpt2cloud.errors import UserError
-from model.config import BatchError, GPTConfig, TrainConfig
+from model.config import (DEFAULT_CHECKPOINT_MINUTES, LOSS_SPIKE_FACTOR, LOSS_SPIKE_STEPS, BatchError, GPTConfig,
+                          TrainConfig)
 
 
 class _Strict(BaseModel):
@@ -49,6 +50,17 @@ class TrainSpec(_Strict):
     schedule_steps: Optional[PositiveInt] = None
     seed: int = 1337
     compile: bool = False
+    # the divergence guard (model/stop.py): a non-finite loss always stops the run; so does the loss above
+    # loss_spike_factor x its best for loss_spike_steps steps in a row (0: only non-finite losses)
+    loss_spike_factor: float = Field(default=LOSS_SPIKE_FACTOR, ge=0, allow_inf_nan=False)
+    loss_spike_steps: PositiveInt = LOSS_SPIKE_STEPS
+
+    @model_validator(mode="after")
+    def _spike_bound(self):
+        if 0 < self.loss_spike_factor <= 1:
+            raise ValueError(f"loss_spike_factor {self.loss_spike_factor:g}: must be above 1 (a multiple of the "
+                             "best loss so far), or 0 to stop only on a non-finite loss")
+        return self
 
 
 class OptimizerSpec(_Strict):
@@ -91,6 +103,9 @@ class DataSpec(_Strict):
     note: Optional[str] = None
 
 
+MAX_CHECKPOINT_MINUTES = 7 * 24 * 60  # a week: more is a typo (a run checkpoints at its end anyway)
+
+
 class EvalSpec(_Strict):
     val_every: PositiveInt
     val_steps: PositiveInt = 20
@@ -98,6 +113,10 @@ class EvalSpec(_Strict):
     sample_prompt: str = "Hello, I'm a language model,"
     sample_tokens: PositiveInt = 32
     checkpoint_every: PositiveInt
+    # also checkpoint once this many minutes passed since the last checkpoint, so that a preemption loses
+    # at most that much (plus one upload) at any model size; 0: only every checkpoint_every steps
+    checkpoint_minutes: float = Field(default=DEFAULT_CHECKPOINT_MINUTES, ge=0, le=MAX_CHECKPOINT_MINUTES,
+                                      allow_inf_nan=False)
     keep_checkpoints: PositiveInt = 3
     hellaswag_every: int = Field(default=0, ge=0)
 
@@ -161,8 +180,9 @@ class Recipe(_Strict):
             muon_weight_decay=o.muon_weight_decay, schedule=o.schedule, cooldown_frac=o.cooldown_frac,
             val_every=e.val_every, val_steps=e.val_steps, sample_every=e.sample_every,
             sample_prompt=e.sample_prompt, sample_tokens=e.sample_tokens,
-            checkpoint_every=e.checkpoint_every, keep_checkpoints=e.keep_checkpoints,
-            hellaswag_every=e.hellaswag_every,
+            checkpoint_every=e.checkpoint_every, checkpoint_minutes=e.checkpoint_minutes,
+            keep_checkpoints=e.keep_checkpoints, hellaswag_every=e.hellaswag_every,
+            loss_spike_factor=t.loss_spike_factor, loss_spike_steps=t.loss_spike_steps,
         )
         # replace() rejects a misspelt key; None means "keep the recipe's value"
         return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -146,8 +146,10 @@ def choose_clouds(gpu: str, count: int, spot: bool) -> list[str]:
 
 
 def catalog_price(infra: str, gpu: str, count: int, spot: bool = False) -> Optional[Price]:
-    """The cheapest `gpu:count` offer in SkyPilot's catalog of this cloud (and region, if given), per GPU,
-    on-demand or spot; None when the catalog cannot be read or has none."""
+    """The `gpu:count` offer of this cloud in SkyPilot's catalog, per GPU, on-demand or spot: of a pinned
+    region (infra cloud/region), else the dearest region's, since SkyPilot may place the launch in any of
+    them (the cap and the estimate take the conservative number); None when the catalog cannot be read
+    or has none."""
     sky = sky_module()
 
     cloud, _, region = infra.partition("/")
@@ -156,19 +158,21 @@ def catalog_price(infra: str, gpu: str, count: int, spot: bool = False) -> Optio
                                                clouds=cloud, case_sensitive=False, all_regions=True)
     except Exception:  # noqa: BLE001 - offline with no cached catalog, an unknown cloud: the table decides
         return None
-    best = None
+    found = []
     for name, infos in offers.items():
         for i in infos:
             price = i.spot_price if spot else i.price
             if name.lower() != gpu.lower() or int(i.accelerator_count) != count or not price or price != price:
                 continue  # another GPU or count, or no price (nan: no spot offer)
-            if best is None or price < best[0]:
-                best = (float(price), i)
-    if best is None:
+            found.append((float(price), i.region, i))
+    if not found:
         return None
-    price, info = best
+    price, _, info = sorted(found, key=lambda f: (-f[0], f[1]))[0]  # the dearest; of equals, the first region
+    regions = len({f[1] for f in found})
+    where = (f"{info.region}, the dearest of {regions} regions (pin one: --infra CLOUD/REGION)"
+             if len({f[0] for f in found}) > 1 else info.region)
     kind = "spot" if spot else "on-demand"
-    return Price(price / count, f"SkyPilot catalog: {info.cloud} {info.instance_type} {kind}, {info.region}",
+    return Price(price / count, f"SkyPilot catalog: {info.cloud} {info.instance_type} {kind}, {where}",
                  cloud=_cloud_name(info.cloud), region=info.region, spot=spot, instance=info.instance_type)
 
 

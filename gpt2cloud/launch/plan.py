@@ -17,16 +17,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 from gpt2cloud import home
+from gpt2cloud.backends import RETRY_MINUTES_ENV
 from gpt2cloud.cost import prices
 from gpt2cloud.cost.estimate import Estimate, check_fits, check_sizes, estimate
 from gpt2cloud.cost.hardware import gpu_from_device_name, gpu_spec, parse_gpus
+from gpt2cloud.cost.optimizers import OPTIMIZERS
 from gpt2cloud.cost.prices import Price
-from gpt2cloud.cost.recipes import load_recipe
+from gpt2cloud.cost.recipes import MAX_CHECKPOINT_MINUTES, load_recipe
 from gpt2cloud.errors import MAX_STEPS, UserError, positive
 from gpt2cloud.launch import build, scripts, task
 from gpt2cloud.runs import registry
 from gpt2cloud.names import ANY, CLUSTER, LOCAL, MANAGED_JOB
 from gpt2cloud.runs.registry import RunSpec
+from gpt2cloud.store.transfer import parse_manifest
+from model import datadir
 from model.config import TrainConfig
 
 CPU = "CPU"  # the hardware table's entry for CPU ranks (local runs only)
@@ -34,6 +38,13 @@ DEFAULT_GPUS = "H100:8"  # a cloud launch without --gpus: the lecture's node
 STALL_MIN_MINUTES = 20
 CREDENTIAL_MARGIN = 1.5  # the estimate is of the training loop; the node also sets up, evaluates, retries
 COMPILE_ALLOWANCE_S = 600  # torch.compile of a 1.5B model, the first step's allocations, a slow data read
+# A managed (spot) job's node is removed by SkyPilot's controller as soon as the job ends, so its final
+# push retries this long (a bucket outage of minutes) before the job may end with the copy only there;
+# billed at the node's price: ~$6 on 8xH100 at $3/GPU-hour, a fraction of a 1558M checkpoint's worth.
+SPOT_FINAL_PUSH_MINUTES = 15
+# --retry-until-up: how long SkyPilot may retry for capacity (--retry-minutes; nothing bills meanwhile but
+# a spot run's jobs controller), and at most a day: every wait is bounded
+RETRY_MINUTES, MAX_RETRY_MINUTES = 60.0, 24 * 60.0
 
 
 @dataclass(frozen=True)
@@ -101,16 +112,21 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
          max_cost: Optional[float] = None, idle_minutes: int = 10, price: Optional[float] = None,
          push_every: int = 60, offline: bool = False, max_hours: Optional[float] = None,
          micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None,
-         schedule_steps: Optional[int] = None, image: Optional[str] = None) -> Plan:
+         schedule_steps: Optional[int] = None, image: Optional[str] = None,
+         checkpoint_minutes: Optional[float] = None, retry_until_up: bool = False,
+         retry_minutes: Optional[float] = None) -> Plan:
     """Check every option, resolve where the run goes and its one price, estimate exactly this launch and
     build its Job. Writes nothing (`launch --dry-run`)."""
     infra = normalize_infra(infra)
+    retry = retry_window(retry_until_up, retry_minutes, infra)
     r = load_recipe(recipe)
     if gpus is None:
         gpus = local_gpus() if infra == LOCAL else DEFAULT_GPUS
     gpu_type, count = parse_gpus(gpus)
     _check_options(gpus, gpu_type, nodes, infra, spot, max_cost, max_hours, schedule_steps, idle_minutes,
                    push_every)
+    # what a preemption may lose (model/stop.py CheckpointTimer); 0 or nan would switch the timer off
+    positive("--checkpoint-minutes", checkpoint_minutes, "10", upper=MAX_CHECKPOINT_MINUTES)
     image = check_image(image, infra)
     data = task.check_url("--data", data, infra, hub=True)
     bucket = task.check_url("--bucket", bucket, infra)
@@ -124,7 +140,7 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
     found = prices_here(infra, clouds, gpu_type, count, spot, price)
     est = estimate(r, price=found, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, steps=steps,
                    micro_batch=micro_batch, tokens_per_step=tokens_per_step, local=infra == LOCAL, spot=spot,
-                   idle_minutes=idle_minutes)
+                   idle_minutes=idle_minutes, checkpoint_minutes=checkpoint_minutes)
 
     plain, secrets = task.node_storage([data, bucket], infra)
     wheel = build.wheel_bytes()  # this exact build of the trainer, made in memory: start.py writes it
@@ -140,6 +156,7 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
     train_cfg = r.to_train_config(
         steps=steps, schedule_steps=schedule_steps, micro_batch=est.micro_batch, tokens_per_step=tokens_per_step,
         device="auto" if spec.local else "cuda", stall_minutes=stall_minutes(est),
+        checkpoint_minutes=checkpoint_minutes,
         # MFU in the metrics needs the real peak: a local run of `--gpus H100:2` on CPU ranks has none
         peak_flops_per_gpu=0.0 if spec.local and gpu_type != CPU else est.peak_tflops_per_gpu * 1e12,
         **money(spec),
@@ -147,8 +164,9 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
     job = task.Job(
         spec=spec,
         resources=task.Resources(infra=infra, idle_minutes=idle_minutes, clouds=tuple(clouds),
-                                 accelerators=f"{gpu_type}:{count}", spot=spot, image=image),
-        envs=node_envs(spec, push_every, train_cfg.keep_checkpoints, plain),
+                                 accelerators=f"{gpu_type}:{count}", spot=spot, image=image,
+                                 disk_gb=node_disk_gb(train_cfg)),
+        envs=node_envs(spec, push_every, train_cfg.keep_checkpoints, plain, retry),
         secrets=secrets, setup=scripts.render(scripts.SETUP_SCRIPT), run=scripts.render(scripts.RUN_SCRIPT),
         wheel=wheel, workdir=str(home.build_dir(run_id)), config_json=train_cfg.to_json(), estimate=est,
         price=found, warnings=check_credentials(secrets, est, spec.local),
@@ -217,11 +235,33 @@ def money(spec: RunSpec) -> dict:
     """The money settings of config.json, from the run's spec: one road (launch -> RunSpec -> config.json),
     which `status` reads back from the same spec. No environment variable carries or overrides them."""
     return dict(max_cost_usd=spec.max_cost_usd, price_per_gpu_hour=spec.price_per_gpu_hour,
-                max_hours=spec.max_hours, cloud_prices=dict(spec.cloud_prices))
+                max_hours=spec.max_hours, cloud_prices=dict(spec.cloud_prices),
+                after_stop_seconds=after_stop_seconds(spec.estimate))
 
 
-def node_envs(spec: RunSpec, push_every: int, keep_checkpoints: int, plain: dict) -> tuple:
-    """The plain settings the node scripts read (never a secret, never a money setting)."""
+def after_stop_seconds(est: Optional[Estimate]) -> float:
+    """What bills after the trainer stops (its exit and final push, then the idle minutes before autostop),
+    from the launch's estimate: `--max-cost` caps the whole bill, so the budget stop leaves room for it."""
+    if est is None:
+        return 0.0
+    return round((est.breakdown_hours.get("finish", 0.0) + est.breakdown_hours.get("idle", 0.0)) * 3600, 1)
+
+
+def retry_window(retry_until_up: bool, retry_minutes: Optional[float], infra: str) -> float:
+    """--retry-until-up's bound in minutes (0.0: no retrying): --retry-minutes, else RETRY_MINUTES."""
+    if retry_minutes is not None and not retry_until_up:
+        raise UserError(f"--retry-minutes {retry_minutes:g}: it bounds --retry-until-up; add --retry-until-up")
+    if not retry_until_up:
+        return 0.0
+    if infra == LOCAL:
+        raise UserError("--retry-until-up: --infra local has nothing to provision; drop --retry-until-up")
+    positive("--retry-minutes", retry_minutes, "60", upper=MAX_RETRY_MINUTES)
+    return float(retry_minutes or RETRY_MINUTES)
+
+
+def node_envs(spec: RunSpec, push_every: int, keep_checkpoints: int, plain: dict, retry: float = 0.0) -> tuple:
+    """The plain settings the node scripts read (never a secret, never a money setting); and the launch's
+    --retry-minutes, which the backend reads from the task (gpt2cloud/backends/skypilot.py RetryWindow)."""
     e = {
         "GPT2CLOUD_RUN_ID": spec.run_id,
         "GPT2CLOUD_RUN_URL": spec.run_url,
@@ -235,8 +275,59 @@ def node_envs(spec: RunSpec, push_every: int, keep_checkpoints: int, plain: dict
         "GPT2CLOUD_DEVICE": "auto" if spec.local else "cuda",  # cuda: setup refuses a node whose torch sees no GPU
         "GPT2CLOUD_GPUS_PER_NODE": str(spec.gpus_per_node),
     }
+    if spec.spot:  # a managed job's node goes the moment its job ends: keep trying to save the last checkpoint
+        e["GPT2CLOUD_FINAL_PUSH_MINUTES"] = str(SPOT_FINAL_PUSH_MINUTES)
+    if retry > 0:
+        e[RETRY_MINUTES_ENV] = f"{retry:g}"
     e.update((k, str(v)) for k, v in sorted(plain.items()))
     return tuple(e.items())
+
+
+# ---- the node's disk (SkyPilot's disk_size): what the node will hold, never less than SkyPilot's default
+
+# SkyPilot's default disk_size. A smaller disk would save ~$0.03 an hour (256 GB of gp3 at $0.08 per
+# GB-month) against a run that dies when it fills up: never below it.
+DEFAULT_DISK_GB = 256
+# Beside the shards and checkpoints: the venv with CUDA torch and its NVIDIA libraries (~8 GB installed)
+# and the uv/pip caches of their wheels (~4 GB): 15 GB; the cloud's image on the same disk (the OS, the
+# NVIDIA driver, CUDA, Docker: ~30 GB on the usual GPU images; not measured here, so generous); the logs,
+# metrics, timeline and HellaSwag (well under 1 GB): 5 GB.
+NODE_SOFTWARE_GB, IMAGE_GB, LOGS_GB = 15, 30, 5
+# Shards from the recipe's tokens (no manifest yet): 2 bytes a token (uint16), plus two llm.c shards of
+# 100M tokens: the validation shard, and the last training shard the run reads only part of (it comes whole).
+SHARD_SLACK_BYTES = 2 * 2 * 100_000_000
+WEIGHT_BYTES = 4  # fp32 master weights (model/step.py trains under autocast); the checkpoint stores them
+
+
+def checkpoint_bytes(cfg: TrainConfig) -> int:
+    """One checkpoint (model/checkpoint.py): the fp32 weights (the padded embedding, stored once) and the
+    optimizer's state (gpt2cloud/cost/optimizers.py: AdamW 8 bytes a parameter); the RNG and trainer
+    state are kilobytes. 1558M with AdamW: 12 bytes x 1.56e9 = 18.7 GB."""
+    params = cfg.model.param_count(padded=True)
+    return WEIGHT_BYTES * params + OPTIMIZERS[cfg.optimizer].state_bytes(cfg.model)
+
+
+def shard_bytes(cfg: TrainConfig, files: Optional[list] = None) -> int:
+    """The shards the node downloads: from the data's manifest, exactly those the run's steps read (the node
+    picks them the same way: model/datadir.py files_to_read); without one, from the recipe's tokens."""
+    if files is not None:
+        return sum(f["size"] for f in datadir.files_to_read(files, cfg.steps, cfg.tokens_per_step))
+    return 2 * cfg.steps * cfg.tokens_per_step + SHARD_SLACK_BYTES
+
+
+def node_disk_gb(cfg: TrainConfig, files: Optional[list] = None) -> int:
+    """disk_size for each node (every node holds its own copy of the shards): the shards, keep_checkpoints
+    + 1 checkpoints (a new one is written before the oldest is pruned; the pulled one is among them), the
+    venv, the image and the logs; at least DEFAULT_DISK_GB."""
+    held = shard_bytes(cfg, files) + (max(cfg.keep_checkpoints, 1) + 1) * checkpoint_bytes(cfg)
+    return max(DEFAULT_DISK_GB, math.ceil(held / 1e9) + NODE_SOFTWARE_GB + IMAGE_GB + LOGS_GB)
+
+
+def with_data_manifest(p: Plan, manifest: bytes) -> Plan:
+    """The plan with its disk sized from the data's manifest (preflight reads it), not from the recipe."""
+    files = parse_manifest(manifest, "the data's manifest")["files"]
+    resources = dataclasses.replace(p.job.resources, disk_gb=node_disk_gb(p.train_cfg, files))
+    return dataclasses.replace(p, job=dataclasses.replace(p.job, resources=resources))
 
 
 def with_data_url(p: Plan, url: str) -> Plan:

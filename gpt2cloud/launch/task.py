@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from gpt2cloud.backends import RETRY_MINUTES_ENV
 from gpt2cloud.cost.prices import Price
 from gpt2cloud.errors import UserError
 from gpt2cloud.launch import build
@@ -38,11 +39,15 @@ from gpt2cloud.names import ANY, LOCAL
 from gpt2cloud.runs.registry import RunSpec
 from gpt2cloud.store import STORES, StorageError
 from gpt2cloud.store.hub import parse_hub_url
+from model import deadman
 from model.watchdog import EXIT_STALLED
 
-# A managed job is relaunched after a preemption, and after a stall (a hung rank or data read: a
-# transient fault), never after any other failure: a bad config or bad data fails the same way again.
-JOB_RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0, "recover_on_exit_codes": [EXIT_STALLED]}
+# A managed job is relaunched after a preemption, after a stall (a hung rank or data read: a transient
+# fault), and after a setup or trainer start-up that hung on this node (model/deadman.py RECOVERABLE says
+# why those and not a hung pull or data wait, nor a full disk), never after any other failure: a bad
+# config or bad data fails the same way again. SkyPilot records setup's exit code as the job's too.
+JOB_RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0,
+                "recover_on_exit_codes": [EXIT_STALLED, *deadman.RECOVERABLE]}
 
 # Storage credentials travel as SkyPilot secrets, never as envs, never printed; each store names its own
 # (gpt2cloud/store/__init__.py STORES).
@@ -260,8 +265,11 @@ def redact(cfg: dict) -> dict:
 def sky_command(cfg: dict, path: str = "THIS_FILE") -> str:
     """How to launch an exported task by hand: a spot task only as a managed job, which recovers from
     preemption (a plain `sky launch` of it would be an unmanaged spot cluster)."""
-    launch = "sky jobs launch" if cfg["resources"].get("use_spot") else "sky launch"
+    spot = cfg["resources"].get("use_spot")
+    launch = "sky jobs launch" if spot else "sky launch"
     flags = "".join(f" --secret {n}" for n in (cfg.get("secrets") or {}))
+    if not spot and RETRY_MINUTES_ENV in (cfg.get("envs") or {}):  # (a managed job's controller retries anyway)
+        flags += " --retry-until-up"  # by hand it has no --retry-minutes: Ctrl-C or `sky api cancel` ends it
     return f"{launch} {path}{flags}"
 
 

@@ -7,22 +7,25 @@ Speed is RunMetrics' steady median, the same figure `train`, `plot` and `report`
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from typing import Optional
 
-from gpt2cloud.backends import state_of
-from gpt2cloud.names import FAILED, LOCAL
+from gpt2cloud.backends import ACTIVE_STATES, state_of
+from gpt2cloud.names import FAILED, LOCAL, MANAGED_JOB
 from gpt2cloud.runs.registry import RunRecord
 from gpt2cloud.store import StorageError, open_store
-from gpt2cloud.store.layout import METRICS, NODE_HOME, TIMELINE, remote_checkpoints
+from gpt2cloud.store.layout import METRICS, NODE_HOME, PUSH_STATUS, TIMELINE, remote_checkpoints
+from model import deadman, pushstate
+from model.config import EXIT_DIVERGED, EXIT_NO_GPU
 from model.datadir import STATUS as DATA_STATUS
 from model.metrics import RunMetrics
 from model.sync import EXIT_BUCKET, EXIT_DATA, EXIT_FINAL_PUSH
 from model.watchdog import EXIT_STALLED
 
-# What the node's exit codes mean (model/sync.py, model/watchdog.py, gpt2cloud/launch/task.py's setup):
-# `status` says it in words, with where to look. EXIT_NO_GPU is task.py's (launch sits above runs).
-EXIT_NO_GPU = 6
+# What the node's exit codes mean (model/sync.py, model/watchdog.py, model/config.py for the setup's GPU
+# check, model/deadman.py for the phases that hung and a full disk): `status` says it in words, with where to look.
 EXIT_MEANINGS = {
     EXIT_DATA: f"the data download or its sha256 verification failed: see the node log and {DATA_STATUS} in "
                f"the node's data directory (~/{NODE_HOME}/data)",
@@ -30,6 +33,18 @@ EXIT_MEANINGS = {
     EXIT_FINAL_PUSH: "the final push to the bucket failed: the newest checkpoint may be only on the node",
     EXIT_NO_GPU: "setup: torch saw fewer GPUs than the node has (a CPU-only torch or a broken driver)",
     EXIT_STALLED: "the trainer stalled (no progress) and the watchdog ended it",
+    EXIT_DIVERGED: "the run diverged (a non-finite loss, or a loss spike past its bound): no checkpoint of it was "
+                   "written; resume from the last good one with a lower lr, or a looser loss_spike_factor",
+    deadman.EXIT_SETUP_HUNG: "setup hung (nvidia-smi, CUDA init or a package download past its bound) and the deadman "
+                             "ended it: the node log names the part; a managed job retries on a new node",
+    deadman.EXIT_PULL_HUNG: "the checkpoint pull from the bucket hung past its bound and the deadman ended it: check "
+                            "the bucket and its endpoint",
+    deadman.EXIT_DATA_HUNG: "the first data shards did not arrive within the deadman's bound: the data source is "
+                            f"stalled or far too slow (see {DATA_STATUS} in the node's data directory)",
+    deadman.EXIT_STARTUP_HUNG: "the trainer's start-up (CUDA init, the rendezvous of the nodes) hung past its bound "
+                               "and the deadman ended it; a managed job retries on a new node",
+    deadman.EXIT_DISK_FULL: "the node's disk filled up: the task's disk_size (the launch sizes it for the shards, "
+                            "the checkpoints and the venv) was too small; the node log says what could not be written",
 }
 
 
@@ -89,6 +104,10 @@ def run_status(record: RunRecord) -> dict:
     }
     if problem:
         d["note"] = problem
+    warning = push_warning(record, d["state"])
+    if warning:
+        d["push_warning"] = warning
+        d["note"] = warning + (f"; {d['note']}" if d.get("note") else "")
     if d["state"].startswith(FAILED) and spec.kind != LOCAL:
         d["note"] = node_copy_hint(record, metrics)
     meaning = exit_meaning(d["state"])
@@ -100,6 +119,38 @@ def run_status(record: RunRecord) -> dict:
     if record.recovered:
         d["note"] = record.recovered + (f"; {d['note']}" if d.get("note") else "")
     return d
+
+
+# A push is "late" after its interval plus this: a push of a big checkpoint takes a while.
+PUSH_LATE_S = 60
+
+
+def push_warning(record: RunRecord, state: str, now: Optional[float] = None) -> Optional[str]:
+    """While the run trains: say so when the node's pushes fail or stopped coming (its newest work is then
+    only on the node). A local run's node directory has the pusher's own record, errors included; else
+    the bucket's copy, which is late when the node cannot reach the bucket."""
+    if state not in ACTIVE_STATES:
+        return None
+    now = time.time() if now is None else now
+    status = pushstate.read(record.node_dir / "node" / "out") if record.spec.local else None
+    if status is None:
+        try:
+            store = open_store(record.spec.run_url)
+            status = json.loads(store.get_bytes(PUSH_STATUS)) if store.exists(PUSH_STATUS) else None
+        except (StorageError, ValueError):
+            status = None
+    if not isinstance(status, dict):
+        return None  # nothing pushed yet: the node is starting (the timeline's phase says so)
+    failing = pushstate.failing_seconds(status, now)
+    if failing:
+        return (f"pushes to the bucket have failed for {failing / 60:.0f} min ({status.get('failures')} tries; "
+                f"last: {status.get('last_error')}): the newest work is only on the node")
+    late = now - float(status.get("time") or now) - float(status.get("every") or 0)
+    if late > PUSH_LATE_S:
+        return (f"no push from the node for {(now - float(status['time'])) / 60:.0f} min (every "
+                f"{float(status.get('every') or 0):g} s expected): it may not reach the bucket; the newest work "
+                "may be only on the node")
+    return None
 
 
 def exit_meaning(state: str) -> Optional[str]:
@@ -120,6 +171,10 @@ def node_copy_hint(record: RunRecord, metrics: RunMetrics) -> str:
     pushed = complete[-1][0] if complete else 0
     what = (f"checkpoint step {max(saved)} is not in the bucket (newest there: {pushed or 'none'})"
             if saved and max(saved) > pushed else "if its final push failed, the newest checkpoint is only on the node")
+    if spec.kind == MANAGED_JOB:  # SkyPilot's controller removes a failed managed job's node at once
+        return (f"the job failed; {what}: a managed job's node is removed by SkyPilot's controller when the job "
+                "fails, so a copy that was only there is gone (the node retried its final push first; "
+                f"`gpt2cloud logs {spec.run_id}` says why it failed)")
     return (f"the job failed; {what}: copy it within {spec.idle_minutes} min of the failure, before autostop "
             f"removes the node: rsync -a {getattr(record.handle, 'cluster', None) or spec.run_id}:~/{NODE_HOME}/out/ "
             f"runs/{spec.run_id}/ "

@@ -8,6 +8,7 @@ A run's OUT directory (on the node, fetched to this machine) and its bucket pref
     timeline.jsonl                the node's phases, appended by its scripts (read with the metrics)
     checkpoints/step_NNNNNN/      one checkpoint; complete only once its manifest.json exists
     logs/node-R.log               each node's console output
+    stop_request.json             in the bucket only, while `down --graceful` waits: who asked the node to stop
 
 A set of files (prepared shards, one checkpoint) is complete once its MANIFEST exists: it is written last.
 """
@@ -27,6 +28,8 @@ DOWNLOAD_MARK = ".gpt2cloud-download.json"  # in a directory: the same for a dow
 STATE_FILES = (PREPARE_STATE, UPLOAD_MARK, DOWNLOAD_MARK)
 METRICS = "metrics.jsonl"
 TIMELINE = "timeline.jsonl"  # the node's phases (node up, setup, data, training, push, exit), one JSON a line
+PUSH_STATUS = "push_status.json"  # how the node's pushes are going (model/pushstate.py)
+STOP_REQUEST = "stop_request.json"  # `gpt2cloud down --graceful` asks the node to stop (model/stoprequest.py)
 RUN_JSON = "run.json"
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"

@@ -1,0 +1,95 @@
+"""On a node, pushes to the bucket that keep failing for longer than the checkpoint interval stop the
+trainer with a checkpoint rather than let it train on work that exists only on the node.
+
+The pusher is faked: its status file (model/pushstate.py, what model/sync.py writes after every push) is
+written from inside the training loop at chosen steps, on a fake clock where each step takes a minute.
+The rule's arithmetic is tests/test_stop_policy.py's.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from model import pushstate, train
+from trainer_helpers import FakeClock, make_shards, read_metrics, tiny_config, write_config
+
+REAL_TRAIN_STEP = train.train_step
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("push") / "data")
+
+
+def _train_with_pusher(tmp_path, data, monkeypatch, pushes: dict, node: bool = True, before=None):
+    """10 one-minute steps, checkpoint_minutes 3, no step checkpoints before the end. `pushes`: step -> the
+    push attempt the fake pusher records once that step has run (True: it worked, else its error);
+    before(out, clock): what OUT holds before the trainer starts."""
+    clock = FakeClock(step_seconds=60.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    if before is not None:
+        before(out, clock)
+    config = write_config(tmp_path / "c.json", tiny_config(steps=10, checkpoint_every=1000, checkpoint_minutes=3.0,
+                                                           keep_checkpoints=10, val_every=1000))
+    counter = {"step": 0}
+
+    def step_and_push(*args, **kwargs):
+        clock.advance()
+        result = REAL_TRAIN_STEP(*args, **kwargs)
+        counter["step"] += 1
+        if counter["step"] in pushes:
+            outcome = pushes[counter["step"]]
+            pushstate.record(out, outcome is True, 60.0, "" if outcome is True else outcome, now=clock.now)
+        return result
+
+    if node:
+        monkeypatch.setenv("GPT2CLOUD_NODE_UP", str(clock.now))
+    else:
+        monkeypatch.delenv("GPT2CLOUD_NODE_UP", raising=False)
+    monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(train, "train_step", step_and_push)
+    train.main(["--config", str(config), "--data", str(data), "--out", str(out)])
+    return out, read_metrics(out)
+
+
+def test_pushes_failing_past_the_interval_stop_with_a_checkpoint(tmp_path, data, monkeypatch, capsys):
+    # pushes work, then fail from step 4 on: at the check before step 7, 2 minutes of failures + a 1.5-minute
+    # step would pass the 3-minute interval
+    out, records = _train_with_pusher(tmp_path, data, monkeypatch, {2: True, 4: "bucket unreachable", 5: "again"})
+    stop = records[-1]
+    assert stop["event"] == "push_stop" and stop["step"] == 6 and stop["last_error"] == "again"
+    assert stop["push_failing_seconds"] == pytest.approx(120.0)
+    assert max(r["step"] for r in records if "loss" in r) == 6  # not one step trained on unsaved work
+    assert (out / "checkpoints" / "step_000006" / "manifest.json").exists()  # the stop's checkpoint
+    assert not any(r.get("event") == "end" for r in records)
+    log = capsys.readouterr().out
+    assert "push: stopping at step 6 with a checkpoint" in log and "last error: again" in log
+
+
+def test_pushes_that_recover_stop_nothing(tmp_path, data, monkeypatch):
+    out, records = _train_with_pusher(tmp_path, data, monkeypatch, {4: "bucket unreachable", 5: True})
+    assert records[-1]["event"] == "end" and records[-1]["step"] == 10
+    assert not any(r.get("event") == "push_stop" for r in records)
+
+
+def test_a_local_run_has_no_pusher_and_no_push_rule(tmp_path, data, monkeypatch):
+    """The same failing status in OUT, without a node: `gpt2cloud train` runs no pusher, the rule is off."""
+    out, records = _train_with_pusher(tmp_path, data, monkeypatch, {1: "bucket unreachable"}, node=False)
+    assert records[-1]["event"] == "end" and records[-1]["step"] == 10
+
+
+def test_a_status_an_earlier_job_left_counts_only_once_this_pusher_writes(tmp_path, data, monkeypatch):
+    """A relaunch on the same cluster finds the last job's status in OUT: failing for two hours, written before
+    this trainer started. Read as this run's it would stop the run at step 2; it stops nothing until this
+    node's pusher records an attempt of its own, and then counts from this trainer's start."""
+    def stale(out, clock):
+        pushstate.record(out, False, 60.0, "the last job's", now=clock.now - 7200)
+
+    out, records = _train_with_pusher(tmp_path, data, monkeypatch, {}, before=stale)
+    assert records[-1]["event"] == "end" and records[-1]["step"] == 10
+    again = tmp_path / "again"
+    again.mkdir()
+    out, records = _train_with_pusher(again, data, monkeypatch, {3: "still unreachable"}, before=stale)
+    assert records[-1]["event"] == "push_stop" and records[-1]["step"] == 3  # 3 min since this trainer began
+    assert records[-1]["push_failing_seconds"] == pytest.approx(180.0)
