@@ -237,7 +237,8 @@ def train(recipe: str, data: str | Path, out: str | Path, nproc: int = 1, steps:
     data, out = Path(data), Path(out)
     positive("--price", price, "2.99")
     positive("--max-cost", max_cost, "5")
-    positive("--checkpoint-minutes", checkpoint_minutes, "10", upper=MAX_CHECKPOINT_MINUTES)
+    if checkpoint_minutes != 0:  # 0 turns the timer off, as in a recipe
+        positive("--checkpoint-minutes", checkpoint_minutes, "10", upper=MAX_CHECKPOINT_MINUTES)
     positive("--nproc", nproc, "2", upper=1024)
     positive("--schedule-steps", schedule_steps, "19073", upper=MAX_STEPS)
     cfg = load_recipe(recipe).to_train_config(steps=steps, schedule_steps=schedule_steps, compile=compile,

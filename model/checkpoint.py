@@ -253,8 +253,8 @@ def write_checkpoint(out_dir: str | Path, step: int, raw_model, optimizer_state:
         # marker saying so (the run script ends the job with EXIT_DISK_FULL), and one line
         shutil.rmtree(path, ignore_errors=True)
         deadman.note_disk_full(out_dir, f"checkpoint step {step}")
-        raise CheckpointError(f"step {step}: not checkpointed, the disk is full ({getattr(e, 'strerror', '') or e}); the task's "
-                              "disk_size is too small for its shards and keep_checkpoints") from None
+        raise CheckpointError(f"step {step}: not checkpointed, the disk is full (No space left on device: {e}); "
+                              "the task's disk_size is too small for its shards and keep_checkpoints") from None
     # read back from disk before anything older goes: a bad disk or a torn write must not cost the run
     # the checkpoints that are still good (a failure here leaves them all and raises)
     try:

@@ -120,6 +120,7 @@ class TrainConfig:
     # what bills after the trainer stops, in node seconds: the final push, the teardown and the idle minutes
     # before autostop (the launch's estimate of them): the budget stop leaves room for it
     after_stop_seconds: float = 0.0
+    launched_at: float = 0.0  # when this launch was planned (unix time): a node's billing cannot start before it
     max_hours: float = 0.0  # 0: no limit; else stop (with a checkpoint) before the run's wall time passes it
     stall_minutes: float = 0.0  # 0: off; else exit when no step (or eval, checkpoint) finishes for this long
     # the divergence guard (a non-finite loss always stops the run): the loss above loss_spike_factor x its
@@ -161,7 +162,7 @@ class TrainConfig:
 # Everything else (model, batch, optimizer, schedule, seed, precision) makes it another run.
 RESUME_MAY_CHANGE = (
     "steps",  # where this run stops: earlier, or later on the same schedule
-    "max_cost_usd", "price_per_gpu_hour", "cloud_prices", "after_stop_seconds", "max_hours",  # the caps ("raise max_cost_usd and resume")
+    "max_cost_usd", "price_per_gpu_hour", "cloud_prices", "after_stop_seconds", "launched_at", "max_hours",  # the caps ("raise max_cost_usd and resume")
     "micro_batch",  # follows --nproc: the same tokens per step, gradient accumulation adjusts
     "compile", "stall_minutes", "peak_flops_per_gpu", "trackers",  # how it runs, not what it computes
     "device",  # cuda on a node, auto for `train`: a cloud checkpoint resumes here and the other way round
@@ -231,12 +232,21 @@ def hard_limit_seconds(cfg: TrainConfig) -> int:
     return int(cfg.max_hours * 3600) + HARD_LIMIT_GRACE_S
 
 
+def node_up(cfg: TrainConfig, proc_stat: str) -> float:
+    """When this node started billing: its host's boot (btime in /proc/stat: a whole second, the same
+    value every time it is read, so the attempts on one node agree), but never before this launch (in a
+    container on a host that was up long before, such as a Kubernetes pod, the launch is the start)."""
+    btime = next((float(line.split()[1]) for line in proc_stat.splitlines() if line.startswith("btime ")), 0.0)
+    return max(btime, cfg.launched_at)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m model.config", description="What a node's run script asks of "
                                 "its training config.")
-    p.add_argument("what", choices=["price-here", "hard-limit"],
+    p.add_argument("what", choices=["price-here", "hard-limit", "node-up"],
                    help="price-here: USD per GPU-hour on this node's cloud (null: unknown); "
-                        "hard-limit: seconds before the node kills the trainer (0: no limit)")
+                        "hard-limit: seconds before the node kills the trainer (0: no limit); "
+                        "node-up: when this node started billing (unix time)")
     p.add_argument("config", help="the TrainConfig JSON the trainer runs with")
     args = p.parse_args(argv)
     try:
@@ -246,6 +256,9 @@ def main(argv=None) -> None:
         sys.exit(2)
     if args.what == "hard-limit":
         print(hard_limit_seconds(cfg))
+    elif args.what == "node-up":
+        with open("/proc/stat", encoding="ascii") as f:
+            print(f"{node_up(cfg, f.read()):.3f}")
     else:
         price = price_here(cfg, os.environ.get("SKYPILOT_CLUSTER_INFO"))
         print(json.dumps(float(price)) if price else "null")  # a JSON number for the node's timeline

@@ -189,18 +189,32 @@ def _push_until_stopped(out: str, url: str, every: float, rank: int, keep: int, 
     # before the trainer starts (the run script starts it after this): an earlier job's marker on a node
     # used again (a relaunch onto a live cluster) is not a stop this job was asked for
     stoprequest.clear_marker(out)
-    try:
-        pusher = Pusher(out, url, rank=rank, keep=keep)
-    except StorageError as e:
-        log(f"cannot reach the bucket: {e}")
-        return EXIT_BUCKET
+    pusher = None  # opened again every interval until the bucket answers: a hiccup must not end all pushes
     while not (once or stop.is_set() or os.getppid() != parent):
-        error = pusher.attempt(every)
+        pusher = pusher or _open_pusher(out, url, rank, keep, every)
+        error = pusher.attempt(every) if pusher else "cannot reach the bucket"
         if error:
             log(f"push failed ({error}); next try in {every:g} s")
-        stoprequest.relay(pusher.store, out, log)  # `gpt2cloud down --graceful`: tell the trainer
+        if pusher:
+            stoprequest.relay(pusher.store, out, log)  # `gpt2cloud down --graceful`: tell the trainer
         stop.wait(every)
+    pusher = pusher or _open_pusher(out, url, rank, keep, every)
+    if pusher is None:
+        return EXIT_BUCKET
     return _final_push(pusher, every, retry_seconds, final_minutes)
+
+
+def _open_pusher(out: str, url: str, rank: int, keep: int, every: float) -> "Pusher | None":
+    """The pusher, or None (recorded as a failed push: the trainer and `status` see it) when the bucket
+    cannot be reached now."""
+    try:
+        return Pusher(out, url, rank=rank, keep=keep)
+    except StorageError as e:
+        log(f"cannot reach the bucket: {e}")
+        if rank == 0:
+            with contextlib.suppress(OSError):
+                pushstate.record(out, False, every, f"cannot reach the bucket: {e}")
+        return None
 
 
 def _final_push(pusher: "Pusher", every: float, retry_seconds: float, final_minutes: float) -> int:

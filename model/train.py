@@ -161,7 +161,8 @@ def set_up(cfg: TrainConfig, args, p: Procs, t_start: float) -> Trainer:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock.start(out, t_start, p.world)
-    watchdog = Watchdog(cfg.stall_minutes * 60, out, functools.partial(print, f"rank {p.rank}:", flush=True)).start()
+    watchdog = Watchdog(cfg.stall_minutes * 60, out, functools.partial(print, f"rank {p.rank}:", flush=True),
+                        mark_started=clock.node_up is not None).start()
     data.train.set_heartbeat(watchdog.beat)  # waiting for a shard that is still downloading is not a stall
     # On CPU the ops are synchronous anyway: read at once (GPT2CLOUD_DEFER_READS=1 defers there too)
     defer = p.device_type == "cuda" or os.environ.get("GPT2CLOUD_DEFER_READS") == "1"
@@ -379,17 +380,23 @@ def check_stop(t: Trainer) -> bool:
 
 
 def push_failing(t: Trainer) -> float:
-    """How long this node's pushes have been failing (0: no pusher, or the last push worked), counted from
-    this trainer's start at the earliest. A status last written before the trainer started may be an
-    earlier job's on the same node: it counts once the pusher has written it again."""
-    status = pushstate.read(t.out) if t.clock.node_up is not None else None
-    now = time.time()
-    try:
-        if not status or float(status.get("time") or 0.0) < t.clock.t_start:
-            return 0.0
-        return min(pushstate.failing_seconds(status, now), max(0.0, now - t.clock.t_start))
-    except (TypeError, ValueError):  # a status of another shape: no reading, no stop on it
+    """How long this node's work has not been reaching the bucket (0: not a node, or the last push worked),
+    counted from this trainer's start at the earliest: pushes failing, and also a pusher that has written
+    nothing since the trainer started (it never started, or died: its first push comes within seconds) or
+    has gone quiet for longer than its interval (it hangs). A status written before the trainer started
+    may be an earlier job's on the same node: it does not count as this one's."""
+    if t.clock.node_up is None:
         return 0.0
+    status, now = pushstate.read(t.out), time.time()
+    since_start = max(0.0, now - t.clock.t_start)
+    try:
+        written = float(status.get("time") or 0.0) if status else 0.0
+        if written < t.clock.t_start:
+            return since_start
+        quiet = now - written - float(status.get("every") or 0.0)
+        return min(max(pushstate.failing_seconds(status, now), quiet, 0.0), since_start)
+    except (TypeError, ValueError, AttributeError):  # a status of another shape: as if none was written
+        return since_start
 
 
 def stop_here(t: Trainer, reason: str) -> None:

@@ -23,8 +23,11 @@ STARTED = "started"
 
 
 class Watchdog:
-    def __init__(self, seconds: float, out: Path, log=print):
+    def __init__(self, seconds: float, out: Path, log=print, mark_started: bool = False):
         self.seconds, self.out, self.log = seconds, Path(out), log
+        # on a node only: the run script's start-up bound reads the marker; a local `train` writes nothing
+        # in the user's OUT that it does not need (a refused resume must leave it as it was)
+        self.mark_started = mark_started
         self.last = time.monotonic()
         self.what = "start-up"
         self._stop = threading.Event()
@@ -32,7 +35,8 @@ class Watchdog:
 
     def start(self) -> "Watchdog":
         try:
-            (self.out / STARTED).write_text(f"{os.getpid()}\n")
+            if self.mark_started:
+                (self.out / STARTED).write_text(f"{os.getpid()}\n")
         except OSError:  # (a full disk fails the text, not the file; failing both, the run script's bound ends it)
             pass
         if self.seconds > 0:
@@ -47,7 +51,8 @@ class Watchdog:
     def stop(self) -> None:
         self._stop.set()
         try:
-            (self.out / STARTED).unlink(missing_ok=True)  # the run is over: no marker of it left in OUT
+            if self.mark_started:
+                (self.out / STARTED).unlink(missing_ok=True)  # the run is over: no marker of it left in OUT
         except OSError:
             pass
 

@@ -111,10 +111,13 @@ def test_launch_takes_checkpoint_minutes_into_config_and_estimate(tmp_path, monk
     assert "or 3 min" in p.est.phase_sources["evals"]
     default = plan("gpt2-tiny", "CPU:2", infra="local", data="file:///tmp/d", bucket="file:///tmp/b")
     assert default.train_cfg.checkpoint_minutes == DEFAULT_CHECKPOINT_MINUTES
+    off = plan("gpt2-tiny", "CPU:2", infra="local", data="file:///tmp/d", bucket="file:///tmp/b",
+               checkpoint_minutes=0)  # 0 turns the timer off, as in a recipe
+    assert off.train_cfg.checkpoint_minutes == 0
 
 
 @pytest.mark.parametrize("command", ["launch", "train"])
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "20000"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "20000"])
 def test_bad_checkpoint_minutes_is_one_line_exit_2(command, value, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
     recipe = tmp_path / "tiny.yaml"

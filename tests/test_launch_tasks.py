@@ -292,12 +292,12 @@ def test_prices_come_from_the_catalog_of_the_cloud(sky_mod, env):
     assert dearest.usd_per_hour == 42.0 / 8 and dearest.region == "us-west-2"
     assert "the dearest of 2 regions (pin one: --infra CLOUD/REGION)" in dearest.source
     assert catalog_price("aws/us-east-1", "H100", 8, spot=True).usd_per_hour == 40.0 / 8
-    aws = _plan(infra="aws", max_cost=30)
+    aws = _plan(infra="aws", max_cost=300)
     assert aws.est.price_per_gpu_hour == pytest.approx(12.29) and aws.est.price_source.startswith("SkyPilot catalog: AWS")
     assert aws.train_cfg.price_per_gpu_hour == pytest.approx(12.29)  # the node's cap counts at AWS's price
     assert aws.spec.price_per_gpu_hour == pytest.approx(12.29)
     # any_of over Lambda and AWS: estimated and capped at the most expensive candidate
-    anyof = _plan(max_cost=30)
+    anyof = _plan(max_cost=300)
     assert anyof.job.resources.clouds == ("aws", "lambda") and anyof.train_cfg.price_per_gpu_hour == pytest.approx(12.29)
     assert "most expensive of 2 any_of candidates" in anyof.est.price_source
     # ... and the node, once it knows its cloud, caps at that cloud's price: the candidates travel in the

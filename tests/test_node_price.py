@@ -94,3 +94,21 @@ def test_the_config_cli_needs_no_torch():
     p = subprocess.run([sys.executable, "-c", "import sys, model.config; print('torch' in sys.modules)"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr
+
+
+def test_node_up_is_the_hosts_boot_never_before_the_launch(tmp_path):
+    """Billing starts at the host's boot (btime: a whole second, the same on every read, so two jobs on one
+    node agree and count once), but never before the launch (a pod on a host up for weeks)."""
+    from model.config import node_up
+
+    stat = "cpu  1 2 3\nbtime 1796561162\nprocesses 9\n"
+    assert node_up(TrainConfig(), stat) == 1796561162.0
+    assert node_up(TrainConfig(launched_at=1796560000.5), stat) == 1796561162.0  # a VM booted after the launch
+    assert node_up(TrainConfig(launched_at=1796599999.0), stat) == 1796599999.0  # a long-running host
+    cfg = write_config(tmp_path / "c.json", TrainConfig(launched_at=1.0))
+    runs = [subprocess.run([sys.executable, "-m", "model.config", "node-up", str(cfg)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60) for _ in range(2)]
+    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout  # deterministic
+    with open("/proc/stat") as f:
+        btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    assert float(runs[0].stdout) == btime

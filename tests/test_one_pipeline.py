@@ -84,17 +84,17 @@ def test_the_price_is_resolved_once_per_launch(sky_mod, env, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(clouds, "catalog_price", counted)
-    p = _train(infra="aws", max_cost=30)
+    p = _train(infra="aws", max_cost=300)
     assert len(calls) == 1  # one catalog lookup, used by the estimate, the spec and the trainer's cap
     assert p.est.price_per_gpu_hour == p.spec.price_per_gpu_hour == p.train_cfg.price_per_gpu_hour
     assert p.job.price.cloud == "aws" and p.job.price.instance == "p5.48xlarge"
     calls.clear()
-    anyof = _train(max_cost=30)  # any_of over the fixture's AWS and Lambda: one lookup each
+    anyof = _train(max_cost=300)  # any_of over the fixture's AWS and Lambda: one lookup each
     assert len(calls) == 2 and dict(anyof.job.price.candidates) == anyof.spec.cloud_prices
 
 
 def test_money_travels_in_the_spec_and_config_never_in_envs(sky_mod, env):
-    p = _train(max_cost=30, max_hours=5.0)  # any_of: the candidates' prices too
+    p = _train(max_cost=300, max_hours=5.0)  # any_of: the candidates' prices too
     config = json.loads(p.job.config_json)
     for key in ("max_cost_usd", "price_per_gpu_hour", "max_hours", "cloud_prices"):
         assert config[key] == getattr(p.spec, key), key
@@ -156,3 +156,11 @@ def test_the_change_table_names_files_that_exist():
         assert 1 <= len(paths) <= 3, row
         for path, new in paths:
             assert new or (REPO / path).is_file(), f"{change.strip()}: {path}"
+
+
+def test_a_budget_that_cannot_pay_for_start_up_and_teardown_is_refused(sky_mod, env):
+    """8 x p5 at $12.29/GPU-hour: ~20 min of provisioning, setup, compile, final push and idle minutes cost
+    ~$32 before a single step; a $30 cap would bill that and stop at step 0."""
+    with pytest.raises(UserError, match=r"--max-cost 30: this launch bills ~\$3\d\.\d\d outside its training loop"):
+        _train(infra="aws", max_cost=30)
+    assert _train(infra="aws", max_cost=300).train_cfg.max_cost_usd == 300

@@ -23,7 +23,8 @@ def data(tmp_path_factory):
 
 def _train_with_pusher(tmp_path, data, monkeypatch, pushes: dict, node: bool = True, before=None):
     """10 one-minute steps, checkpoint_minutes 3, no step checkpoints before the end. `pushes`: step -> the
-    push attempt the fake pusher records once that step has run (True: it worked, else its error);
+    push attempt the fake pusher records once that step has run (True: it worked, else its error; a step
+    not listed repeats the last outcome, True before the first);
     before(out, clock): what OUT holds before the trainer starts."""
     clock = FakeClock(step_seconds=60.0)
     out = tmp_path / "out"
@@ -32,15 +33,15 @@ def _train_with_pusher(tmp_path, data, monkeypatch, pushes: dict, node: bool = T
         before(out, clock)
     config = write_config(tmp_path / "c.json", tiny_config(steps=10, checkpoint_every=1000, checkpoint_minutes=3.0,
                                                            keep_checkpoints=10, val_every=1000))
-    counter = {"step": 0}
+    counter = {"step": 0, "last": True}
 
     def step_and_push(*args, **kwargs):
         clock.advance()
         result = REAL_TRAIN_STEP(*args, **kwargs)
         counter["step"] += 1
-        if counter["step"] in pushes:
-            outcome = pushes[counter["step"]]
-            pushstate.record(out, outcome is True, 60.0, "" if outcome is True else outcome, now=clock.now)
+        # a real pusher records an attempt every interval: the listed outcome, else the last one again
+        outcome = counter["last"] = pushes.get(counter["step"], counter["last"])
+        pushstate.record(out, outcome is True, 60.0, "" if outcome is True else outcome, now=clock.now)
         return result
 
     if node:
@@ -90,6 +91,28 @@ def test_a_status_an_earlier_job_left_counts_only_once_this_pusher_writes(tmp_pa
     assert records[-1]["event"] == "end" and records[-1]["step"] == 10
     again = tmp_path / "again"
     again.mkdir()
-    out, records = _train_with_pusher(again, data, monkeypatch, {3: "still unreachable"}, before=stale)
-    assert records[-1]["event"] == "push_stop" and records[-1]["step"] == 3  # 3 min since this trainer began
-    assert records[-1]["push_failing_seconds"] == pytest.approx(180.0)
+    out, records = _train_with_pusher(again, data, monkeypatch, {1: "still unreachable"}, before=stale)
+    # failing since the last job's time, counted from this trainer's start: 2 min + a 1.5-minute step > 3 min
+    assert records[-1]["event"] == "push_stop" and records[-1]["step"] == 2
+    assert records[-1]["push_failing_seconds"] == pytest.approx(120.0)
+
+
+def test_a_pusher_that_never_writes_or_goes_quiet_counts_as_failing(tmp_path, data, monkeypatch):
+    """A pusher that died at its start (no status from this job) or hangs (its status stops moving) saves
+    nothing either: the same stop, with a checkpoint."""
+    monkeypatch.setattr(pushstate, "record", lambda *a, **k: None)  # the pusher never started
+    out, records = _train_with_pusher(tmp_path, data, monkeypatch, {})
+    assert records[-1]["event"] == "push_stop" and records[-1]["step"] == 2
+    # it pushed once, after step 1, then hangs: quiet for longer than its 60 s interval from then on
+    monkeypatch.undo()
+    real_record, calls = pushstate.record, []
+
+    def only_once(*args, **kwargs):
+        calls.append(1)
+        return real_record(*args, **kwargs) if len(calls) == 1 else None
+
+    monkeypatch.setattr(pushstate, "record", only_once)
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    out, records = _train_with_pusher(quiet, data, monkeypatch, {})
+    assert records[-1]["event"] == "push_stop" and 3 <= records[-1]["step"] <= 4

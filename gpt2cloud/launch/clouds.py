@@ -167,7 +167,7 @@ def catalog_price(infra: str, gpu: str, count: int, spot: bool = False) -> Optio
             found.append((float(price), i.region, i))
     if not found:
         return None
-    price, _, info = sorted(found, key=lambda f: (-f[0], f[1]))[0]  # the dearest; of equals, the first region
+    price, _, info = sorted(found, key=lambda f: (-f[0], f[1] or ""))[0]  # the dearest; of equals, the first region
     regions = len({f[1] for f in found})
     where = (f"{info.region}, the dearest of {regions} regions (pin one: --infra CLOUD/REGION)"
              if len({f[0] for f in found}) > 1 else info.region)

@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -126,7 +127,8 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
     _check_options(gpus, gpu_type, nodes, infra, spot, max_cost, max_hours, schedule_steps, idle_minutes,
                    push_every)
     # what a preemption may lose (model/stop.py CheckpointTimer); 0 or nan would switch the timer off
-    positive("--checkpoint-minutes", checkpoint_minutes, "10", upper=MAX_CHECKPOINT_MINUTES)
+    if checkpoint_minutes != 0:  # 0 turns the timer off, as in a recipe
+        positive("--checkpoint-minutes", checkpoint_minutes, "10", upper=MAX_CHECKPOINT_MINUTES)
     image = check_image(image, infra)
     data = task.check_url("--data", data, infra, hub=True)
     bucket = task.check_url("--bucket", bucket, infra)
@@ -142,6 +144,8 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
                    micro_batch=micro_batch, tokens_per_step=tokens_per_step, local=infra == LOCAL, spot=spot,
                    idle_minutes=idle_minutes, checkpoint_minutes=checkpoint_minutes)
 
+    if max_cost and infra != LOCAL:
+        check_budget(max_cost, est)
     plain, secrets = task.node_storage([data, bucket], infra)
     wheel = build.wheel_bytes()  # this exact build of the trainer, made in memory: start.py writes it
     run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
@@ -159,6 +163,7 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
         checkpoint_minutes=checkpoint_minutes,
         # MFU in the metrics needs the real peak: a local run of `--gpus H100:2` on CPU ranks has none
         peak_flops_per_gpu=0.0 if spec.local and gpu_type != CPU else est.peak_tflops_per_gpu * 1e12,
+        launched_at=round(time.time(), 3),  # a node's billing starts no earlier (model/config.py node_up)
         **money(spec),
     )
     job = task.Job(
@@ -231,20 +236,40 @@ def _table_price(gpu_type: str) -> Price:
     return listed
 
 
+# What a cloud node bills outside its training loop, before the first step and after the stop.
+OVERHEAD_PHASES = ("provisioning", "setup", "data", "compile", "finish", "idle")
+
+
+def check_budget(max_cost: float, est: Estimate) -> None:
+    """Refuse a --max-cost that cannot pay for the node's start-up and what bills after the stop: the run
+    would bill those and stop at step 0."""
+    hours = sum(est.breakdown_hours.get(phase, 0.0) for phase in OVERHEAD_PHASES)
+    usd = hours * est.gpus * est.price_per_gpu_hour
+    if max_cost < usd:
+        raise UserError(f"--max-cost {max_cost:g}: this launch bills ~${usd:,.2f} outside its training loop "
+                        f"({', '.join(OVERHEAD_PHASES)}: {hours * 60:.0f} min at ${est.price_per_gpu_hour:.2f}/GPU-hour "
+                        f"on {est.gpus} GPUs), so it would stop at step 0; raise --max-cost well above that, or drop it")
+
+
 def money(spec: RunSpec) -> dict:
     """The money settings of config.json, from the run's spec: one road (launch -> RunSpec -> config.json),
     which `status` reads back from the same spec. No environment variable carries or overrides them."""
     return dict(max_cost_usd=spec.max_cost_usd, price_per_gpu_hour=spec.price_per_gpu_hour,
                 max_hours=spec.max_hours, cloud_prices=dict(spec.cloud_prices),
-                after_stop_seconds=after_stop_seconds(spec.estimate))
+                after_stop_seconds=after_stop_seconds(spec.estimate, spec.spot))
 
 
-def after_stop_seconds(est: Optional[Estimate]) -> float:
+def after_stop_seconds(est: Optional[Estimate], spot: bool = False) -> float:
     """What bills after the trainer stops (its exit and final push, then the idle minutes before autostop),
-    from the launch's estimate: `--max-cost` caps the whole bill, so the budget stop leaves room for it."""
+    from the launch's estimate: `--max-cost` caps the whole bill, so the budget stop leaves room for it. A
+    managed (spot) job's node has no idle minutes (it goes when the job ends) but a longer final-push window
+    when the bucket is down: the reserve is the larger of the two."""
     if est is None:
         return 0.0
-    return round((est.breakdown_hours.get("finish", 0.0) + est.breakdown_hours.get("idle", 0.0)) * 3600, 1)
+    finish = est.breakdown_hours.get("finish", 0.0) * 3600
+    if spot:
+        return round(max(finish, SPOT_FINAL_PUSH_MINUTES * 60), 1)
+    return round(finish + est.breakdown_hours.get("idle", 0.0) * 3600, 1)
 
 
 def retry_window(retry_until_up: bool, retry_minutes: Optional[float], infra: str) -> float:

@@ -97,7 +97,8 @@ run_part() {  # run_part PART SECONDS CMD...: CMD within its bound; past it the 
 }
 SETUP_START="$(date +%s.%N)"
 : "${GPT2CLOUD_TORCH_SPEC:=torch}"  # the task sets the exact pin; a hand-run setup gets the latest
-DEPS="$GPT2CLOUD_TORCH_SPEC @NODE_DEPS@"  # (node_deps: the run script compares it with the node's)
+# (the run script compares DEPS with what the node recorded in $NODE_HOME/deps)
+DEPS="$GPT2CLOUD_TORCH_SPEC @NODE_DEPS@"
 if [ -n "${GPT2CLOUD_PYTHON:-}" ]; then
   PY="$GPT2CLOUD_PYTHON"  # --infra local: this machine's Python already has every dependency
 elif [ -x "$NODE_HOME/venv/bin/python" ] && [ "$(cat "$NODE_HOME/deps" 2>/dev/null)" = "$DEPS" ]; then
@@ -223,15 +224,11 @@ note() {  # a line of the node's timeline (node 0's is pushed): note EVENT [more
   printf '{"event": "%s", "time": %s%s}\n' "$1" "$(date +%s.%N)" "${2:+, $2}" >> "$OUT/@TIMELINE@"
 }
 # Billing starts when the node comes up (the launch time on --infra local). The trainer counts its budget
-# and time limit from here, plus the earlier attempts' node time. The node's own start is when its PID 1
-# started: the boot on a VM, the container's start in a container, where /proc/uptime is the host's
-# (field 22 of /proc/1/stat, in clock ticks since the host's boot; the text up to ") " is pid and name).
+# and time limit from here, plus the earlier attempts' node time: model/config.py node_up (the host's boot,
+# never before this launch; the same value every time, so two jobs on one node are one attempt).
 if [ -z "${GPT2CLOUD_NODE_UP:-}" ]; then
-  NOW="$(date +%s.%N)"
-  read -r UPTIME _ < /proc/uptime
-  PID1_TICKS="$(sed 's/^.*) //' /proc/1/stat 2>/dev/null | awk '{print $20}')"
-  GPT2CLOUD_NODE_UP="$(awk -v now="$NOW" -v up="$UPTIME" -v t="${PID1_TICKS:-0}" -v hz="$(getconf CLK_TCK)" \
-    'BEGIN {printf "%.3f", now - up + t / hz}')"
+  GPT2CLOUD_NODE_UP="$("$PY" -m model.config node-up @CONFIG@ 2>/dev/null)" \
+    || GPT2CLOUD_NODE_UP="$(awk -v now="$(date +%s.%N)" '{printf "%.3f", now - $1}' /proc/uptime)"
 fi
 export GPT2CLOUD_NODE_UP
 # The price this node bills at (config.json; an any_of launch: the cloud it landed on), for `status`.

@@ -63,21 +63,22 @@ def stop_signals_interrupt():
     (the kernel to the foreground group, the shell to its jobs), and a repeat must not cut short the
     cleanup the first one started (Ctrl-C still does; -9 always ends the process). Nested blocks keep
     the outer one's handlers; outside the main thread Python cannot install any, and nothing changes."""
+    guard = {"armed": True}  # the caller disarms it once the backend has started the run: it is launched
     if threading.current_thread() is not threading.main_thread() or \
             getattr(signal.getsignal(STOP_SIGNALS[0]), "_gpt2cloud_launch", False):
-        yield
+        yield guard
         return
     raised: list = []
 
     def on_signal(signum, _frame):
-        if not raised:
+        if guard["armed"] and not raised:
             raised.append(signum)
             raise Terminated(signum)
 
     on_signal._gpt2cloud_launch = True
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
-        yield
+        yield guard
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
@@ -140,9 +141,9 @@ def start(p: Plan) -> registry.RunRecord:
         write_spec(p)
         write_build(p)
 
-    with stop_signals_interrupt():
+    with stop_signals_interrupt() as guard:
         registry.claim(record, old)  # RunTaken: another launch owns the name; nothing was written
-        _start_on_backend(record, p.job, first=write_run)
+        _start_on_backend(record, p.job, first=write_run, guard=guard)
     return _launched(record)
 
 
@@ -201,14 +202,14 @@ def write_spec(p: Plan) -> None:
 def hand_to_backend(record: registry.RunRecord, job: task.Job, what: str, noted: bool = False) -> registry.RunRecord:
     """Start a recorded run (a training run or a prepare job: any Job) on its backend, noting each state as
     it goes (noted: the launch is recorded already)."""
-    with stop_signals_interrupt():
+    with stop_signals_interrupt() as guard:
         if not noted:
             registry.note(record, what, state=LAUNCHING)
-        _start_on_backend(record, job)
+        _start_on_backend(record, job, guard=guard)
     return _launched(record)
 
 
-def _start_on_backend(record: registry.RunRecord, job: task.Job, first=None) -> None:
+def _start_on_backend(record: registry.RunRecord, job: task.Job, first=None, guard=None) -> None:
     """`first()` (what the launch writes before the backend starts: run.json, the build), then the backend's
     start; whatever fails or interrupts either is noted as a failed launch. Called with SIGTERM and SIGHUP
     raising (stop_signals_interrupt): once the backend has started the run it is launched, and it stays."""
@@ -216,6 +217,8 @@ def _start_on_backend(record: registry.RunRecord, job: task.Job, first=None) -> 
         if first is not None:
             first()
         backend_for(record.spec.kind).start(record, task.build_config(job), job.secrets, save=registry.save)
+        if guard is not None:
+            guard["armed"] = False  # started: a signal from here on must not make it a failed launch
     except BaseException:
         # the backend cancelled and removed what it started, or printed which cluster may still bill
         registry.note(record, "launch failed", state=LAUNCH_FAILED)

@@ -36,7 +36,7 @@ EXIT_MEANINGS = {
     EXIT_DIVERGED: "the run diverged (a non-finite loss, or a loss spike past its bound): no checkpoint of it was "
                    "written; resume from the last good one with a lower lr, or a looser loss_spike_factor",
     deadman.EXIT_SETUP_HUNG: "setup hung (nvidia-smi, CUDA init or a package download past its bound) and the deadman "
-                             "ended it: the node log names the part; a managed job retries on a new node",
+                             "ended it: the job's log (`gpt2cloud logs`) names the part; a managed job retries on a new node",
     deadman.EXIT_PULL_HUNG: "the checkpoint pull from the bucket hung past its bound and the deadman ended it: check "
                             "the bucket and its endpoint",
     deadman.EXIT_DATA_HUNG: "the first data shards did not arrive within the deadman's bound: the data source is "
