@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_leaves
 from gpt2cloud.cost.recipes import load_recipe
 from model.config import TrainConfig
 from model.gpt import GPT
-from model.muon import build_optimizer
+from model.optim import build_optimizer
 from model.train import train_step
 
 GIB = 2**30

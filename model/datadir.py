@@ -26,10 +26,10 @@ import os
 from pathlib import Path
 
 from gpt2cloud.store import atomic_write
+from gpt2cloud.store.layout import DATA_STATUS as STATUS  # download.json: which shards arrived, and how it ended
 from gpt2cloud.store.layout import MANIFEST
 from gpt2cloud.store.sets import SHARD_HEADER_BYTES
 
-STATUS = "download.json"
 SHARD_SUFFIX = ".bin"
 RUNNING, COMPLETE, PARTIAL, FAILED = "running", "complete", "partial", "failed"
 

@@ -145,11 +145,3 @@ def muon_optimizer(raw_model, cfg: TrainConfig, device_type: str) -> torch.optim
         raise ValueError("the muon optimizer needs lr > 0 (its groups' lr is a ratio of it)")
     return MuonAdamW(muon_param_groups(raw_model, cfg), lr=cfg.lr, momentum=cfg.muon_momentum,
                      betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-
-
-def build_optimizer(raw_model, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
-    """model/optim.py's build_optimizer (any registered optimizer), under the name benchmarks and tests import
-    from here. Imported when called: model/optim.py imports this module for its registry."""
-    from model.optim import build_optimizer as build
-
-    return build(raw_model, cfg, device_type)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from gpt2cloud.store import atomic_write
+from gpt2cloud.store import StorageError, atomic_write
 from gpt2cloud.store.layout import PUSH_STATUS
 
 ERROR_CHARS = 300  # an error's first characters: enough to say what failed, short enough for `status`
@@ -42,6 +42,15 @@ def read(out: str | Path) -> Optional[dict]:
     try:
         status = json.loads((Path(out) / PUSH_STATUS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def read_store(store) -> Optional[dict]:
+    """The copy the pusher pushed to the run's bucket (a Store), or None (none yet, or unreadable)."""
+    try:
+        status = json.loads(store.get_bytes(PUSH_STATUS)) if store.exists(PUSH_STATUS) else None
+    except (StorageError, ValueError):
         return None
     return status if isinstance(status, dict) else None
 

@@ -237,6 +237,15 @@ class StopPolicy:
         timer = CheckpointTimer(cfg.checkpoint_minutes) if cfg.checkpoint_minutes > 0 else None
         return cls(rules, slowest_before, timer, Divergence(cfg.loss_spike_factor, cfg.loss_spike_steps, best_loss))
 
+    def resumed(self, slowest_before: float, best_loss: float | None) -> None:
+        """A resumed run: its checkpoint's slowest recent iteration counts until ten newer ones push it out
+        (else one stopped at its cap would take a step past it), its loss is the guard's best so far."""
+        self.recent.clear()
+        if slowest_before:
+            self.recent.append(slowest_before)
+        if self.guard is not None and best_loss is not None and math.isfinite(best_loss):
+            self.guard.best = best_loss
+
     def lap(self, now: float) -> None:
         """A loop iteration begins at `now` (seconds): the one before it ended then."""
         if self.lap_start is not None:

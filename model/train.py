@@ -227,10 +227,7 @@ def resume(t: Trainer, resume_mode: str) -> None:
     t.clock.elapsed_before = state["elapsed_seconds"]
     t.clock.gpu_seconds_before = state.get("gpu_seconds", state["elapsed_seconds"] * state["world_size"])
     t.tokens_seen, t.loss = state["tokens_seen"], state["loss"]
-    # the resumed run's slowest recent loop iteration: else one stopped at its cap would take a step past it;
-    # its loss: the divergence guard's best so far (every rank reads the same file)
-    t.policy = StopPolicy.from_config(t.cfg, p.world, state.get("slowest_iteration_seconds", 0.0),
-                                      pushed=t.clock.node_up is not None, best_loss=state.get("loss"))
+    t.policy.resumed(state.get("slowest_iteration_seconds", 0.0), state.get("loss"))  # every rank: the same file
     if state["world_size"] != p.world:
         p.log(f"note: {latest.name} was written by {state['world_size']} ranks, this run has {p.world}: same data "
               f"position and tokens per step, gradient accumulation now {t.grad_accum}")

@@ -17,33 +17,17 @@ from typer.testing import CliRunner
 
 from gpt2cloud.cli import app
 from gpt2cloud.cost.estimate import estimate
-from gpt2cloud.cost.phases import CHECKPOINT_BYTES_PER_PARAM, TIMER_MARGIN, checkpoint_count, checkpoint_seconds
+from gpt2cloud.cost.optimizers import checkpoint_bytes
+from gpt2cloud.cost.phases import TIMER_MARGIN, checkpoint_count, checkpoint_seconds
 from gpt2cloud.cost.recipes import known_recipes, load_recipe
-from model import train
 from model.config import DEFAULT_CHECKPOINT_MINUTES, TrainConfig, resume_changes
 from model.stop import MARGIN
-from trainer_helpers import (FakeClock, TINY_RECIPE, losses, make_shards, read_metrics, run_trainer, tiny_config,
-                             write_config)
-
-REAL_TRAIN_STEP = train.train_step
-
+from trainer_helpers import (TINY_RECIPE, FakeClock, losses, make_shards, read_metrics, run_trainer, tiny_config,
+                             train_on_clock, write_config)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("minutes") / "data")
-
-
-def _train_in_process(config, data, out, clock: FakeClock, monkeypatch) -> None:
-    """model.train.main in this process on `clock`: each optimizer step takes clock.step_seconds."""
-
-    def timed_step(*args, **kwargs):
-        clock.advance()
-        return REAL_TRAIN_STEP(*args, **kwargs)
-
-    monkeypatch.delenv("GPT2CLOUD_NODE_UP", raising=False)
-    monkeypatch.setattr(train, "time", clock)
-    monkeypatch.setattr(train, "train_step", timed_step)
-    train.main(["--config", str(config), "--data", str(data), "--out", str(out)])
 
 
 def _checkpoint_steps(out) -> list[int]:
@@ -57,7 +41,7 @@ def test_a_checkpoint_every_m_minutes_between_step_checkpoints_and_each_resumes_
     cfg = tiny_config(steps=10, checkpoint_every=10_000, checkpoint_minutes=3.0, keep_checkpoints=10)
     config = write_config(tmp_path / "c.json", cfg)
     out = tmp_path / "timed"
-    _train_in_process(config, data, out, FakeClock(step_seconds=60.0), monkeypatch)
+    train_on_clock(config, data, out, FakeClock(step_seconds=60.0), monkeypatch)
     assert _checkpoint_steps(out) == [2, 4, 6, 8, 10]  # never more than 3 minutes of work unsaved
     assert checkpoint_count(cfg, 60.0) == 5  # the bill counts what the trainer writes
     assert TIMER_MARGIN == MARGIN  # the bill's copy of the policy's margin (cost/ cannot import model.stop)
@@ -66,7 +50,7 @@ def test_a_checkpoint_every_m_minutes_between_step_checkpoints_and_each_resumes_
     shutil.copytree(out, resumed)
     for step in (8, 10):
         shutil.rmtree(resumed / "checkpoints" / f"step_{step:06d}")
-    _train_in_process(config, data, resumed, FakeClock(step_seconds=60.0), monkeypatch)
+    train_on_clock(config, data, resumed, FakeClock(step_seconds=60.0), monkeypatch)
     assert [r["resumed_from"] for r in read_metrics(resumed) if r.get("event") == "start"] == [None, 6]
     assert losses(resumed) == losses(out)  # one process, an exact resume: bitwise equal
 
@@ -74,7 +58,7 @@ def test_a_checkpoint_every_m_minutes_between_step_checkpoints_and_each_resumes_
 def test_off_means_only_the_step_checkpoints(data, tmp_path, monkeypatch):
     config = write_config(tmp_path / "c.json", tiny_config(steps=10, checkpoint_every=5, checkpoint_minutes=0.0))
     out = tmp_path / "off"
-    _train_in_process(config, data, out, FakeClock(step_seconds=3600.0), monkeypatch)  # an hour a step
+    train_on_clock(config, data, out, FakeClock(step_seconds=3600.0), monkeypatch)  # an hour a step
     assert _checkpoint_steps(out) == [5, 10]
 
 
@@ -153,7 +137,7 @@ def test_the_estimate_counts_the_extra_checkpoints_and_bounds_the_redo(monkeypat
                                                                           timed.step_seconds)
     # ~2.8 s steps: 1,000 steps are 47 min, so 5 checkpoints per 1,000 steps instead of 1
     assert extra == 32 * 4
-    per_checkpoint_h = CHECKPOINT_BYTES_PER_PARAM * cfg.model.param_count(padded=True) / 1e9 / 3600  # at 1 GB/s
+    per_checkpoint_h = checkpoint_bytes(cfg.model, cfg.optimizer) / 1e9 / 3600  # at 1 GB/s
     assert timed.breakdown_hours["evals"] - off.breakdown_hours["evals"] == pytest.approx(extra * per_checkpoint_h)
     assert "161 checkpoints" in timed.phase_sources["evals"] and "or 10 min" in timed.phase_sources["evals"]
     # a preemption redoes half the interval between checkpoints: 10 min bounds it instead of 47

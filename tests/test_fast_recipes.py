@@ -56,7 +56,7 @@ def test_fast_recipe_memory_matches_a_trace_of_its_real_step(monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_memory
     from model.gpt import GPT
-    from model.muon import build_optimizer
+    from model.optim import build_optimizer
 
     cfg = load_recipe("gpt2-124m-fast").to_train_config(micro_batch=1)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=2, n_head=4, n_embd=256,

@@ -135,9 +135,11 @@ def test_the_default_wait_counts_a_push_interval_two_steps_the_checkpoint_and_it
     assert logs.default_wait_minutes(rec) == pytest.approx(base + 4, abs=0.1)  # 300 s instead of 60
     est = Estimate.from_dict({**_estimate_dict(), "step_seconds": 30.0, "breakdown_hours": {"finish": 0.1}})
     rec.spec = dataclasses.replace(rec.spec, estimate=est)
-    from gpt2cloud.cost.phases import CHECKPOINT_BYTES_PER_PARAM, defaults
+    from gpt2cloud.cost.estimate import GIB
+    from gpt2cloud.cost.phases import defaults
 
-    write_s = CHECKPOINT_BYTES_PER_PARAM * est.params / (defaults(rec.spec.local)["checkpoint_gb_per_s"][0] * 1e9)
+    ckpt_bytes = (est.memory["weights_gib"] + est.memory["optimizer_gib"]) * GIB
+    write_s = ckpt_bytes / (defaults(rec.spec.local)["checkpoint_gb_per_s"][0] * 1e9)
     expected = (300 + 2 * 30 + write_s + 360 + logs.GRACE_SLACK_S) / 60
     assert logs.default_wait_minutes(rec) == pytest.approx(expected, abs=0.1)
 

@@ -11,7 +11,8 @@ import torch
 
 from model import checkpoint as ckpt
 from model.data import TokenLoader, find_shards
-from model.muon import MuonAdamW, build_optimizer, orthogonalize
+from model.muon import MuonAdamW, orthogonalize
+from model.optim import build_optimizer
 from model.step import get_lr, setup_training, train_step
 from trainer_helpers import REPO, env, make_shards, tiny_config
 

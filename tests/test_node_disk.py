@@ -34,9 +34,9 @@ def test_every_training_task_has_its_disk_size(sky_mod, tmp_path, monkeypatch):
     of the venv, the image and the logs. SkyPilot's own task accepts it."""
     monkeypatch.setenv("GPT2CLOUD_HOME", str(tmp_path / "g2"))
     lecture = plans.plan("gpt2-1558m", "H100:8", infra="lambda", data="s3://bkt/d", bucket="s3://bkt/r", name="a")
-    assert lecture.task_cfg["resources"]["disk_size"] == plans.DEFAULT_DISK_GB == 256
+    assert lecture.task_cfg["resources"]["disk_size"] == plans.task.DEFAULT_DISK_GB == 256
     cfg = lecture.train_cfg
-    assert plans.checkpoint_bytes(cfg) == pytest.approx(12 * 1_557_686_400, rel=0.001)  # ~18.7 GB
+    assert plans.checkpoint_bytes(cfg.model, cfg.optimizer) == pytest.approx(12 * 1_557_686_400, rel=0.001)  # ~18.7 GB
     longer = plans.plan("gpt2-1558m", "H100:8", infra="lambda", data="s3://bkt/d", bucket="s3://bkt/r", name="b",
                         steps=100_000)  # 105B tokens: 210 GB of shards
     tokens = 100_000 * cfg.tokens_per_step
@@ -78,7 +78,7 @@ def test_the_disk_from_the_manifest_counts_the_shards_the_run_reads(sky_mod, tmp
     held = plans.shard_bytes(many.train_cfg, json.loads(_manifest([shard] * 3000))["files"])
     kept = many.train_cfg.keep_checkpoints + 1  # a new checkpoint is written before the oldest goes
     assert held > 400 * GB and sized.job.resources.disk_gb == math.ceil(
-        (held + kept * plans.checkpoint_bytes(many.train_cfg)) / GB) + 50
+        (held + kept * plans.checkpoint_bytes(many.train_cfg.model, many.train_cfg.optimizer)) / GB) + 50
 
 
 @pytest.mark.parametrize("steps", [1, 5, 11, 12, 21, 22, 40, 41, 100])

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from model import pushstate, train
-from trainer_helpers import FakeClock, make_shards, read_metrics, tiny_config, write_config
+from model import pushstate
+from trainer_helpers import FakeClock, train_on_clock, make_shards, read_metrics, tiny_config, write_config
 
-REAL_TRAIN_STEP = train.train_step
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +34,12 @@ def _train_with_pusher(tmp_path, data, monkeypatch, pushes: dict, node: bool = T
                                                            keep_checkpoints=10, val_every=1000))
     counter = {"step": 0, "last": True}
 
-    def step_and_push(*args, **kwargs):
-        clock.advance()
-        result = REAL_TRAIN_STEP(*args, **kwargs)
+    def push():  # a real pusher records an attempt every interval: the listed outcome, else the last one again
         counter["step"] += 1
-        # a real pusher records an attempt every interval: the listed outcome, else the last one again
         outcome = counter["last"] = pushes.get(counter["step"], counter["last"])
         pushstate.record(out, outcome is True, 60.0, "" if outcome is True else outcome, now=clock.now)
-        return result
 
-    if node:
-        monkeypatch.setenv("GPT2CLOUD_NODE_UP", str(clock.now))
-    else:
-        monkeypatch.delenv("GPT2CLOUD_NODE_UP", raising=False)
-    monkeypatch.setattr(train, "time", clock)
-    monkeypatch.setattr(train, "train_step", step_and_push)
-    train.main(["--config", str(config), "--data", str(data), "--out", str(out)])
+    train_on_clock(config, data, out, clock, monkeypatch, after_step=push, node_up=clock.now if node else None)
     return out, read_metrics(out)
 
 

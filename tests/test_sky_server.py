@@ -15,6 +15,7 @@ unreachable endpoint tests/sky_offline.py gives them. SkyPilot's launch needs rs
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ import pytest
 from sky_offline import prepare, sky_env
 from sky_offline import sky_home, sky_mod  # noqa: F401  (fixtures)
 
-from gpt2cloud.backends import RETRY_MINUTES_ENV, sky_sdk
+from gpt2cloud.backends import sky_sdk
 from gpt2cloud.backends.sky_errors import ClusterGone, ControllerNotUp, sky_errors
 from gpt2cloud.backends.skypilot import ClusterBackend, ManagedJobBackend, SkyHandle, to_sky_task
 from gpt2cloud.errors import UserError
@@ -274,13 +275,14 @@ def test_relaunch_check_and_down_ask_about_every_request_of_the_run(server):
     earlier_attempt_gone(rec)  # nothing of it under way any more: a relaunch may go on
 
 
-def _launch_failing_with(run_id: str, cfg: dict, expected: str, tries: int = 4):
+def _launch_failing_with(run_id: str, cfg: dict, expected: str, tries: int = 4, retry_minutes: float = 0.0):
     """A launch's one-line failure containing `expected`, and its record and seconds. After the requests
     other tests cancelled (the server kills their workers) the server's next launch may die of its own
     transient fault (a broken process pool, an import race in a fresh worker): such a launch is tried again."""
     seen = []
     for attempt in range(tries):
         rec = _record(f"{run_id}-{attempt}", state="LAUNCHING")
+        rec.spec = dataclasses.replace(rec.spec, retry_minutes=retry_minutes)
         t0 = time.monotonic()
         with pytest.raises(UserError) as info:
             ClusterBackend().start(rec, cfg, {}, save=None)
@@ -298,8 +300,8 @@ def test_a_retrying_launch_is_cancelled_on_the_server_when_its_window_passes(ser
     on the server once --retry-minutes have passed; the launch fails in one line saying so, nothing left."""
     aws = {**TASK_CFG, "resources": {"infra": "aws", "accelerators": "H100:8"}}
     _launch_failing_with("retry-plain", aws, "no H100:8 available")  # one round, then SkyPilot's own error
-    rec, waited = _launch_failing_with("retry-window", {**aws, "envs": {RETRY_MINUTES_ENV: "0.2"}},  # 12 s
-                                       "in the 0.2 min of --retry-minutes")
+    rec, waited = _launch_failing_with("retry-window", aws, "in the 0.2 min of --retry-minutes",
+                                       retry_minutes=0.2)  # 12 s
     assert 12 <= waited < 120
     request_id = rec.handle.request_id
     assert sky_sdk.request_statuses([request_id]) == {request_id: "CANCELLED"}

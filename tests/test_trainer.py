@@ -20,10 +20,9 @@ from safetensors.torch import load_file
 
 from gpt2cloud.processes import kill_process_tree
 from model import checkpoint as ckpt
-from model import train
 from model.metrics import truncate_after
 from trainer_helpers import (REPO, FakeClock, env, losses, make_shards, read_metrics, run_trainer, tiny_config,
-                             trainer_cmd, write_config)
+                             train_on_clock, trainer_cmd, write_config)
 
 STEPS = 120  # ~2 s; long enough that a kill after step 25 lands well before the end
 
@@ -152,22 +151,6 @@ def test_resume_on_another_world_size(runs):
     assert _max_diff(_weights(runs["one"]), _weights(out)) < 1e-5
 
 
-REAL_TRAIN_STEP = train.train_step
-
-
-def _train_in_process(config, data, out, clock: FakeClock, monkeypatch) -> None:
-    """model.train.main in this process, its wall clock `clock`: each optimizer step takes clock.step_seconds."""
-
-    def timed_step(*args, **kwargs):
-        clock.advance()
-        return REAL_TRAIN_STEP(*args, **kwargs)
-
-    monkeypatch.delenv("GPT2CLOUD_NODE_UP", raising=False)  # not on a node: the trainer's own clock counts
-    monkeypatch.setattr(train, "time", clock)
-    monkeypatch.setattr(train, "train_step", timed_step)
-    train.main(["--config", str(config), "--data", str(data), "--out", str(out)])
-
-
 def test_budget_cap_stops_with_a_checkpoint(runs, tmp_path, monkeypatch):
     """On a clock where every step takes exactly 1 s at $1/s, the cap is met deterministically.
 
@@ -181,7 +164,7 @@ def test_budget_cap_stops_with_a_checkpoint(runs, tmp_path, monkeypatch):
             steps=1_000_000, price_per_gpu_hour=3600.0, max_cost_usd=cap, checkpoint_every=10_000))
 
     out = tmp_path / "budget"
-    _train_in_process(config(cap), runs["data"], out, clock, monkeypatch)
+    train_on_clock(config(cap), runs["data"], out, clock, monkeypatch)
     records = read_metrics(out)
     stop, steps = records[-1], [r for r in records if "loss" in r]
     assert stop["event"] == "budget_stop" and stop["step"] == steps[-1]["step"] == 10
@@ -193,13 +176,13 @@ def test_budget_cap_stops_with_a_checkpoint(runs, tmp_path, monkeypatch):
     assert not any(r.get("event") == "end" for r in records)
 
     # resumed with the same cap: the budget is spent, so no new step, no new checkpoint, still within it
-    _train_in_process(config(cap), runs["data"], out, clock, monkeypatch)
+    train_on_clock(config(cap), runs["data"], out, clock, monkeypatch)
     again = read_metrics(out)
     assert again[-1]["event"] == "budget_stop" and again[-1]["step"] == 10 and again[-1]["cost_usd"] <= cap
     assert [r["step"] for r in again if "loss" in r] == list(range(1, 11))
 
     # as the stop message says: raise the cap and resume to continue, up to the new cap
-    _train_in_process(config(cap + 5), runs["data"], out, clock, monkeypatch)
+    train_on_clock(config(cap + 5), runs["data"], out, clock, monkeypatch)
     more = read_metrics(out)
     assert more[-1]["event"] == "budget_stop" and more[-1]["step"] == 15
     assert [r["step"] for r in more if "loss" in r] == list(range(1, 16))

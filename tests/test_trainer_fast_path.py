@@ -11,9 +11,8 @@ import torch
 
 from model import train
 from model.gpt import GPT
-from trainer_helpers import FakeClock, env, losses, make_shards, read_metrics, run_trainer, tiny_config, write_config
+from trainer_helpers import FakeClock, train_on_clock, env, losses, make_shards, read_metrics, run_trainer, tiny_config, write_config
 
-REAL_TRAIN_STEP = train.train_step
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +109,9 @@ def test_budget_counts_gpu_seconds_across_world_sizes(data, tmp_path, monkeypatc
     # they differ by 2 x the time between two clock reads (microseconds; 0.01 allows 5 ms); float error ~1e-15
     assert state["gpu_seconds"] == pytest.approx(2 * state["elapsed_seconds"], abs=0.01)
 
-    clock = FakeClock(step_seconds=1.0)
-
-    def timed_step(*args, **kwargs):
-        clock.advance()
-        return REAL_TRAIN_STEP(*args, **kwargs)
-
-    monkeypatch.delenv("GPT2CLOUD_NODE_UP", raising=False)
-    monkeypatch.setattr(train, "time", clock)
-    monkeypatch.setattr(train, "train_step", timed_step)
     more = write_config(tmp_path / "more.json", tiny_config(steps=6, schedule_steps=4, checkpoint_every=6,
                                                             price_per_gpu_hour=3600.0))
-    train.main(["--config", str(more), "--data", str(data), "--out", str(out)])
+    train_on_clock(more, data, out, FakeClock(step_seconds=1.0), monkeypatch)
     resumed = [r for r in read_metrics(out) if "loss" in r and r["step"] > 4]
     # float64 sums and seconds / 3600 * $3600: within a few ulp (approx's default rel 1e-6 is margin)
     assert [r["cost_usd"] for r in resumed] == pytest.approx([state["gpu_seconds"] + 1, state["gpu_seconds"] + 2])

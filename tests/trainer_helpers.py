@@ -105,6 +105,32 @@ class FakeClock:
         return getattr(time, name)
 
 
+def train_on_clock(config, data, out, clock: FakeClock, monkeypatch, after_step=None, node_up=None) -> None:
+    """model.train.main in this process on `clock`: each optimizer step takes clock.step_seconds, then
+    after_step(), if given, runs (a fake pusher, say). node_up: the node's start (a trainer on a node),
+    else none (the trainer's own clock counts)."""
+    from model import train
+
+    # the real step, not one this test already patched in (a test that trains on its clock twice)
+    real_step = getattr(train.train_step, "real_step", train.train_step)
+
+    def timed_step(*args, **kwargs):
+        clock.advance()
+        result = real_step(*args, **kwargs)
+        if after_step is not None:
+            after_step()
+        return result
+
+    if node_up is None:
+        monkeypatch.delenv("GPT2CLOUD_NODE_UP", raising=False)
+    else:
+        monkeypatch.setenv("GPT2CLOUD_NODE_UP", str(node_up))
+    monkeypatch.setattr(train, "time", clock)
+    timed_step.real_step = real_step
+    monkeypatch.setattr(train, "train_step", timed_step)
+    train.main(["--config", str(config), "--data", str(data), "--out", str(out)])
+
+
 # A recipe for CLI tests: a 256-token vocabulary model that trains 6 steps in seconds.
 TINY_RECIPE = """\
 name: test-tiny

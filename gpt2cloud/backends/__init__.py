@@ -39,12 +39,9 @@ ACTIVE_STATES = {"INIT", "PENDING", "SUBMITTED", "STARTING", "SETTING_UP", "RUNN
 # launch request is still under way (LAUNCHING: the backends ask SkyPilot about every request of the run)
 # or whose cluster is still being provisioned (CLUSTER_INIT). Two attempts at once would bill twice and
 # write one bucket prefix.
-MAY_BE_ALIVE = ACTIVE_STATES | {LAUNCHING, "CLUSTER_INIT"}
+LAUNCH_UNDER_WAY = {LAUNCHING, "CLUSTER_INIT"}  # CLUSTER_INIT: SkyPilot's
+MAY_BE_ALIVE = ACTIVE_STATES | LAUNCH_UNDER_WAY
 
-# `launch --retry-until-up --retry-minutes M`: the task's envs carry M (the backend gets only the task), and
-# with it SkyPilot retries the provisioning until capacity turns up, for at most M minutes
-# (backends/skypilot.py RetryWindow). On the node it is an env nothing reads.
-RETRY_MINUTES_ENV = "GPT2CLOUD_RETRY_MINUTES"
 
 
 class NothingRunning(UserError):

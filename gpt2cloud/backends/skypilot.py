@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from gpt2cloud.backends import ACTIVE_STATES, RETRY_MINUTES_ENV, register, sky_sdk
+from gpt2cloud.backends import ACTIVE_STATES, register, sky_sdk
 from gpt2cloud.backends.sky_errors import ClusterGone, ControllerNotUp, first_line, sky_errors
 from gpt2cloud.errors import UserError
 from gpt2cloud.names import ANY, CLUSTER, DOWN, LAUNCH_FAILED, LAUNCHING, MANAGED_JOB, UNKNOWN
@@ -172,14 +172,6 @@ def _then(first: str, then: str) -> str:
     return f"{first}, then {then}" if first else then
 
 
-def retry_minutes(task_cfg: dict) -> float:
-    """The launch's --retry-minutes (0.0: no --retry-until-up), from the task's envs (RETRY_MINUTES_ENV)."""
-    try:
-        return max(0.0, float((task_cfg.get("envs") or {}).get(RETRY_MINUTES_ENV) or 0.0))
-    except (TypeError, ValueError):
-        return 0.0
-
-
 class RetryWindow:
     """--retry-until-up's bound on a cluster launch. SkyPilot retries the provisioning round after round
     until capacity turns up, with no end of its own, and the launch streams its output all the while; so a
@@ -275,7 +267,7 @@ class ClusterBackend:
         spec = record.spec
         task = to_sky_task(task_cfg, secrets)
         record.handle = handle = _handle(record).next_attempt(cluster=spec.run_id)
-        window = RetryWindow(retry_minutes(task_cfg))
+        window = RetryWindow(spec.retry_minutes)
 
         def launch():
             try:
@@ -369,7 +361,7 @@ class ManagedJobBackend:
         spec = record.spec
         task = to_sky_task(task_cfg, secrets)
         record.handle = handle = _handle(record).next_attempt(cluster=None)
-        minutes = retry_minutes(task_cfg)
+        minutes = spec.retry_minutes
 
         def launch():
             with sky_errors(f"launch {spec.run_id}", infra=_where(record),

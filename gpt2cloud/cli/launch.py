@@ -15,7 +15,6 @@ from gpt2cloud.units import usd
 
 
 def _print_plan(p, console: Console) -> None:
-    from gpt2cloud.backends import RETRY_MINUTES_ENV
     from gpt2cloud.cli.estimate import render
 
     render(p.est, console)
@@ -30,7 +29,7 @@ def _print_plan(p, console: Console) -> None:
     if not s.spot and not s.local:
         console.print(f"[bold]teardown[/]       autostop after {s.idle_minutes} idle minutes, then down "
                       "(nothing keeps billing)")
-    retry = dict(p.job.envs).get(RETRY_MINUTES_ENV)
+    retry = s.retry_minutes
     if retry:
         console.print(f"[bold]capacity[/]       SkyPilot retries until the GPUs come up, for at most {retry} min; "
                       + ("then the managed job is cancelled" if s.spot else "then the launch is cancelled and what "
@@ -122,7 +121,8 @@ def launch_command(
                                    "SkyPilot picks the cheapest enabled cloud at `sky launch`")
     if offline:
         show_task(p.task_cfg, run_id=p.run_id, local=p.spec.local, dry_run=dry_run, export_yaml=export_yaml,
-                  write_workdir=lambda: start.write_build(p), as_json=as_json, estimate=p.est.to_dict())
+                  write_workdir=lambda: start.write_build(p), as_json=as_json, estimate=p.est.to_dict(),
+                  retry=p.spec.retry_minutes > 0)
         return
 
     p = start.preflight(p)

@@ -52,7 +52,7 @@ def key_values(rows: list[tuple[str, str]], console: Console | None = None) -> N
 
 
 def show_task(task_cfg: dict, *, run_id: str, local: bool, dry_run: bool, export_yaml, write_workdir,
-              as_json: bool, estimate: dict) -> None:
+              as_json: bool, estimate: dict, retry: bool = False) -> None:
     """`--dry-run` / `--export-yaml` of a SkyPilot task (launch, data prepare --on-cloud): SkyPilot's own
     parser checks it, the YAML (secrets redacted) goes to stdout or the file, nothing is launched.
     write_workdir() writes what the file's `workdir` names (only for an export: a dry run writes nothing)."""
@@ -62,7 +62,7 @@ def show_task(task_cfg: dict, *, run_id: str, local: bool, dry_run: bool, export
         from gpt2cloud.backends.skypilot import to_sky_task
 
         to_sky_task(task_cfg)  # SkyPilot's own parser accepts it (or says why not)
-    text = task.to_yaml(task_cfg)
+    text = task.to_yaml(task_cfg, retry=retry)
     if export_yaml is not None:
         write_workdir()  # `sky launch FILE` ships the workdir the file names
         export_yaml.parent.mkdir(parents=True, exist_ok=True)
@@ -73,5 +73,5 @@ def show_task(task_cfg: dict, *, run_id: str, local: bool, dry_run: bool, export
     elif dry_run:
         sys.stdout.write(text)
     if export_yaml is not None and not as_json:
-        err_console.print(f"wrote {export_yaml}; launch it with: {task.sky_command(task_cfg, str(export_yaml))}",
+        err_console.print(f"wrote {export_yaml}; launch it with: {task.sky_command(task_cfg, str(export_yaml), retry=retry)}",
                           soft_wrap=True)

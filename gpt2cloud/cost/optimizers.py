@@ -50,6 +50,16 @@ def newton_schulz_flops(m: GPTConfig) -> int:
     return m.n_layer * per_layer
 
 
+# fp32 master weights (model/step.py trains under autocast): what a checkpoint stores besides the state
+CHECKPOINT_WEIGHT_BYTES_PER_PARAM = 4
+
+
+def checkpoint_bytes(m: GPTConfig, optimizer: str = "adamw") -> int:
+    """One checkpoint (model/checkpoint.py): the fp32 weights (the padded embedding, stored once) and the
+    optimizer's state; the RNG and trainer state are kilobytes. 1558M with AdamW: 12 x 1.56e9 = 18.7 GB."""
+    return CHECKPOINT_WEIGHT_BYTES_PER_PARAM * m.param_count(padded=True) + OPTIMIZERS[optimizer].state_bytes(m)
+
+
 @dataclass(frozen=True)
 class OptimizerCost:
     state_bytes: Callable[[GPTConfig], int]  # its state, per GPU (every rank holds all of it)

@@ -24,13 +24,13 @@ import statistics
 from dataclasses import dataclass
 
 from gpt2cloud.cost.hardware import table, user_points
+from gpt2cloud.cost.optimizers import checkpoint_bytes
 
 PHASES = ("provisioning", "setup", "data", "compile", "training", "evals", "finish", "idle", "recovery")
 PER_LAUNCH = ("provisioning", "setup", "compile", "finish")  # measured by finished runs, one value per launch
 RATES = ("data_mb_per_s",)  # measured by finished runs as a rate
 HELLASWAG_EXAMPLES = 10042
 SHARD_TOKENS = 100_000_000  # llm.c's shard size: `data prepare`'s default and the published Hub shard sets'
-CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW's two fp32 moments (written, then read to hash)
 # model/stop.py's MARGIN (cost/ may not import it: model.stop reaches numpy through the store): the trainer's
 # timer checkpoints once the next iteration, this many times the slowest recent one, would pass the minutes
 TIMER_MARGIN = 1.5
@@ -100,10 +100,10 @@ def bill(est, cfg, local: bool = False, spot: bool = False, idle_minutes: float 
     checkpoints = checkpoint_count(cfg, est.step_seconds)
     cadence = f"every {cfg.checkpoint_every} steps" + (f" or {cfg.checkpoint_minutes:g} min, whichever comes first"
                                                        if cfg.checkpoint_minutes > 0 else "")
-    params = cfg.model.param_count(padded=True)
+    ckpt_bytes = checkpoint_bytes(cfg.model, cfg.optimizer)  # written, then read to hash
     evals_s = (val_evals * cfg.val_steps * cfg.micro_batch * cfg.model.block_size / (3 * tokens_per_s)  # forward only
                + hs_evals * HELLASWAG_EXAMPLES / est.gpus * d["hellaswag_seconds_per_example"][0]
-               + checkpoints * CHECKPOINT_BYTES_PER_PARAM * params / (d["checkpoint_gb_per_s"][0] * 1e9))
+               + checkpoints * ckpt_bytes / (d["checkpoint_gb_per_s"][0] * 1e9))
     # what the first step waits for: the val shard and the first training shard; the rest arrives while it trains
     first_bytes = min(est.tokens, 2 * SHARD_TOKENS) * 2
     data_s = first_bytes / (d["data_mb_per_s"][0] * 1e6)
@@ -114,7 +114,7 @@ def bill(est, cfg, local: bool = False, spot: bool = False, idle_minutes: float 
         "compile": d["compile"][0] / 60,
         "training": est.wall_hours,
         "evals": evals_s / 3600,
-        "finish": (d["finish"][0] * 60 + CHECKPOINT_BYTES_PER_PARAM * params / (d["data_mb_per_s"][0] * 1e6)) / 3600,
+        "finish": (d["finish"][0] * 60 + ckpt_bytes / (d["data_mb_per_s"][0] * 1e6)) / 3600,
         "idle": 0.0 if local else idle_minutes / 60,
         "recovery": 0.0,
     }

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from gpt2cloud import home
-from gpt2cloud.backends import RETRY_MINUTES_ENV
 from gpt2cloud.cost import prices
 from gpt2cloud.cost.estimate import Estimate, check_fits, check_sizes, estimate
 from gpt2cloud.cost.hardware import gpu_from_device_name, gpu_spec, parse_gpus
-from gpt2cloud.cost.optimizers import OPTIMIZERS
+from gpt2cloud.cost.optimizers import checkpoint_bytes
 from gpt2cloud.cost.prices import Price
 from gpt2cloud.cost.recipes import MAX_CHECKPOINT_MINUTES, load_recipe
 from gpt2cloud.errors import MAX_STEPS, UserError, positive
@@ -154,7 +153,7 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
         run_url=f"{bucket}/{run_id}", bucket=bucket, data_url=data, recipe=r.name, gpu_type=gpu_type,
         gpus_per_node=count, nodes=nodes, spot=spot, price_per_gpu_hour=est.price_per_gpu_hour,
         cloud_prices=dict(found.candidates), total_steps=est.steps, estimate=est, max_cost_usd=max_cost or 0.0,
-        max_hours=max_hours or 0.0, idle_minutes=idle_minutes, image=image,
+        max_hours=max_hours or 0.0, idle_minutes=idle_minutes, image=image, retry_minutes=retry,
         build_sha256=hashlib.sha256(wheel[1]).hexdigest(),
     )
     train_cfg = r.to_train_config(
@@ -171,7 +170,7 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
         resources=task.Resources(infra=infra, idle_minutes=idle_minutes, clouds=tuple(clouds),
                                  accelerators=f"{gpu_type}:{count}", spot=spot, image=image,
                                  disk_gb=node_disk_gb(train_cfg)),
-        envs=node_envs(spec, push_every, train_cfg.keep_checkpoints, plain, retry),
+        envs=node_envs(spec, push_every, train_cfg.keep_checkpoints, plain),
         secrets=secrets, setup=scripts.render(scripts.SETUP_SCRIPT), run=scripts.render(scripts.RUN_SCRIPT),
         wheel=wheel, workdir=str(home.build_dir(run_id)), config_json=train_cfg.to_json(), estimate=est,
         price=found, warnings=check_credentials(secrets, est, spec.local),
@@ -284,9 +283,8 @@ def retry_window(retry_until_up: bool, retry_minutes: Optional[float], infra: st
     return float(retry_minutes or RETRY_MINUTES)
 
 
-def node_envs(spec: RunSpec, push_every: int, keep_checkpoints: int, plain: dict, retry: float = 0.0) -> tuple:
-    """The plain settings the node scripts read (never a secret, never a money setting); and the launch's
-    --retry-minutes, which the backend reads from the task (gpt2cloud/backends/skypilot.py RetryWindow)."""
+def node_envs(spec: RunSpec, push_every: int, keep_checkpoints: int, plain: dict) -> tuple:
+    """The plain settings the node scripts read (never a secret, never a money setting)."""
     e = {
         "GPT2CLOUD_RUN_ID": spec.run_id,
         "GPT2CLOUD_RUN_URL": spec.run_url,
@@ -302,8 +300,6 @@ def node_envs(spec: RunSpec, push_every: int, keep_checkpoints: int, plain: dict
     }
     if spec.spot:  # a managed job's node goes the moment its job ends: keep trying to save the last checkpoint
         e["GPT2CLOUD_FINAL_PUSH_MINUTES"] = str(SPOT_FINAL_PUSH_MINUTES)
-    if retry > 0:
-        e[RETRY_MINUTES_ENV] = f"{retry:g}"
     e.update((k, str(v)) for k, v in sorted(plain.items()))
     return tuple(e.items())
 
@@ -312,7 +308,6 @@ def node_envs(spec: RunSpec, push_every: int, keep_checkpoints: int, plain: dict
 
 # SkyPilot's default disk_size. A smaller disk would save ~$0.03 an hour (256 GB of gp3 at $0.08 per
 # GB-month) against a run that dies when it fills up: never below it.
-DEFAULT_DISK_GB = 256
 # Beside the shards and checkpoints: the venv with CUDA torch and its NVIDIA libraries (~8 GB installed)
 # and the uv/pip caches of their wheels (~4 GB): 15 GB; the cloud's image on the same disk (the OS, the
 # NVIDIA driver, CUDA, Docker: ~30 GB on the usual GPU images; not measured here, so generous); the logs,
@@ -321,17 +316,6 @@ NODE_SOFTWARE_GB, IMAGE_GB, LOGS_GB = 15, 30, 5
 # Shards from the recipe's tokens (no manifest yet): 2 bytes a token (uint16), plus two llm.c shards of
 # 100M tokens: the validation shard, and the last training shard the run reads only part of (it comes whole).
 SHARD_SLACK_BYTES = 2 * 2 * 100_000_000
-WEIGHT_BYTES = 4  # fp32 master weights (model/step.py trains under autocast); the checkpoint stores them
-
-
-def checkpoint_bytes(cfg: TrainConfig) -> int:
-    """One checkpoint (model/checkpoint.py): the fp32 weights (the padded embedding, stored once) and the
-    optimizer's state (gpt2cloud/cost/optimizers.py: AdamW 8 bytes a parameter); the RNG and trainer
-    state are kilobytes. 1558M with AdamW: 12 bytes x 1.56e9 = 18.7 GB."""
-    params = cfg.model.param_count(padded=True)
-    return WEIGHT_BYTES * params + OPTIMIZERS[cfg.optimizer].state_bytes(cfg.model)
-
-
 def shard_bytes(cfg: TrainConfig, files: Optional[list] = None) -> int:
     """The shards the node downloads: from the data's manifest, exactly those the run's steps read (the node
     picks them the same way: model/datadir.py files_to_read); without one, from the recipe's tokens."""
@@ -343,9 +327,9 @@ def shard_bytes(cfg: TrainConfig, files: Optional[list] = None) -> int:
 def node_disk_gb(cfg: TrainConfig, files: Optional[list] = None) -> int:
     """disk_size for each node (every node holds its own copy of the shards): the shards, keep_checkpoints
     + 1 checkpoints (a new one is written before the oldest is pruned; the pulled one is among them), the
-    venv, the image and the logs; at least DEFAULT_DISK_GB."""
-    held = shard_bytes(cfg, files) + (max(cfg.keep_checkpoints, 1) + 1) * checkpoint_bytes(cfg)
-    return max(DEFAULT_DISK_GB, math.ceil(held / 1e9) + NODE_SOFTWARE_GB + IMAGE_GB + LOGS_GB)
+    venv, the image and the logs; at least task.DEFAULT_DISK_GB."""
+    held = shard_bytes(cfg, files) + (max(cfg.keep_checkpoints, 1) + 1) * checkpoint_bytes(cfg.model, cfg.optimizer)
+    return max(task.DEFAULT_DISK_GB, math.ceil(held / 1e9) + NODE_SOFTWARE_GB + IMAGE_GB + LOGS_GB)
 
 
 def with_data_manifest(p: Plan, manifest: bytes) -> Plan:

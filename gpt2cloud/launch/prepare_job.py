@@ -47,7 +47,6 @@ DEFAULT_CPUS = 32
 MAX_CPUS = 512
 MEMORY_GB_PER_CPU = 2  # tokenizer workers are small; this keeps SkyPilot off the tiniest-memory types
 IDLE_MINUTES = 1  # autodown this long after the job ends (SkyPilot counts in whole minutes)
-DEFAULT_DISK_GB = 256  # SkyPilot's default; more only when the shards need it
 
 # What `gpt2cloud data prepare` and `data upload` import on the VM (tests/test_prepare_on_cloud.py runs
 # them with everything else blocked); `datasets` streams hub datasets and brings pyarrow for parquet;
@@ -151,7 +150,7 @@ def plan_job(source: str, out: str, *, cpus: Optional[int] = None, infra: Option
     tokens, tokens_from = expected_tokens(source, src.total_bytes if src.kind == "local" else None, limit_tokens)
     est = estimate_prepare(tokens, tokens_from, workers or cpus, local, src.kind == "huggingface", price,
                            0 if local else IDLE_MINUTES)
-    disk = disk_gb(tokens, DEFAULT_DISK_GB)
+    disk = disk_gb(tokens, task.DEFAULT_DISK_GB)
 
     run_id = registry.new_run_id(f"prep-{name or default_name(source)}")
     plain, secrets = task.node_storage([out], infra, hub=src.kind == "huggingface", flag="--out", machine="VM")

@@ -18,7 +18,7 @@ import time
 import uuid
 
 from gpt2cloud import home
-from gpt2cloud.backends import MAY_BE_ALIVE, NothingRunning, backend_for, state_of
+from gpt2cloud.backends import LAUNCH_UNDER_WAY, MAY_BE_ALIVE, NothingRunning, backend_for, state_of
 from gpt2cloud.errors import UserError
 from gpt2cloud.names import DOWN, LAUNCH_FAILED, LAUNCHED, LAUNCHING
 from gpt2cloud.launch import task
@@ -32,10 +32,8 @@ PROBE = ".gpt2cloud-probe-"  # preflight's write test in the run's prefix, delet
 # not know the run yet); an older one was left by a launch that was killed, and may be relaunched.
 LAUNCHING_GRACE_S = 120.0
 # Past that grace, what the backend says: a launch request of any attempt still active (a spot launch may
-# spend minutes starting the jobs controller) or a cluster still provisioning is a launch under way,
-# whatever its age; so is a live job (gpt2cloud/backends/__init__.py MAY_BE_ALIVE).
-LAUNCH_UNDER_WAY = {LAUNCHING, "CLUSTER_INIT"}  # CLUSTER_INIT: SkyPilot's
-assert LAUNCH_UNDER_WAY <= MAY_BE_ALIVE
+# spend minutes starting the jobs controller) or a cluster still provisioning is a launch under way
+# (LAUNCH_UNDER_WAY), whatever its age; so is a live job (gpt2cloud/backends/__init__.py MAY_BE_ALIVE).
 
 # The signals that end a launch like Ctrl-C: what a closed terminal or a dropped SSH session sends
 # (SIGHUP), and what `kill`, a shutdown or a CI runner's timeout sends (SIGTERM).

@@ -9,19 +9,18 @@ bucket's newest checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from typing import Callable, Optional
 
-from gpt2cloud.backends import ACTIVE_STATES, backend_for
+from gpt2cloud.backends import ACTIVE_STATES, backend_for, state_of
 from gpt2cloud.errors import UserError
 from gpt2cloud.names import DOWN, UNKNOWN
 from gpt2cloud.runs import registry
 from gpt2cloud.store import StorageError, open_store
-from gpt2cloud.store.layout import LOGS, PUSH_STATUS, remote_checkpoints
-from model import stoprequest
+from gpt2cloud.store.layout import LOGS, remote_checkpoints
+from model import pushstate, stoprequest
 
 # How the backends' stop() ends when nothing was there to stop (see backends/*.py)
 NOTHING_TO_STOP = ("it was not running", "its cluster was already gone", "(SkyPilot's jobs controller is not up)",
@@ -113,30 +112,25 @@ def default_wait_minutes(record) -> float:
     the trainer's next check (at most two steps off: the one in flight and the next); writing the
     checkpoint; the trainer's exit and the final push of that checkpoint (the estimate's finish phase);
     and GRACE_SLACK_S. A run without an estimate (its record rebuilt) gets 10 minutes for the middle part."""
-    from gpt2cloud.cost.phases import CHECKPOINT_BYTES_PER_PARAM, defaults
+    from gpt2cloud.cost.estimate import GIB
+    from gpt2cloud.cost.phases import defaults
 
     est = record.spec.estimate
     if est is None:
         middle = 600.0
     else:
-        write_s = CHECKPOINT_BYTES_PER_PARAM * est.params / (defaults(record.spec.local)["checkpoint_gb_per_s"][0] * 1e9)
+        # a checkpoint holds the fp32 weights and the optimizer's state: the estimate's memory has both
+        ckpt_bytes = (est.memory.get("weights_gib", 0.0) + est.memory.get("optimizer_gib", 0.0)) * GIB
+        write_s = ckpt_bytes / (defaults(record.spec.local)["checkpoint_gb_per_s"][0] * 1e9)
         middle = 2 * est.step_seconds + write_s + (est.breakdown_hours or {}).get("finish", 0.0) * 3600
     return math.ceil((push_every(record) + middle + GRACE_SLACK_S) / 60 * 10) / 10  # to a tenth of a minute
-
-
-def _state(backend, record) -> str:
-    try:
-        return backend.state(record)
-    except Exception as e:  # noqa: BLE001 - SkyPilot unreachable for a moment: the wait goes on (bounded)
-        return f"{UNKNOWN} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
 
 def stop_gracefully(record, wait_minutes: Optional[float], say: Callable[[str], None]) -> dict:
     """Ask the node to stop (a stop request in the run's bucket), then wait at most wait_minutes for the job
     to end; the request is withdrawn however this ends. What happened: {"asked", "ended", "state",
     "waited_s", "wait_minutes"}; the teardown that follows is the caller's."""
-    backend = backend_for(record.spec.kind)
-    state = _state(backend, record)
+    state = state_of(record)
     if state not in ACTIVE_STATES and not state.startswith(UNKNOWN):
         say(f"{record.run_id}: nothing is training ({state}): no checkpoint to wait for; tearing down")
         return {"asked": False, "ended": True, "state": state, "waited_s": 0.0}
@@ -150,7 +144,7 @@ def stop_gracefully(record, wait_minutes: Optional[float], say: Callable[[str], 
     say(f"{record.run_id}: asked the node to stop with a checkpoint ({record.spec.run_url}/"
         f"{stoprequest.STOP_REQUEST}); waiting up to {minutes:g} min for the job to end ({state} now)")
     try:
-        state, waited = _wait_for_end(backend, record, store, minutes)
+        state, waited = _wait_for_end(record, store, minutes)
     except KeyboardInterrupt:
         say(f"{record.run_id}: interrupted: nothing was torn down and the stop request is withdrawn (a node that "
             f"saw it already stops with a checkpoint); `gpt2cloud down {record.run_id}` still stops it")
@@ -166,13 +160,13 @@ def stop_gracefully(record, wait_minutes: Optional[float], say: Callable[[str], 
     return {"asked": True, "ended": ended, "state": state, "waited_s": round(waited, 1), "wait_minutes": minutes}
 
 
-def _wait_for_end(backend, record, store, minutes: float) -> tuple[str, float]:
+def _wait_for_end(record, store, minutes: float) -> tuple[str, float]:
     """Poll the backend until the job leaves ACTIVE_STATES or `minutes` pass, rewriting the request every
     REFRESH_S; (the last state seen, seconds waited)."""
     t0 = time.monotonic()
     deadline, refreshed = t0 + minutes * 60, t0
     while True:
-        state = _state(backend, record)
+        state = state_of(record)
         now = time.monotonic()
         if (state not in ACTIVE_STATES and not state.startswith(UNKNOWN)) or now >= deadline:
             return state, now - t0
@@ -204,8 +198,8 @@ def may_lose(record, ended: bool = False, now: Optional[float] = None) -> Option
     try:
         store = open_store(record.spec.run_url)
         complete, _ = remote_checkpoints(store)
-        status = json.loads(store.get_bytes(PUSH_STATUS)) if store.exists(PUSH_STATUS) else {}
-    except (StorageError, ValueError) as e:
+        status = pushstate.read_store(store) or {}
+    except StorageError as e:
         return f"what the node held since its last push: its bucket could not be read ({e})"
     metrics, _problem = read_run_metrics(record.spec.run_url)
     last = metrics.last_step
@@ -214,7 +208,7 @@ def may_lose(record, ended: bool = False, now: Optional[float] = None) -> Option
         return None
     written = [float(e["time"]) for e in metrics.events
                if e.get("event") == "checkpoint" and e.get("step") == newest and e.get("time")]
-    pushed_ok = float(status.get("last_ok") or 0.0) if isinstance(status, dict) else 0.0
+    pushed_ok = float(status.get("last_ok") or 0.0)
     since = (f"the bucket's newest checkpoint, step {newest}" + (f" (written {_ago(written[-1], now)})" if written else "")
              if complete else "the start (the bucket has no checkpoint)")
     return (f"the work since {since}: the bucket's metrics reach step {last}"

@@ -70,6 +70,7 @@ class RunSpec:
     # an any_of launch over several clouds: each candidate's USD per GPU-hour; the node caps at its own
     # cloud's (config.json carries these, model/config.py price_here picks)
     cloud_prices: dict = field(default_factory=dict)
+    retry_minutes: float = 0.0  # --retry-until-up: how long the backend lets SkyPilot wait for capacity (0: no retry)
     image: str = ""  # the node's image (SkyPilot image_id, e.g. docker:REPO:TAG with CUDA torch); "": the cloud's default
 
     @property

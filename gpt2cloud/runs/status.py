@@ -7,7 +7,6 @@ Speed is RunMetrics' steady median, the same figure `train`, `plot` and `report`
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Optional
@@ -16,7 +15,7 @@ from gpt2cloud.backends import ACTIVE_STATES, state_of
 from gpt2cloud.names import FAILED, LOCAL, MANAGED_JOB
 from gpt2cloud.runs.registry import RunRecord
 from gpt2cloud.store import StorageError, open_store
-from gpt2cloud.store.layout import METRICS, NODE_HOME, PUSH_STATUS, TIMELINE, remote_checkpoints
+from gpt2cloud.store.layout import METRICS, NODE_HOME, TIMELINE, remote_checkpoints
 from model import deadman, pushstate
 from model.config import EXIT_DIVERGED, EXIT_NO_GPU
 from model.datadir import STATUS as DATA_STATUS
@@ -135,11 +134,10 @@ def push_warning(record: RunRecord, state: str, now: Optional[float] = None) -> 
     status = pushstate.read(record.node_dir / "node" / "out") if record.spec.local else None
     if status is None:
         try:
-            store = open_store(record.spec.run_url)
-            status = json.loads(store.get_bytes(PUSH_STATUS)) if store.exists(PUSH_STATUS) else None
-        except (StorageError, ValueError):
+            status = pushstate.read_store(open_store(record.spec.run_url))
+        except StorageError:
             status = None
-    if not isinstance(status, dict):
+    if status is None:
         return None  # nothing pushed yet: the node is starting (the timeline's phase says so)
     failing = pushstate.failing_seconds(status, now)
     if failing:

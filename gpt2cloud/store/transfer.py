@@ -202,8 +202,8 @@ def _local_set(local_dir: Path, manifest_name: str, guard: bool) -> tuple[bytes 
 
 
 def _published(remote_manifest: bytes | None, manifest_key: str) -> dict | None:
-    """{name: sha256} of the set published at the prefix; None without one; {"": ""} for a broken one
-    (replaced by a checkpoint push, refused by a guarded upload)."""
+    """{name: sha256} of the set a manifest publishes (at a prefix, or in a local directory); None without
+    one; {"": ""} for a broken one (replaced by a checkpoint push, refused by a guarded upload or download)."""
     if remote_manifest is None:
         return None
     try:
@@ -307,7 +307,8 @@ def download_dir(store: Store, prefix: str, local_dir, manifest_name: str = MANI
     with _bar(progress, sum(f["size"] for f in files), "check local files") as advance:
         verified = _verified(local_dir, files, advance, vocab_size)
     if guard:
-        sets.check_local_dir(local_dir, files, manifest_name, _local_identity(local_manifest), verified)
+        held = _published(local_manifest.read_bytes() if local_manifest.is_file() else None, str(local_manifest))
+        sets.check_local_dir(local_dir, files, manifest_name, held, verified)
     elif local_manifest.is_file() and local_manifest.read_bytes() != manifest_bytes:
         local_manifest.unlink()  # an older set: the directory is not complete until we finish
     todo = [f for f in files if f["name"] not in verified]
@@ -342,16 +343,6 @@ def _verified(local_dir: Path, files: list[dict], advance, vocab_size: int | Non
                 sets.check_shard_tokens(path, vocab_size)
             verified.add(f["name"])
     return verified
-
-
-def _local_identity(path: Path) -> dict | None:
-    """{name: sha256} of a local manifest; None without one; {"": ""} when it is not a manifest."""
-    if not path.is_file():
-        return None
-    try:
-        return sets.identity(parse_manifest(path.read_bytes(), str(path))["files"])
-    except StorageError:
-        return {"": ""}
 
 
 def _write_local(write, local_dir: Path) -> None:
