@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -75,3 +78,17 @@ def val_cache_dir() -> Path:
 
 def user_calibration_path() -> Path:
     return home() / "calibration.jsonl"
+
+
+def lock_exclusive(fd: int, wait_s: float, busy: str) -> None:
+    """flock `fd` exclusively among gpt2cloud processes (the registry's records, the config file), retrying
+    for at most wait_s: every wait is bounded. UserError(busy) when another holds it longer."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                raise UserError(busy) from None
+            time.sleep(0.05)

@@ -23,6 +23,7 @@ from gpt2cloud.processes import kill_process_tree
 from gpt2cloud.store.layout import CHECKPOINTS, CONFIG, METRICS
 from model.config import DIVERGED_MARKER, ERROR_FILE_ENV, EXIT_DIVERGED, BatchError, TrainConfig
 from model.metrics import RunMetrics
+from model.watchdog import STALLED
 
 
 class TrainingDiverged(UserError):
@@ -186,12 +187,17 @@ def stream_process(cmd: list[str], stream: TextIO, env: dict | None = None) -> t
         proc.stdout.close()
 
 
-def run_trainer(cmd: list[str], out: Path, stream: TextIO) -> None:
+def run_trainer(cmd: list[str], out: Path, stream: TextIO, urls: tuple | list = ()) -> None:
     """torchrun with the trainer; its refusal (the one line it leaves in the error file) becomes ours,
-    without torchrun's traceback; any other failure shows everything and says how to resume."""
+    without torchrun's traceback; any other failure shows everything and says how to resume. --notify's
+    URLs reach the trainer only through its environment (never its command line), and hear of a failure."""
+    from model.notify import NOTIFY_ENV
+
     with tempfile.TemporaryDirectory(prefix="gpt2cloud-train-") as tmp:
         error_file = Path(tmp) / "error"
-        code, held = stream_process(cmd, stream, env={**os.environ, ERROR_FILE_ENV: str(error_file)})
+        env = {k: v for k, v in os.environ.items() if k != NOTIFY_ENV}  # --notify is the only way in
+        env.update({ERROR_FILE_ENV: str(error_file), **({NOTIFY_ENV: "\n".join(urls)} if urls else {})})
+        code, held = stream_process(cmd, stream, env=env)
         refusal = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else ""
     if code == 0:
         stream.writelines(held)
@@ -199,13 +205,25 @@ def run_trainer(cmd: list[str], out: Path, stream: TextIO) -> None:
     if refusal and (out / DIVERGED_MARKER).is_file():  # the trainer's verdict (train() removed any older one)
         raise TrainingDiverged(refusal)
     if refusal:
+        tell_failure(urls, out, refusal, code)
         raise UserError(refusal)
     stream.writelines(held)
     stream.flush()
     error = held[0][len("error: "):].strip() if held else "see the output above"
     latest = summarize(out)["checkpoint"] if (out / METRICS).is_file() else None
     again = f"; rerun the same command to resume from {latest}" if latest else ""
-    raise UserError(f"training failed (exit code {code}): {error}{again}")
+    message = f"training failed (exit code {code}): {error}{again}"
+    tell_failure(urls, out, message, code)
+    raise UserError(message)
+
+
+def tell_failure(urls, out: Path, message: str, code: int) -> None:
+    """A failed trainer told to --notify's URLs (the trainer tells its own ends: finish, stops, divergence);
+    a stall by the watchdog's marker. Waits at most model/notify_cli.py CLI_WAIT_S, never raises for a URL."""
+    from model import notify_cli
+
+    notify_cli.tell_end(list(urls), "stall" if (out / STALLED).is_file() else "failed", message, out=out,
+                        code=code)
 
 
 def summarize(out: Path) -> dict:
@@ -232,8 +250,14 @@ def summarize(out: Path) -> dict:
 def train(recipe: str, data: str | Path, out: str | Path, nproc: int = 1, steps: int | None = None,
           resume: str = "auto", compile: bool | None = None, price: float | None = None,
           max_cost: float | None = None, stream: TextIO | None = None, schedule_steps: int | None = None,
-          checkpoint_minutes: float | None = None) -> dict:
-    """Train a recipe on local data with `nproc` processes; return summarize(out)."""
+          checkpoint_minutes: float | None = None, trackers: list[str] | None = None,
+          notify: list[str] | None = None) -> dict:
+    """Train a recipe on local data with `nproc` processes; return summarize(out). `trackers` (--tracker)
+    replaces the recipe's eval.trackers; each must be importable here, where the trainer runs. `notify`
+    (--notify): webhook URLs told of the first step, the end and a failure (model/notify.py)."""
+    from gpt2cloud.launch.plan import check_notify  # launch's own check of --notify
+    from model.trackers import refusal
+
     data, out = Path(data), Path(out)
     positive("--price", price, "2.99")
     positive("--max-cost", max_cost, "5")
@@ -241,14 +265,20 @@ def train(recipe: str, data: str | Path, out: str | Path, nproc: int = 1, steps:
         positive("--checkpoint-minutes", checkpoint_minutes, "10", upper=MAX_CHECKPOINT_MINUTES)
     positive("--nproc", nproc, "2", upper=1024)
     positive("--schedule-steps", schedule_steps, "19073", upper=MAX_STEPS)
-    cfg = load_recipe(recipe).to_train_config(steps=steps, schedule_steps=schedule_steps, compile=compile,
-                                               price_per_gpu_hour=price,
-                                               max_cost_usd=max_cost, checkpoint_minutes=checkpoint_minutes)
+    urls = check_notify(notify)
+    r = load_recipe(recipe)
+    names, where = r.trackers_for(trackers)
+    problem = refusal(names, where, here=True)
+    if problem:
+        raise UserError(problem)
+    cfg = r.to_train_config(steps=steps, schedule_steps=schedule_steps, compile=compile, price_per_gpu_hour=price,
+                            max_cost_usd=max_cost, checkpoint_minutes=checkpoint_minutes, trackers=names)
     cfg = fit_to_ranks(cfg, nproc, stream or sys.stdout)
     check_inputs(cfg, data, out, nproc, resume)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / CONFIG
     config_path.write_text(cfg.to_json() + "\n")
     (out / DIVERGED_MARKER).unlink(missing_ok=True)  # an earlier run's verdict must not name this one's failure
-    run_trainer(torchrun_command(config_path, data, out, nproc, resume), out, stream or sys.stdout)
+    (out / STALLED).unlink(missing_ok=True)  # (nor an earlier stall's)
+    run_trainer(torchrun_command(config_path, data, out, nproc, resume), out, stream or sys.stdout, urls)
     return summarize(out)

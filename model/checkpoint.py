@@ -4,7 +4,9 @@ A checkpoint holds everything an exact resume needs:
 - model.safetensors   the raw (never compiled, never DDP-wrapped) module's weights, without the
                       duplicate lm_head.weight (tied to transformer.wte.weight)
 - optimizer.pt        AdamW state (+ the fp16 GradScaler's), loaded with weights_only=True
-- trainer_state.json  step, tokens seen, elapsed seconds, data-loader position, last loss
+- trainer_state.json  step, tokens seen, elapsed seconds, data-loader position, last loss, and the
+                      trackers' run id (tracker_run_id: a resume logs to the same wandb/TensorBoard/
+                      Trackio run, model/trackers.py)
 - rng_rank{r}.pt      python, numpy, torch CPU and CUDA RNG state of every rank r
 - manifest.json       written last, atomically: format, step, world size, recipe, config, and the
                       size and sha256 of every other file. No manifest: incomplete, ignored.

@@ -46,6 +46,7 @@ FLOPS_FORMULA = "6N + 12*L*d*T"
 # The trainer writes its one-line refusal to the file this names, as well as printing it: under
 # torchrun its exit code is lost (torchrun exits 1 with a traceback of the failed child).
 ERROR_FILE_ENV = "GPT2CLOUD_ERROR_FILE"
+EXIT_REFUSED = 2  # the trainer's exit code for a refusal: that one `error:` line, the user's to fix
 
 # The node's setup exits with this when torch sees fewer GPUs than the node was given (its CUDA build
 # does not match the driver): gpt2cloud/launch/scripts.py runs the check, `status` explains the code.
@@ -117,6 +118,10 @@ class TrainConfig:
     max_cost_usd: float = 0.0  # 0: no budget cap
     price_per_gpu_hour: float = 0.0  # an any_of launch: its most expensive candidate (see price_here)
     cloud_prices: dict = field(default_factory=dict)  # any_of: lowercase cloud -> USD per GPU-hour; else {}
+    # --gpus H100:8,A100-80GB:8: each candidate's {"peak_flops_per_gpu", "price_per_gpu_hour", "cloud_prices"};
+    # the node sets the three from the GPU it landed on (resolve_gpu), and `gpu` to its name
+    gpu_candidates: dict = field(default_factory=dict)
+    gpu: str = ""
     # what bills after the trainer stops, in node seconds: the final push, the teardown and the idle minutes
     # before autostop (the launch's estimate of them): the budget stop leaves room for it
     after_stop_seconds: float = 0.0
@@ -164,7 +169,7 @@ RESUME_MAY_CHANGE = (
     "steps",  # where this run stops: earlier, or later on the same schedule
     "max_cost_usd", "price_per_gpu_hour", "cloud_prices", "after_stop_seconds", "launched_at", "max_hours",  # the caps ("raise max_cost_usd and resume")
     "micro_batch",  # follows --nproc: the same tokens per step, gradient accumulation adjusts
-    "compile", "stall_minutes", "peak_flops_per_gpu", "trackers",  # how it runs, not what it computes
+    "compile", "stall_minutes", "peak_flops_per_gpu", "gpu_candidates", "gpu", "trackers",  # how it runs, not what it computes
     "device",  # cuda on a node, auto for `train`: a cloud checkpoint resumes here and the other way round
     "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",  # what it writes, and how often
     "loss_spike_factor", "loss_spike_steps",  # when the guard calls it diverged: a looser bound resumes
@@ -209,6 +214,24 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
 HARD_LIMIT_GRACE_S = 600  # --max-hours: the trainer stops itself; the node kills it this much later
 
 
+def resolve_gpu(cfg: TrainConfig, device_name: str) -> None:
+    """A launch over GPU candidates: the one this node has (torch's device name, 'NVIDIA A100-SXM4-80GB'),
+    its peak FLOPS for MFU and its prices for the cap. A candidate matches when its chip ('A100' of
+    'A100-80GB') is a word of the device name and its variant ('80GB'), if any, is too; of several that
+    match, the dearest. None matching: the launch's own figures stay (the dearest candidate's price, no MFU)."""
+    words = set(device_name.upper().replace("-", " ").split())
+    matches = [name for name in cfg.gpu_candidates
+               if all(part in words for part in name.upper().split("-"))]
+    if not matches:
+        return
+    name = max(matches, key=lambda n: cfg.gpu_candidates[n].get("price_per_gpu_hour", 0.0))
+    chosen = cfg.gpu_candidates[name]
+    cfg.gpu = name
+    cfg.peak_flops_per_gpu = float(chosen.get("peak_flops_per_gpu", 0.0))
+    cfg.price_per_gpu_hour = float(chosen.get("price_per_gpu_hour", cfg.price_per_gpu_hour))
+    cfg.cloud_prices = dict(chosen.get("cloud_prices") or {})
+
+
 def price_here(cfg: TrainConfig, cluster_info: str | None) -> float:
     """USD per GPU-hour on the cloud this node landed on: SkyPilot's SKYPILOT_CLUSTER_INFO (JSON) names
     it ("cloud"); an any_of launch lists each candidate's price in cfg.cloud_prices. Any other case (one
@@ -248,6 +271,8 @@ def main(argv=None) -> None:
                         "hard-limit: seconds before the node kills the trainer (0: no limit); "
                         "node-up: when this node started billing (unix time)")
     p.add_argument("config", help="the TrainConfig JSON the trainer runs with")
+    p.add_argument("--device-name", default="", help="price-here: the node's GPU as nvidia-smi names it (a launch "
+                                                       "over GPU candidates prices the one it has)")
     args = p.parse_args(argv)
     try:
         cfg = TrainConfig.load(args.config)
@@ -260,6 +285,8 @@ def main(argv=None) -> None:
         with open("/proc/stat", encoding="ascii") as f:
             print(f"{node_up(cfg, f.read()):.3f}")
     else:
+        if cfg.gpu_candidates and args.device_name:
+            resolve_gpu(cfg, args.device_name)  # as the trainer will (model/startup.py)
         price = price_here(cfg, os.environ.get("SKYPILOT_CLUSTER_INFO"))
         print(json.dumps(float(price)) if price else "null")  # a JSON number for the node's timeline
 

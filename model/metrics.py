@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from gpt2cloud.store import atomic_write
+from gpt2cloud.store.layout import UNSEEN_ATTEMPTS
 
 STOPS = ("end", "budget_stop", "time_stop")  # the events a run's trainer ends with
 # tokens/s of the first steps (compilation, cold caches) is not representative
@@ -104,6 +105,18 @@ def node_seconds_before(records: list[dict], node_up: float) -> float:
         last = max((t for t in times if up <= t < until), default=up)
         total += last - up
     return total
+
+
+def unseen_attempt_seconds(out: str | Path) -> float:
+    """Node time of earlier attempts that never reached the bucket (preempted before their first push), as
+    `gpt2cloud status` counted it from SkyPilot's managed-job records and the checkpoint pull brought it
+    (OUT/unseen_attempts.json, gpt2cloud/runs/attempts.py); 0 when there is none or it is unreadable."""
+    try:
+        d = json.loads((Path(out) / UNSEEN_ATTEMPTS).read_text(encoding="utf-8"))
+        seconds = float(d["seconds"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return 0.0
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 # ---------------------------------------------------------------- reading

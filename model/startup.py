@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from model import checkpoint as ckpt
 from model import trackers
-from model.config import TrainConfig, price_here
+from model.config import TrainConfig, price_here, resolve_gpu
 from model.data import TokenLoader, find_shards
 from model.eval import EvalDataError, load_hellaswag, val_loader_steps
 from model.shards import ShardError
@@ -42,7 +42,10 @@ def load_config(args) -> TrainConfig:
     if unknown:
         raise TrainError(f"config {args.config}: unknown tracker {', '.join(map(repr, unknown))} (known: "
                          f"{', '.join(trackers.TRACKERS) or 'none yet'})")
-    # an any_of launch: the price of the cloud this node landed on (else the config's own)
+    # a launch over GPU candidates: the figures of the GPU this node has; an any_of launch: the price of
+    # the cloud it landed on (else the config's own)
+    if cfg.gpu_candidates and torch.cuda.is_available():
+        resolve_gpu(cfg, torch.cuda.get_device_name(int(os.environ.get("LOCAL_RANK", "0"))))
     cfg.price_per_gpu_hour = price_here(cfg, os.environ.get("SKYPILOT_CLUSTER_INFO"))
     return cfg
 

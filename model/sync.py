@@ -44,8 +44,8 @@ from pathlib import Path
 
 from gpt2cloud.store import NoSuchObject, StorageError, atomic_write, open_store, sha256_file
 from gpt2cloud.store.base import remove_stale_tmp
-from gpt2cloud.store.layout import (CHECKPOINTS, LOGS, MANIFEST, METRICS, PUSH_STATUS, TIMELINE, local_checkpoints,
-                                    node_log, remote_checkpoints)
+from gpt2cloud.store.layout import (CHECKPOINTS, LOGS, MANIFEST, METRICS, PUSH_STATUS, TENSORBOARD, TIMELINE,
+                                    UNSEEN_ATTEMPTS, local_checkpoints, node_log, remote_checkpoints)
 from gpt2cloud.store.sets import GPT2_VOCAB_SIZE, fetch_checked
 from gpt2cloud.store.transfer import FILE_WORKERS, download_dir, parse_manifest, upload_dir
 from model import datadir, deadman, pushstate, stoprequest
@@ -138,6 +138,9 @@ class Pusher:
             self._push_file(self.out / METRICS, METRICS)
             self._push_file(self.out / TIMELINE, TIMELINE)
             self.push_checkpoint(ckpts)
+            # --tracker tensorboard: its event files (a resumed run writes a new one beside the old)
+            for events in sorted((self.out / TENSORBOARD).glob("events.*")):
+                self._push_file(events, f"{TENSORBOARD}/{events.name}")
         self._push_file(self.out / node_log(self.rank), node_log(self.rank))
 
     def attempt(self, every: float) -> str:
@@ -265,7 +268,25 @@ def _pull_into(store, complete: list, out: Path, rank: int) -> int | None:
             if deadman.is_disk_full(e):
                 raise
             log(f"could not fetch {key}: {e}")
+    if rank == 0:
+        _pull_unseen_attempts(store, out)
     return got
+
+
+def _pull_unseen_attempts(store, out: Path) -> None:
+    """The bucket's count of attempts that never pushed (written by `gpt2cloud status`), for the trainer's
+    cost clock: always the bucket's copy, the newest count; none there, none here (a copy an earlier job
+    left on a reused node is not this run's word)."""
+    dest = out / UNSEEN_ATTEMPTS
+    try:
+        if store.exists(UNSEEN_ATTEMPTS):
+            store.get_file(UNSEEN_ATTEMPTS, dest)
+        else:
+            dest.unlink(missing_ok=True)
+    except StorageError as e:
+        if deadman.is_disk_full(e):
+            raise
+        log(f"could not fetch {UNSEEN_ATTEMPTS}: {e}")
 
 
 def pull(url: str, out: str | Path, rank: int = 0) -> int:

@@ -12,6 +12,8 @@ is one explicit Trainer (processes, data, model, clock, progress). When to stop 
 cap, pushes failing on a node), when to checkpoint between checkpoint_every steps (checkpoint_minutes),
 and when the run diverged is model/stop.py's StopPolicy: plain numbers, tested without training. A
 diverged run stops without a checkpoint of its bad weights, leaves OUT/diverged and exits EXIT_DIVERGED.
+However a run ends, its trackers and notifications get a bounded close (close_down), and a tracker still
+closing after it never holds the process's exit (end_now): the node would bill on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -33,9 +36,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gpt2cloud.store.layout import CHECKPOINTS, METRICS, TIMELINE
 from model import checkpoint as ckpt
 from model import pushstate, stoprequest
-from model.config import DIVERGED_MARKER, ERROR_FILE_ENV, EXIT_DIVERGED, BatchError, TrainConfig
+from model.config import DIVERGED_MARKER, ERROR_FILE_ENV, EXIT_DIVERGED, EXIT_REFUSED, BatchError, TrainConfig
 from model.eval import evaluate, hellaswag_eval
-from model.metrics import console_line, cost_usd, mfu, node_seconds_before, parse_metrics, truncate_after
+from model.metrics import (console_line, cost_usd, mfu, node_seconds_before, parse_metrics, truncate_after,
+                           unseen_attempt_seconds)
+from model.notify import RunNotices
 from model.sample import generate_text
 from model.startup import Data, Procs, TrainError, load_config, load_data, start_processes
 from model.shards import ShardError
@@ -43,7 +48,7 @@ from model.step import Setup, get_lr, pick_dtype, schedule_length, setup_trainin
 from model.stop import (CHECK_SECONDS, DECISION_SIZE, Decision, Diverged, StopPolicy, Usage,  # noqa: F401
                         steps_that_fit)  # CHECK_SECONDS and steps_that_fit: re-exported
 from model.tokenizer import VOCAB_SIZE
-from model.trackers import Metrics
+from model.trackers import RUN_ID_KEY, Metrics, TrackerRun
 from model.watchdog import Watchdog
 
 
@@ -51,18 +56,67 @@ def run(args, t_start: float) -> None:
     cfg = load_config(args)
     procs = start_processes(cfg)
     t = set_up(cfg, args, procs, t_start)  # batch, data, HellaSwag, model and optimizer, OUT, clock, watchdog
-    resume(t, args.resume)  # weights, optimizer, schedule position, data position, RNG
-    t.model = wrap(t)
-    start_metrics(t)
+    diverged = None
     try:
-        train_loop(t)
-    except Diverged as e:  # every rank, at the same step (model/stop.py): no checkpoint of what it broke
-        raise RunDiverged(end_diverged(t, e)) from None
-    report_checkpoints(t, wait=True)
-    t.watchdog.stop()
-    t.metrics.close()
+        resume(t, args.resume)  # weights, optimizer, schedule position, data position, RNG
+        t.model = wrap(t)
+        start_metrics(t)
+        try:
+            train_loop(t)
+        except Diverged as e:  # every rank, at the same step (model/stop.py): no checkpoint of what it broke
+            diverged = end_diverged(t, e)
+        else:
+            report_checkpoints(t, wait=True)
+    finally:  # however the run ends: the trackers' last uploads and the notifications, each bounded
+        close_down(t)
     if procs.ddp:
         dist.destroy_process_group()
+    if diverged is not None:
+        raise RunDiverged(diverged)
+
+
+# ---- the end: bounded closes, and an exit nothing can hold ----
+
+
+class _Ending:
+    hung = False  # rank 0: a tracker's close still hangs (or failed); main() ends the process itself
+
+
+def close_down(t: Trainer) -> None:
+    """Stop the watchdog, close metrics.jsonl and the trackers (at most trackers.CLOSE_SECONDS) and the
+    notifications (at most notify.CLOSE_WAIT_S). A tracker whose close did not return may hold the process's
+    exit too (wandb's atexit hook joins its service process without a timeout, Trackio's finish may hang),
+    and a node bills until the process is gone: rank 0 then notes it, and main() ends with os._exit."""
+    t.watchdog.stop()
+    closed = False  # (unless the close says it finished: an exception in it counts as a hang)
+    try:
+        closed = t.metrics.close() if t.metrics is not None else True
+    finally:
+        t.notices.close()
+        if t.p.master and not closed:
+            _Ending.hung = True
+
+
+def end_now(code: int) -> None:
+    """The process ends here with `code`, whatever thread or atexit hook would hold it (a tracker's client)."""
+    print(f"note: a tracker is still closing; the trainer exits ({code}) without waiting for it",
+          file=sys.stderr, flush=True)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _exit_code(code) -> int:
+    """The status sys.exit(code) exits with."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr, flush=True)
+    return 1
 
 
 # ---- set up: the model and optimizer (model/step.py), OUT, the clock, the watchdog ----
@@ -77,19 +131,20 @@ class Clock:
     t_start: float  # when this process started
     world: int
     node_up: float | None  # GPT2CLOUD_NODE_UP: when the node came up (None: not on a node)
-    node_before: float = 0.0  # earlier attempts' node time (the bucket's timeline and metrics)
+    node_before: float = 0.0  # earlier attempts' node time (the bucket's timeline and metrics, and unseen attempts)
     elapsed_before: float = 0.0  # the resumed runs' seconds (their checkpoint's)
     gpu_seconds_before: float = 0.0  # the resumed runs' GPU-seconds, each at its own world size
 
     @classmethod
     def start(cls, out: Path, t_start: float, world: int) -> "Clock":
-        """What the bucket's timeline and metrics say, read before anything truncates them."""
+        """What the bucket's timeline and metrics say, read before anything truncates them; plus the attempts
+        that never pushed anything there, which `status` counted from SkyPilot's records (pulled with them)."""
         node_up = float(os.environ["GPT2CLOUD_NODE_UP"]) if os.environ.get("GPT2CLOUD_NODE_UP") else None
         node_before = 0.0
         if node_up is not None:
             pulled = [r for name in (TIMELINE, METRICS) if (out / name).is_file()
                       for r in parse_metrics((out / name).read_text(encoding="utf-8"))]
-            node_before = node_seconds_before(pulled, node_up)
+            node_before = node_seconds_before(pulled, node_up) + unseen_attempt_seconds(out)
         return cls(t_start, world, node_up, node_before)
 
     def elapsed(self) -> float:
@@ -149,6 +204,8 @@ class Trainer:
     pending: Pending | None = None
     writer: ckpt.BackgroundWriter = dataclasses.field(default_factory=ckpt.BackgroundWriter)
     copy_seconds: dict = dataclasses.field(default_factory=dict)  # step -> the blocking part of its checkpoint
+    tracker_run_id: str | None = None  # the trackers' run (model/trackers.py): checkpointed, so a resume goes on in it
+    notices: RunNotices = dataclasses.field(default_factory=RunNotices)  # --notify (rank 0; model/notify.py)
 
 
 def set_up(cfg: TrainConfig, args, p: Procs, t_start: float) -> Trainer:
@@ -227,6 +284,7 @@ def resume(t: Trainer, resume_mode: str) -> None:
     t.clock.elapsed_before = state["elapsed_seconds"]
     t.clock.gpu_seconds_before = state.get("gpu_seconds", state["elapsed_seconds"] * state["world_size"])
     t.tokens_seen, t.loss = state["tokens_seen"], state["loss"]
+    t.tracker_run_id = state.get(RUN_ID_KEY)  # None: a checkpoint from before trackers kept one
     t.policy.resumed(state.get("slowest_iteration_seconds", 0.0), state.get("loss"))  # every rank: the same file
     if state["world_size"] != p.world:
         p.log(f"note: {latest.name} was written by {state['world_size']} ranks, this run has {p.world}: same data "
@@ -252,11 +310,15 @@ def start_metrics(t: Trainer) -> None:
             truncate_after(metrics_path, t.step)  # steps the killed run logged after its checkpoint
         elif metrics_path.exists():
             metrics_path.unlink()  # no checkpoint: a new run, whatever an earlier attempt logged
-    t.metrics = Metrics(metrics_path, t.p.master, t.cfg, t.out)  # metrics.jsonl and cfg.trackers
+    run = TrackerRun.of(t.out, t.tracker_run_id, t.step if t.latest is not None else None)
+    t.tracker_run_id = run.id
+    t.metrics = Metrics(metrics_path, t.p.master, t.cfg, t.out, run)  # metrics.jsonl and cfg.trackers
     t.metrics.write({"event": "start", "world_size": t.p.world, "config": dataclasses.asdict(t.cfg),
                      "resumed_from": t.step if t.latest is not None else None, "device": t.p.device_type,
                      "dtype": str(t.s.dtype).removeprefix("torch."), "grad_accum": t.grad_accum, "ddp": t.p.ddp,
                      "params": t.s.raw_model.num_params()})
+    t.notices = RunNotices.start(t.out, t.p.master, t.cfg.steps, t.clock.node_up,
+                                 t.step if t.latest is not None else None)  # a node that took over: a recovery
 
 
 # ---- the loop ----
@@ -276,6 +338,7 @@ def train_loop(t: Trainer) -> None:
     finish_pending(t)
     report_checkpoints(t, wait=True)  # the last checkpoint is on disk before the run says it ended
     t.metrics.write({"event": "end", "step": t.step, "final_loss": t.loss})
+    t.notices.finished(t.step, t.loss, spent(t), t.saved_step)
     t.p.log(f"done: step {t.step}, final loss {t.loss if t.loss is None else round(t.loss, 4)}")
 
 
@@ -343,6 +406,7 @@ def finish_pending(t: Trainer) -> None:
         record["cost_usd"] = t.clock.cost(cfg.price_per_gpu_hour)
     t.metrics.write(record)
     t.p.log(console_line(done.step, cfg.steps, t.loss, done.lr, record["grad_norm"], tok_s, dt))
+    t.notices.step(done.step, t.loss, record.get("cost_usd"))  # the first of this attempt is told
     t.watchdog.beat(f"step {done.step}")
     # every rank reads every step here, at the same points of the loop: the guard decides alike everywhere.
     # fp16's GradScaler skips steps whose gradients overflowed: a non-finite norm is expected there
@@ -404,6 +468,12 @@ def stop_here(t: Trainer, reason: str) -> None:
     record, line = stop_line(t, reason)
     t.metrics.write({"step": t.step, **record})
     t.p.log(line)
+    t.notices.stopped(reason, line, t.step, t.loss, spent(t))
+
+
+def spent(t: Trainer) -> float | None:
+    """The dollars so far, for a notification (None: no price, as in a local `train` without --price)."""
+    return t.clock.cost(t.cfg.price_per_gpu_hour) if t.cfg.price_per_gpu_hour > 0 else None
 
 
 def stop_line(t: Trainer, reason: str) -> tuple[dict, str]:
@@ -514,7 +584,7 @@ def submit_checkpoint(t: Trainer, rngs: list) -> None:
     state = {"step": step, "tokens_seen": t.tokens_seen, "elapsed_seconds": t.clock.elapsed(), "loss": t.loss,
              "gpu_seconds": t.clock.gpu_seconds(), "data_identity": t.data.identity,
              "data": t.data.train.state(), "world_size": t.p.world, "grad_accum": t.grad_accum,
-             "slowest_iteration_seconds": t.policy.slowest()}
+             "slowest_iteration_seconds": t.policy.slowest(), RUN_ID_KEY: t.tracker_run_id}
     t0 = time.perf_counter()
     weights = ckpt.to_host(ckpt.weights_state_dict(t.s.raw_model))
     opt_state = ckpt.to_host({"optimizer": t.s.optimizer.state_dict(),
@@ -544,7 +614,7 @@ class RunDiverged(Exception):
 
 def end_diverged(t: Trainer, e: Diverged) -> str:
     """Every rank: finish the good checkpoint still being written, note the verdict (metrics line, OUT's
-    marker), close down, and return the one line that says what happened and what to do."""
+    marker, --notify), and return the one line that says what happened and what to do."""
     report_checkpoints(t, wait=True)
     kept = ckpt.latest_checkpoint(t.out)
     line = (f"diverged: {e.why}; stopped without checkpointing it ("
@@ -557,11 +627,8 @@ def end_diverged(t: Trainer, e: Diverged) -> str:
                      "checkpoint": str(kept) if kept else None})
     if t.p.master:  # the node's run script and `gpt2cloud train` turn it into EXIT_DIVERGED
         (t.out / DIVERGED_MARKER).write_text(line + "\n", encoding="utf-8")
-    t.watchdog.stop()
-    t.metrics.close()
-    if t.p.ddp:
-        dist.destroy_process_group()
-    return line
+    t.notices.diverged(line, e.step, str(kept) if kept else None)
+    return line  # run() closes down, then raises RunDiverged with it
 
 
 # ---- the command line ----
@@ -583,7 +650,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-REFUSED = 2  # the exit code of a refusal: one `error:` line, the user's to fix
+REFUSED = EXIT_REFUSED  # the exit code of a refusal: one `error:` line, the user's to fix
 
 
 def refuse(message: str, code: int = REFUSED) -> None:
@@ -599,12 +666,25 @@ def refuse(message: str, code: int = REFUSED) -> None:
 def main(argv=None) -> None:
     t_start = time.time()
     args = parse_args(argv)
+    _Ending.hung = False
     try:
-        run(args, t_start)
-    except (TrainError, ShardError, ckpt.CheckpointError, FileNotFoundError) as e:
-        refuse(str(e))
-    except RunDiverged as e:
-        refuse(str(e), EXIT_DIVERGED)
+        try:
+            run(args, t_start)
+        except (TrainError, ShardError, ckpt.CheckpointError, FileNotFoundError) as e:
+            refuse(str(e))
+        except RunDiverged as e:
+            refuse(str(e), EXIT_DIVERGED)
+    except SystemExit as e:
+        if _Ending.hung:
+            end_now(_exit_code(e.code))
+        raise
+    except BaseException:
+        if _Ending.hung:
+            traceback.print_exc()
+            end_now(1)
+        raise
+    if _Ending.hung:
+        end_now(0)
 
 
 if __name__ == "__main__":

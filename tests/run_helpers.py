@@ -54,3 +54,45 @@ def local_record(tmp_path: Path, run_id: str = "loc1", **kw) -> registry.RunReco
     rec = registry.RunRecord(spec=registry.RunSpec(**spec), **record)
     registry.save(rec)
     return rec
+
+
+# ---- local runs of several nodes (tests/test_multinode.py)
+
+
+def bucket_losses(run_url: str) -> dict:
+    """{step: loss} of the run's metrics.jsonl in its bucket."""
+    from gpt2cloud.store import open_store
+    from model.metrics import parse_metrics
+
+    text = open_store(run_url).get_bytes("metrics.jsonl").decode()
+    return {r["step"]: r["loss"] for r in parse_metrics(text) if "loss" in r and "step" in r}
+
+
+def kill_node(run_id: str, rank: int) -> None:
+    """SIGKILL node `rank` of a local run, its whole process tree at once, as a lost VM."""
+    from gpt2cloud.backends.local import node_dirs, read_pid
+    from gpt2cloud.processes import kill_process_tree
+
+    pid, created = read_pid(node_dirs(registry.get(run_id).node_dir)[rank])
+    kill_process_tree(pid, create_time=created)
+
+
+def wait_local(run_id: str, timeout: float) -> str:
+    """The local run's state once it is no longer RUNNING; after `timeout` s, every node is stopped and
+    the test fails with node 0's log."""
+    import time
+
+    import pytest
+
+    from gpt2cloud.backends.local import LocalBackend, run_state
+
+    rec = registry.get(run_id)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = run_state(rec.node_dir)
+        if state != "RUNNING":
+            return state
+        time.sleep(0.3)
+    LocalBackend(graceful_seconds=0).stop(rec)
+    pytest.fail(f"run {run_id} did not end in {timeout} s; node 0's log:\n"
+                f"{(rec.node_dir / 'driver.log').read_text()[-3000:]}")

@@ -21,15 +21,15 @@ FAST_RECIPE_MISTAKES = {
     "cooldown_negative": ("cooldown_frac: 0.4", "cooldown_frac: -0.1"),
     "wsd_no_cooldown": ("cooldown_frac: 0.4", "cooldown_frac: 0"),
     "muon_lr_zero": ("muon_lr: 0.02", "muon_lr: 0"),
-    "adamw_lr_negative": ("lr: 6.0e-4", "lr: -6.0e-4"),
+    "adamw_lr_negative": ("lr: 1.8e-3", "lr: -1.8e-3"),
     "muon_momentum_one": ("muon_momentum: 0.95", "muon_momentum: 1.0"),
     "muon_fields_on_adamw": ("name: muon", "name: adamw"),
-    "token_ratio_above_1": ("token_ratio: 0.6", "token_ratio: 1.5"),
+    "token_ratio_above_1": ("token_ratio: 0.7", "token_ratio: 1.5"),
     "basis_missing": ("\nbasis: ", "\n# basis: "),
     "faster_than_unknown": ("faster_than: gpt2-124m", "faster_than: gpt2-125m"),
     "faster_than_a_fast_one": ("faster_than: gpt2-124m", "faster_than: gpt2-1558m-fast"),
     "fast_other_model": ("n_layer: 12", "n_layer: 6"),
-    "fast_steps_not_the_ratio": ("steps: 11444", "steps: 19073"),
+    "fast_steps_not_the_ratio": ("steps: 13351", "steps: 19073"),
 }
 LOCAL = ["--infra", "local", "--gpus", "CPU:2"]
 
@@ -122,7 +122,7 @@ CASES = [
     ("launch data scheme", ["launch", RECIPE, *LOCAL, "--data", "gs://x/y", "--bucket", "file:///b"], "use s3://"),
     ("launch bucket not a URL", ["launch", RECIPE, *LOCAL, "--data", "file:///d", "--bucket", "just-a-name"], "use s3://"),
     ("launch bad run name", ["launch", RECIPE, *LOCAL, "--data", "file:///d", "--bucket", "file:///b", "--name", "Bad_Name"], "not valid"),
-    ("launch local nodes", ["launch", RECIPE, *LOCAL, "--data", "file:///d", "--bucket", "file:///b", "--nodes", "2"], "one node"),
+    ("launch local nodes", ["launch", RECIPE, *LOCAL, "--data", "file:///d", "--bucket", "file:///b", "--nodes", "0"], "at least 1 node"),
     ("launch local spot", ["launch", RECIPE, *LOCAL, "--data", "file:///d", "--bucket", "file:///b", "--spot"], "no spot"),
     ("launch data missing", ["launch", RECIPE, *LOCAL, "--data", "file:///nonexistent/d", "--bucket", "file:///tmp/b", "--yes"], "manifest"),
     # train
@@ -195,5 +195,5 @@ def test_there_are_at_least_60_probes():
 
 def test_a_broken_record_does_not_break_the_listing(world):
     r = CliRunner().invoke(app, ["runs", "--json"])
-    assert r.exit_code == 0 and json.loads(r.stdout) == []
+    assert r.exit_code == 0 and json.loads(r.stdout)["runs"] == []
     assert "broken.json: not a readable run record" in r.output

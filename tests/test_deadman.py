@@ -8,8 +8,11 @@ GPT2CLOUD_BOUND_<PHASE>."""
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 import socketserver
+import struct
 import threading
 import time
 
@@ -195,3 +198,50 @@ def test_every_phase_is_bounded_generously_and_explained():
     recovered = task.JOB_RECOVERY["recover_on_exit_codes"]
     assert deadman.EXIT_SETUP_HUNG in recovered and deadman.EXIT_STARTUP_HUNG in recovered
     assert not {deadman.EXIT_PULL_HUNG, deadman.EXIT_DATA_HUNG, deadman.EXIT_DISK_FULL} & set(recovered)
+
+
+def _reset_before_reporting(port: int) -> None:
+    """A connection that resets (RST: SO_LINGER 0) before it says who it is."""
+    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+
+
+def test_a_connection_that_resets_before_reporting_does_not_end_node_0s_wait(monkeypatch, capsys):
+    """Node 0's accept failing with ECONNABORTED (a connection reset in its backlog, as BSDs report it) and a
+    reset before any report (ECONNRESET on its read) are that connection's end, never 'cannot listen': the
+    rendezvous goes on, and the real peer that comes next is let in."""
+    listen, aborted = deadman._listen, []
+
+    class AbortsOnce(socket.socket):
+        def accept(self):
+            conn, addr = super().accept()
+            if not aborted:
+                aborted.append(addr)
+                conn.close()
+                raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
+            return conn, addr
+
+    def flaky_listen(port):
+        s = listen(port)
+        return AbortsOnce(s.family, s.type, s.proto, fileno=s.detach())
+
+    monkeypatch.setattr(deadman, "_listen", flaky_listen)
+    port = free_port()
+    result = {}
+    host = threading.Thread(target=lambda: result.setdefault("rc", deadman.rendezvous(0, 2, "127.0.0.1", port, 20, "r1")))
+    host.start()
+    deadline = time.monotonic() + 10
+    while not aborted and time.monotonic() < deadline:  # node 0 is listening once a connection gets through
+        try:
+            _reset_before_reporting(port)
+        except OSError:
+            time.sleep(0.05)
+    assert aborted, "node 0 never accepted"
+    _reset_before_reporting(port)  # accepted this time: its read fails (ECONNRESET)
+    time.sleep(0.2)
+    assert host.is_alive()  # still waiting for node 1
+    assert deadman.rendezvous(1, 2, "127.0.0.1", port, 10, "r1") == 0
+    host.join(timeout=10)
+    assert result == {"rc": 0}
+    assert "cannot listen" not in capsys.readouterr().err

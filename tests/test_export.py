@@ -55,6 +55,22 @@ def test_export_writes_a_complete_directory(exported):
                  "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         assert (hf_dir / name).is_file(), name
     assert json.loads((hf_dir / "tokenizer_config.json").read_text())["model_max_length"] == 64
+    assert "README.md" in info["files"]  # the model card (tests/test_hub_push.py checks what it says)
+    marker = json.loads((hf_dir / "gpt2cloud_export.json").read_text())
+    assert marker["complete"] and sorted(marker["files"]) == info["files"]
+
+
+def test_a_readme_of_yours_in_an_export_is_refused_and_kept(exported, tmp_path):
+    """The card is ours only while it carries its marker line: a README.md the user wrote is theirs."""
+    import shutil
+
+    _, hf_dir, info = exported
+    mine = tmp_path / "hf"
+    shutil.copytree(hf_dir, mine)
+    (mine / "README.md").write_text("# my notes on this model\n")
+    result = runner.invoke(app, ["export", info["checkpoint"], "--hf", str(mine)])
+    assert result.exit_code == 2 and "README.md without gpt2cloud's card marker" in result.output, result.output
+    assert (mine / "README.md").read_text() == "# my notes on this model\n"
 
 
 def test_transformers_loads_model_and_logits_equal_ours(transformers, exported):

@@ -27,6 +27,7 @@ def run(tmp_path, monkeypatch):
     store.put_bytes("metrics.jsonl", metrics_lines(15, 20).encode())
     store.put_bytes("logs/node-0.log", b"step 15/20\n")
     store.put_bytes("run.json", json.dumps({"run_id": "f1"}).encode())
+    store.put_bytes("tensorboard/events.out.tfevents.1.node", b"ev")  # --tracker tensorboard's files
     return rec, store, tmp_path
 
 
@@ -44,6 +45,7 @@ def test_latest_by_run_id(run):
     assert (tmp / "dl" / "checkpoints" / "step_000010" / "manifest.json").is_file()
     assert not (tmp / "dl" / "checkpoints" / "step_000005").exists()
     assert (tmp / "dl" / "metrics.jsonl").read_text() == metrics_lines(15, 20)
+    assert (tmp / "dl" / "tensorboard" / "events.out.tfevents.1.node").read_bytes() == b"ev"
     assert out["logs"] == []
     from gpt2cloud.store.transfer import verify_dir
 

@@ -115,6 +115,10 @@ class FakeSky:
     def _managed_jobs(self, name):
         return dict(self.jobs)
 
+    def _managed_job_records(self, name):  # jobs that never ran on a node: no attempt to count (test_unseen_attempts.py)
+        return {j: {"status": state, "recovery_count": 0, "job_duration": 0.0, "submitted_at": None,
+                    "last_recovered_at": None} for j, state in self.jobs.items()}
+
     def _jobs_controller(self):
         return self.controller
 
@@ -718,7 +722,7 @@ def test_a_launch_killed_with_9_is_reconciled_and_holds_its_name(cloud):
     cloud.cluster = None  # the request has not made the cluster yet
     d = json.loads(CliRunner().invoke(app, ["status", "r1", "--json"]).stdout)
     assert d["state"] == "LAUNCHING" and cloud.args("request_statuses") == {"request_ids": ["req-1"]}
-    (row,) = json.loads(CliRunner().invoke(app, ["runs", "--json"]).stdout)
+    (row,) = json.loads(CliRunner().invoke(app, ["runs", "--json"]).stdout)["runs"]
     assert row["state"] == "LAUNCHING" and row["state_now"] == "LAUNCHING"
     for cluster in (None, "INIT"):  # before SkyPilot made the cluster, and while it provisions it
         cloud.cluster = cluster

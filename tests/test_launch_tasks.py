@@ -162,7 +162,7 @@ def test_dry_run_prints_yaml_only(sky_mod, env):
     (dict(infra="lambda", data="file:///tmp/data"), "a cloud node cannot reach a file:// path"),
     (dict(infra="lambda", recipe="gpt2-1558m", gpus="A10:8"), "does not fit even at micro-batch 1"),
     (dict(infra="lambda", bucket="gs://x/y"), "use s3://BUCKET/PREFIX"),
-    (dict(infra="local", nodes=2), "--infra local runs one node"),
+    (dict(infra="local", nodes=0), "need at least 1 node"),
     (dict(infra="lambda", recipe="gpt2-tiny", gpus="CPU:2"), "CPU ranks are for --infra local"),
 ])
 def test_launch_errors_before_anything_is_provisioned(sky_mod, env, kw, message):

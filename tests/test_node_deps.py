@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from gpt2cloud.launch.build import NODE_REQUIREMENTS
+from gpt2cloud.launch.build import NODE_REQUIREMENTS, tracker_requirements
 from gpt2cloud.launch.scripts import SETUP_SCRIPT, render
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +40,13 @@ def test_model_package_imports_only_what_the_node_installs():
     for path in (REPO / "model").glob("*.py"):
         third_party |= imported_top_level(path) - set(sys.stdlib_module_names) - {"model", "gpt2cloud"}
     assert third_party, "the scan found no imports at all"
+    # a tracker's package (model/trackers.py, imported inside its sink) is installed only for a run that asks
+    # for that tracker: the task names it in build.NODE_EXTRAS_ENV
+    from model.trackers import TRACKERS
+
+    optional = {kind.module: kind.requirement for kind in TRACKERS.values() if kind.module}
+    assert set(tracker_requirements(list(TRACKERS))) == set(optional.values())
+    third_party -= set(optional)
     unknown = third_party - set(NODE_MODULES)
     assert not unknown, f"model/ imports {unknown}: install them in the node setup and list them here"
     missing = {NODE_MODULES[m] for m in third_party} - installed

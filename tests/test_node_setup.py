@@ -144,3 +144,24 @@ def test_a_relaunch_onto_a_node_holding_an_older_build_runs_this_one(tmp_path):
 
     p, _ = run_script(scripts.RUN_SCRIPT, new_workdir, e)  # the same build again: nothing to set up
     assert p.returncode == 0 and "setting it up again" not in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+
+
+def test_a_runs_tracker_packages_are_installed_only_when_asked(tmp_path):
+    """GPT2CLOUD_NODE_EXTRAS (the trackers' packages, gpt2cloud/launch/build.py): installed on the node's
+    fast path too, and recorded, so a relaunch asking for other trackers sets up again."""
+    workdir, node, env = _node(tmp_path)
+    (node / "deps").write_text(f"torch==2.13.0 {' '.join(build.NODE_REQUIREMENTS)}\n")
+    python = node / "venv" / "bin" / "python"  # records pip installs instead of reaching the network
+    python.write_text(f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ] && [ "$3" = install ] && [ "$4" = -q ] '
+                      f'&& [ "$5" != --no-deps ]; then echo "$@" >> "{tmp_path}/pip.log"; exit 0; fi\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    setup = scripts.render(scripts.SETUP_SCRIPT)
+    p = subprocess.run(["bash", "-c", setup], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not (tmp_path / "pip.log").exists() and (node / "extras").read_text().strip() == ""
+    env["GPT2CLOUD_NODE_EXTRAS"] = "tensorboard wandb"
+    p = subprocess.run(["bash", "-c", setup], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (tmp_path / "pip.log").read_text().split() == ["-m", "pip", "install", "-q", "tensorboard", "wandb"]
+    assert (node / "extras").read_text().strip() == "tensorboard wandb"
+    assert '"$(cat "$NODE_HOME/extras" 2>/dev/null)" != "${GPT2CLOUD_NODE_EXTRAS:-}"' in scripts.RUN_SCRIPT

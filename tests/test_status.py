@@ -63,7 +63,7 @@ def test_status_of_a_finished_local_run(tmp_path, monkeypatch):
     (tmp_path / "node" / "exit_code").unlink()
     assert json.loads(CliRunner().invoke(app, ["status", "--json"]).stdout)[0]["state"] == "STOPPED"
     r = CliRunner().invoke(app, ["runs", "--json"])
-    assert json.loads(r.stdout)[0]["run_id"] == "loc1"
+    assert json.loads(r.stdout)["runs"][0]["run_id"] == "loc1"
 
 
 def test_status_of_a_gone_cluster_only_reads(sky_mod, tmp_path, monkeypatch):

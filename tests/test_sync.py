@@ -36,6 +36,11 @@ def test_push_only_complete_checkpoints_then_prune(tmp_path):
     store = open_store(url)
     assert sync.remote_checkpoints(store) == ([(5, "step_000005")], [])
     assert store.exists("metrics.jsonl") and store.get_bytes("logs/node-0.log") == b"step 10/20\n"
+    assert not _keys(store, "tensorboard/")
+    (out / "tensorboard").mkdir()  # --tracker tensorboard: its event files go up beside the metrics
+    (out / "tensorboard" / "events.out.tfevents.1.node").write_bytes(b"ev1")
+    p.push_once()
+    assert store.get_bytes("tensorboard/events.out.tfevents.1.node") == b"ev1"
     fake_checkpoint(out, 10)  # manifest written: complete now
     p.push_once()
     fake_checkpoint(out, 15)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -158,16 +159,25 @@ def test_checkpoint_hashes_while_writing(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_runs_end_to_end():
-    """benchmarks/gpu_check.sh --dry: every part on CPU with gpt2-tiny (~45 s on 2 cores), one table."""
+def test_gpu_check_dry_runs_end_to_end(tmp_path):
+    """benchmarks/gpu_check.sh --dry: every part on CPU with tiny models (~15 s of CPU on 2 cores), each row printed
+    and in the results file as it finishes, then the table; its AdamW rows are CPU stand-ins, never calibration."""
     import subprocess
 
     from trainer_helpers import REPO
 
-    p = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry"], cwd=REPO, capture_output=True, text=True,
-                       timeout=240)
+    results = tmp_path / "out" / "results.jsonl"
+    p = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry", "--results", str(results)], cwd=REPO,
+                       capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    table = p.stdout.split("gpt2cloud GPU check", 1)[1]
-    for part in ("trainer gpt2-tiny", "ddp False", "bare step", "peak memory", "HellaSwag", "checkpoint"):
-        assert part in table, table
-    assert "FAILED" not in table and "traced n/a" not in table, table
+    table = p.stdout.split("gpt2cloud GPU check: ", 1)[1]
+    for row in ("device", "124M AdamW (gpt2-124m", "124M Muon (gpt2-124m-fast", "1558M AdamW (gpt2-1558m",
+                "1558M Muon (gpt2-1558m-fast", "Muon step", "(est ", "HellaSwag", "checkpoint"):
+        assert row in table, table
+    assert "FAILED" not in p.stdout, p.stdout
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["part"] for r in rows] == ["info", "124m-adamw", "124m-muon", "1558m", "1558m-fast", "small"]
+    assert all(r["dry"] for r in rows) and rows[2]["optimizer"] == "muon" and rows[2]["estimate"]["optimizer_ms"] > 0
+    conv = subprocess.run([sys.executable, "benchmarks/gpu_results_to_calibration.py", str(results)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert conv.returncode == 1 and not conv.stdout and "a dry run on the CPU" in conv.stderr

@@ -124,16 +124,36 @@ def managed_jobs(name: str) -> dict[int, Optional[str]]:
 
     Raises ClusterNotUpError when the controller is not up (it never ran, or autostopped).
     """
+    return {job_id: job["status"] for job_id, job in managed_job_records(name).items()}
+
+
+# What a run's managed-job records are asked for (SkyPilot's server returns only the fields asked for)
+JOB_FIELDS = ("job_id", "task_id", "job_name", "status", "recovery_count", "job_duration", "submitted_at",
+              "last_recovered_at")
+
+
+def managed_job_records(name: str) -> dict[int, dict]:
+    """{job id: {"status", "recovery_count", "job_duration", "submitted_at", "last_recovered_at"}} of every
+    managed job of this user named `name` (managed_jobs is this query too). recovery_count: the recoveries
+    SkyPilot completed (a node replaced after a preemption or a listed exit code; 0.14.1 jobs/state.py
+    set_recovered_async); job_duration: seconds it ran on nodes, 0 for a job that never started;
+    last_recovered_at: when its current attempt began running.
+
+    Raises ClusterNotUpError when the controller is not up (it never ran, or autostopped).
+    """
     import sky
 
     # queue_v2 answers (records, total, status_counts, total_no_filter); the older jobs.queue is deprecated
-    result = sky.get(sky.jobs.queue_v2(refresh=False, name_match=name))
+    result = sky.get(sky.jobs.queue_v2(refresh=False, name_match=name, fields=list(JOB_FIELDS)))
     records = result[0] if isinstance(result, tuple) else result
-    jobs: dict[int, Optional[str]] = {}
+    jobs: dict[int, dict] = {}
     # name_match matches substrings (and an older server ignores it): keep exact names only
     for r in records or []:
         if _field(r, "job_name") == name and _field(r, "job_id") is not None:
-            jobs.setdefault(int(_field(r, "job_id")), _name(_field(r, "status")))
+            jobs.setdefault(int(_field(r, "job_id")), {
+                "status": _name(_field(r, "status")), "recovery_count": int(_field(r, "recovery_count") or 0),
+                "job_duration": float(_field(r, "job_duration") or 0.0), "submitted_at": _field(r, "submitted_at"),
+                "last_recovered_at": _field(r, "last_recovered_at")})
     return jobs
 
 

@@ -422,6 +422,13 @@ class ManagedJobBackend:
             return record.state
         return jobs.get(_latest_job(record, jobs)) or UNKNOWN
 
+    def job_records(self, record) -> dict[int, dict]:
+        """SkyPilot's records of every managed job of the run (sky_sdk.managed_job_records: status, recoveries,
+        run time, submission): what gpt2cloud/runs/attempts.py counts the run's attempts from. Raises
+        ControllerNotUp when SkyPilot's jobs controller is not up (then it cannot say), else a UserError."""
+        with sky_errors(f"status {record.run_id}", infra=record.spec.infra):
+            return sky_sdk.managed_job_records(record.run_id)
+
     def _job_id(self, record) -> int:
         """The latest attempt's managed job; UserError when SkyPilot has none."""
         with sky_errors(f"logs {record.run_id}", infra=record.spec.infra):

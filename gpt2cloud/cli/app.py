@@ -40,8 +40,7 @@ app = typer.Typer(
     cls=OneLineErrors,
     name="gpt2cloud",
     help="Train GPT-2 on rented cloud GPUs: estimate the cost, prepare data, launch, watch, fetch, sample.",
-    no_args_is_help=True,
-    add_completion=False,
+    no_args_is_help=True,  # --install-completion / --show-completion: gpt2cloud/cli/completion.py
     pretty_exceptions_enable=False,
 )
 
@@ -64,7 +63,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 # ---- commands, one module each, in the order of the flow (and of `--help`) ----
-from gpt2cloud.cli import data, down, estimate, export, fetch, launch, logs  # noqa: E402
+from gpt2cloud.cli import config, data, down, estimate, export, fetch, launch, logs  # noqa: E402
 from gpt2cloud.cli import eval as evaluate  # noqa: E402  (not shadowing the builtin)
 from gpt2cloud.cli import plot, report, runs, sample, status, train  # noqa: E402
 
@@ -87,6 +86,14 @@ register(app, "eval", evaluate.eval_command)
 register(app, "plot", plot.plot_command)
 register(app, "report", report.report_command)
 register(app, "export", export.export_command)
+config_app = typer.Typer(cls=OneLineErrors, help="Defaults for `launch` (bucket, infra, gpus, ...) where a flag is "
+                         "not given: $GPT2CLOUD_HOME/config.toml.", no_args_is_help=True)
+# a value may start with "-" (a negative --max-cost): read it as the value, and let the rule say what is wrong
+config_app.command("set", context_settings={"ignore_unknown_options": True})(handles_errors(config.set_command))
+register(config_app, "get", config.get_command)
+register(config_app, "show", config.show_command)
+register(config_app, "unset", config.unset_command)
+app.add_typer(config_app, name="config")
 
 
 def main():

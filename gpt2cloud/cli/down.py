@@ -8,11 +8,13 @@ from typing import Optional
 
 import typer
 
+from gpt2cloud.cli import completion
 from gpt2cloud.cli.output import print_json
 
 
 def down_command(
-    run: Optional[str] = typer.Argument(None, help="Run id (see `gpt2cloud runs`); may be left out with --controller."),
+    run: Optional[str] = typer.Argument(None, help="Run id (see `gpt2cloud runs`); may be left out with --controller.",
+                                        autocompletion=completion.runs),
     graceful: bool = typer.Option(False, "--graceful", help="First let the trainer stop with a checkpoint and the "
                                   "node push it (a stop request through the bucket), wait for the job to end (at "
                                   "most --wait-minutes), then tear down."),

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gpt2cloud.cli import completion
 from gpt2cloud.cli.output import key_values, print_json
 from gpt2cloud.errors import UserError
 from gpt2cloud.names import LOCAL
@@ -29,6 +30,7 @@ def render(e, console: Console) -> None:
         ("total FLOPs", f"{e.total_flops:.3e}"),
         ("efficiency", f"MFU {e.mfu:.1%}  [dim]({e.mfu_source})[/]"),
         ("throughput", f"{e.tokens_per_second:,.0f} tokens/s, {e.step_seconds:.3f} s/step"),
+        *network_rows(e),
         ("wall time", hours(e.wall_hours)),
         ("GPU-hours", f"{e.gpu_hours:,.1f}"),
         ("price", f"${e.price_per_gpu_hour:.2f}/GPU-hour  [dim]({e.price_source})[/]"),
@@ -42,6 +44,25 @@ def render(e, console: Console) -> None:
     render_phases(e, console)
 
 
+def network_rows(e) -> list[tuple[str, str]]:
+    """The gradient all-reduce: inside one node a note (the calibrated MFU pays for it), across nodes the
+    interconnect, what each step spends on it and the scaling that leaves."""
+    if e.nodes <= 1:
+        if e.gpus_per_node <= 1 or e.gpu_type == "CPU" or not e.gradient_bytes:
+            return []
+        return [("network", f"one node: its all-reduce (~{e.intra_node_comm_seconds * 1e3:.0f} ms/step over "
+                            "NVLink) is in the calibrated MFU; with --nodes the network between nodes adds to the step")]
+    return [
+        ("interconnect", f"{e.interconnect_gbps:,.0f} Gb/s between nodes at {e.link_efficiency:.0%} of line rate  "
+                         f"[dim]({e.interconnect_source}; {e.link_efficiency_source})[/]"),
+        ("all-reduce", f"{e.gradient_bytes / 1e9:.2f} GB of fp32 gradients per step: {e.comm_seconds * 1e3:,.0f} ms "
+                       f"between nodes, {e.comm_overlap:.0%} hidden behind the backward, "
+                       f"{e.comm_exposed_seconds * 1e3:,.0f} ms added to {e.compute_seconds * 1e3:,.0f} ms of compute"),
+        ("scaling", f"{e.scaling_efficiency:.0%} efficiency: {e.nodes} nodes give "
+                    f"{e.nodes * e.scaling_efficiency:.2f}x one node's tokens/s"),
+    ]
+
+
 def side_by_side(faithful: dict, fast: dict) -> str:
     """gpt2-1558m (faithful): 25.6 h, $613 -> gpt2-1558m-fast: 16.1 h, $386 all-in (-$227, -37%)"""
     saved = faithful["all_in_cost_usd"] - fast["all_in_cost_usd"]
@@ -50,27 +71,55 @@ def side_by_side(faithful: dict, fast: dict) -> str:
             f"({'-' if saved >= 0 else '+'}${abs(saved):,.0f}, {-saved / faithful['all_in_cost_usd']:+.0%})")
 
 
+def ratio_range(d) -> str:
+    """'0.75x-0.9x the tokens ($392-$471 all-in)': the token ratios the evidence supports, with the fast run's
+    all-in dollars at each end (one figure when the recipe gives no range)."""
+    low, high = d["token_ratio_range"]
+    costs = d.get("range_all_in_cost_usd") or []
+    if low == high:
+        return f"{low:g}x the tokens"
+    dollars = f" (${costs[0]:,.0f}-${costs[1]:,.0f} all-in)" if len(costs) == 2 else ""
+    return f"{low:g}x-{high:g}x the tokens{dollars}"
+
+
+def measured(d) -> str:
+    if d.get("measured_token_ratio") is not None:
+        return f"{d['measured_token_ratio']:g}x ({d['measured_source']})"
+    return ("[dim]none at this size yet: a GPU run's val loss curve against the faithful run's sets "
+            "measured_token_ratio[/]")
+
+
 def fast_rows(e) -> list[tuple[str, str]]:
-    """For a fast recipe: its optimizer, the faithful recipe side by side, the measurement it rests on.
-    For a faithful recipe with a fast one: that one side by side."""
+    """For a fast recipe: its optimizer and what it adds to each step, the faithful recipe side by side, the
+    saving as the range the evidence supports and what it rests on. For a faithful recipe with a fast one: that
+    one side by side, with its range."""
     rows = []
     if e.optimizer == "muon":
-        share = e.optimizer_flops_per_step / (e.flops_per_token * e.tokens_per_step)
+        split = f"split over the {e.gpus} GPUs" if e.gpus > 1 else "on the one GPU"
+        flops_ms = e.optimizer_flops_per_step / e.gpus / (e.mfu * e.peak_tflops_per_gpu * 1e12) * 1e3
         rows.append(("optimizer", f"Muon on the hidden matrices, AdamW on embeddings, biases, LayerNorms; "
-                                  f"Newton-Schulz on every GPU adds {share:.1%} to each step's FLOPs (counted)"))
+                                  f"Newton-Schulz {split}: {e.optimizer_seconds_per_step * 1e3:,.1f} ms per step "
+                                  f"({e.optimizer_matrices_per_gpu} matrices a GPU: {flops_ms:,.1f} ms of FLOPs at the "
+                                  f"MFU + {e.optimizer_seconds_per_step * 1e3 - flops_ms:,.1f} ms per-matrix overhead), "
+                                  f"{e.optimizer_seconds_per_step / e.step_seconds:.1%} of the step (counted)"))
     if e.faithful:
         mine = {"recipe": e.recipe, "all_in_hours": e.all_in_hours, "all_in_cost_usd": e.all_in_cost_usd}
         rows.append(("vs faithful", f"[bold]{side_by_side(e.faithful, mine)}[/]"))
-        rows.append(("token saving", f"{e.token_ratio:g}x {e.faithful['recipe']}'s ({e.tokens:,} of "
-                               f"{e.faithful['tokens']:,}); the same GPT-2, tokenizer and batch"))
+        rows.append(("token saving", f"trains {e.token_ratio:g}x {e.faithful['recipe']}'s tokens ({e.tokens:,} of "
+                                     f"{e.faithful['tokens']:,}); the same GPT-2, tokenizer and batch"))
+        if e.token_ratio_range:
+            rows.append(("evidence", f"[bold]{ratio_range(e.to_dict())}[/] with Muon"))
         rows.append(("rests on", e.basis))
+        rows.append(("measured here", measured(e.to_dict())))
         rows.append(("CPU benchmark", f"Muon reached AdamW's final val loss in {e.bench_optim_step_ratio:g}x the "
-                                      "steps (benchmarks/bench_optim.py)" if e.bench_optim_step_ratio is not None
-                     else "[dim]no bench_optim_step_ratio in this recipe[/]"))
+                                      "steps (benchmarks/bench_optim.py: a small GPT-2 on Shakespeare, a few hundred "
+                                      "steps; for reference, the steps follow the evidence above)"
+                     if e.bench_optim_step_ratio is not None else "[dim]no bench_optim_step_ratio in this recipe[/]"))
     if e.fast:
         mine = {"recipe": e.recipe, "all_in_hours": e.all_in_hours, "all_in_cost_usd": e.all_in_cost_usd}
-        rows.append(("fast recipe", f"{side_by_side(mine, e.fast)}: {e.fast['token_ratio']:g}x the tokens with Muon "
-                                    f"[dim](rests on: {e.fast['basis']})[/]"))
+        rng = ratio_range(e.fast) if e.fast.get("token_ratio_range") else f"{e.fast['token_ratio']:g}x the tokens"
+        rows.append(("fast recipe", f"{side_by_side(mine, e.fast)}: trains {e.fast['token_ratio']:g}x the tokens with "
+                                    f"Muon; the evidence: {rng} [dim](rests on: {e.fast['basis']})[/]"))
     return rows
 
 
@@ -114,8 +163,10 @@ def render_compare(rows: list, console: Console) -> None:
     if other:
         sib = getattr(first, other)
         title += f"; last column: {sib['recipe']} ({other}) on the same GPUs and price"
-        basis = first.basis or sib.get("basis")
-        caption = f"{first.token_ratio or sib.get('token_ratio'):g}x the tokens with Muon; rests on: {basis}"
+        fast = first.to_dict() if first.faithful else sib
+        rng = ratio_range(fast) if fast.get("token_ratio_range") else f"{fast['token_ratio']:g}x the tokens"
+        caption = (f"the fast recipe trains {fast['token_ratio']:g}x the tokens with Muon; the evidence: {rng}"
+                   f"{' on the first row' if '$' in rng else ''}; rests on: {fast['basis']}")
     t = Table(title=title, caption=caption)
     cols = ["GPUs", "where", "MFU", "tok/s", "train", "all-in", "$/GPU-h", "train $", "all-in $", "mem/GPU", "fits"]
     if other:
@@ -137,6 +188,54 @@ def render_compare(rows: list, console: Console) -> None:
     console.print(t)
 
 
+def render_compare_nodes(rows: list, console: Console) -> None:
+    """One row per node count: throughput, the network's share of each step, time and dollars, and what each
+    all-in wall-clock hour saved by the added nodes costs (where that climbs, another node stops paying)."""
+    first = rows[0]
+    t = Table(title=f"{first.recipe} on {first.gpu_type}:{first.gpus_per_node} per node: node counts, "
+                    f"{first.interconnect_gbps:,.0f} Gb/s between nodes",
+              caption=f"interconnect: {first.interconnect_source}; {first.link_efficiency:.0%} of line rate "
+                      f"({first.link_efficiency_source}). All-reduce of {first.gradient_bytes / 1e9:.2f} GB of fp32 "
+                      "gradients once per step, 2(N-1)/N of it through each node's network; the backward hides "
+                      "what it can; scaling = one node's step compute over the step", title_justify="left",
+              caption_justify="left")
+    cols = ["nodes", "GPUs", "batch", "tok/s", "s/step", "comm added", "scaling", "train", "all-in", "train $",
+            "all-in $", "$ per all-in hour saved"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("nodes", "batch") else "right", no_wrap=True)
+    prev = None
+    for e in rows:
+        t.add_row(str(e.nodes), str(e.gpus), f"{e.micro_batch} x {e.grad_accum}", human(e.tokens_per_second),
+                  f"{e.step_seconds:.3f}", f"{e.comm_exposed_seconds * 1e3:,.0f} ms", f"{e.scaling_efficiency:.0%}",
+                  hours(e.wall_hours), hours(e.all_in_hours), f"${e.cost_usd:,.0f}", f"${e.all_in_cost_usd:,.0f}",
+                  hour_saved(prev, e), style=None if e.fits else "dim")
+        prev = e
+    console.print(t)
+
+
+def hour_saved(before, after) -> str:
+    """The extra all-in dollars per hour of all-in wall-clock time (the all-in column: launch to the end)
+    the added nodes save, against the row before ('-' for the first row)."""
+    if before is None:
+        return "-"
+    saved = before.all_in_hours - after.all_in_hours
+    extra = after.all_in_cost_usd - before.all_in_cost_usd
+    if saved <= 0:
+        return "saves no time"
+    return "cheaper too" if extra <= 0 else f"${extra / saved:,.0f}"
+
+
+def parse_node_counts(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]: whole node counts, 1 to 1024."""
+    try:
+        counts = [int(p) for p in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(not 1 <= n <= 1024 for n in counts):
+        raise UserError(f"--compare-nodes '{text}': expected node counts from 1 to 1024, e.g. --compare-nodes 1,2,4,8")
+    return counts
+
+
 def catalog_prices(clouds: list[str], spot: bool):
     """price(gpu, count) -> [Price] from SkyPilot's catalogs of these clouds (one offer per cloud)."""
     from gpt2cloud.launch.clouds import catalog_price
@@ -148,7 +247,8 @@ def catalog_prices(clouds: list[str], spot: bool):
 
 
 def estimate_command(
-    recipe: str = typer.Argument(..., help="Recipe name (gpt2-124m, ...) or path to a recipe YAML."),
+    recipe: str = typer.Argument(..., help="Recipe name (gpt2-124m, ...) or path to a recipe YAML.",
+                                 autocompletion=completion.recipes),
     gpus: str = typer.Option("H100:8", "--gpus", help="GPU type and count per node, as SkyPilot spells it."),
     nodes: int = typer.Option(1, "--nodes", help="Number of nodes."),
     price: Optional[float] = typer.Option(None, "--price", help="USD per GPU-hour (default: bundled table)."),
@@ -160,12 +260,18 @@ def estimate_command(
                                         "(optionally /region); with --compare a comma list, e.g. lambda,aws."),
     spot: bool = typer.Option(False, "--spot", help="Spot prices, and the recoveries and controller of a spot run."),
     idle_minutes: float = typer.Option(10, "--idle-minutes", help="Idle minutes before autostop (in the all-in bill)."),
+    interconnect_gbps: Optional[float] = typer.Option(
+        None, "--interconnect-gbps", help="Network between nodes in Gb/s per node, its NICs together (default: the "
+        "bundled table's for the cloud and instance priced, else a conservative 100)."),
     compare_: bool = typer.Option(False, "--compare", help="Compare GPU types and counts, sorted by all-in cost."),
+    compare_nodes_: Optional[str] = typer.Option(
+        None, "--compare-nodes", help="Compare node counts of --gpus, e.g. 1,2,4,8: tokens/s, time, dollars and the "
+        "scaling efficiency the network leaves."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (a list with --compare)."),
 ):
     """Tokens, FLOPs, wall time, GPU-hours, dollars and per-GPU memory for a recipe."""
     # imported here so `gpt2cloud --help` does not pay for pydantic
-    from gpt2cloud.cost.estimate import compare, estimate
+    from gpt2cloud.cost.estimate import compare, compare_nodes, estimate
     from gpt2cloud.cost.hardware import parse_gpus
     from gpt2cloud.cost.recipes import load_recipe
 
@@ -174,9 +280,13 @@ def estimate_command(
     r = load_recipe(recipe)
     gpu_type, count = parse_gpus(gpus)
     positive("--idle-minutes", idle_minutes, "10")
+    positive("--interconnect-gbps", interconnect_gbps, "3200")
+    if compare_ and compare_nodes_ is not None:
+        raise UserError("--compare and --compare-nodes: pick one (GPU types, or node counts of one --gpus)")
+    node_counts = parse_node_counts(compare_nodes_) if compare_nodes_ is not None else None
     local = (infra or "").lower() == LOCAL
     common = dict(mfu=mfu, steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch, spot=spot,
-                  idle_minutes=idle_minutes, local=local)
+                  idle_minutes=idle_minutes, local=local, interconnect_gbps=interconnect_gbps)
     console = Console()
     if compare_:
         clouds = [c.strip().lower() for c in (infra or "").split(",") if c.strip()] if not local else []
@@ -196,6 +306,13 @@ def estimate_command(
         if price is None:
             raise UserError(f"--infra {infra}: no {'spot ' if spot else ''}price for {gpu_type}:{count} in SkyPilot's "
                             "catalog (offline with no cached catalog?); pass --price USD_PER_GPU_HOUR")
+    if node_counts is not None:
+        rows = compare_nodes(r, node_counts, gpu_type=gpu_type, gpus_per_node=count, price=price, **common)
+        if as_json:
+            print_json([e.to_dict() for e in rows])
+        else:
+            render_compare_nodes(rows, Console(width=max(console.width, 130)))
+        return
     e = estimate(r, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, price=price, **common)
     if as_json:
         print_json(e.to_dict())

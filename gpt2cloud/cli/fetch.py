@@ -7,12 +7,14 @@ from typing import Optional
 
 import typer
 
+from gpt2cloud.cli import completion
 from gpt2cloud.cli.output import print_json
 from gpt2cloud.errors import UserError
 
 
 def fetch_command(
-    run: str = typer.Argument(..., help="Run id (see `gpt2cloud runs`) or the run's bucket URL (<bucket>/<run>)."),
+    run: str = typer.Argument(..., help="Run id (see `gpt2cloud runs`) or the run's bucket URL (<bucket>/<run>).",
+                             autocompletion=completion.runs),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Local directory (default: runs/RUN): new, empty, or this run's earlier fetch (resumed)."),
     latest: bool = typer.Option(False, "--latest", help="The newest complete checkpoint (the default)."),
     step: Optional[int] = typer.Option(None, "--step", help="The checkpoint of this step."),

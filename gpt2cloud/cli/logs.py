@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from gpt2cloud.cli import completion
+
 
 def logs_command(
-    run: str = typer.Argument(..., help="Run id (see `gpt2cloud runs`)."),
+    run: str = typer.Argument(..., help="Run id (see `gpt2cloud runs`).", autocompletion=completion.runs),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the run ends."),
 ):
     """Print a run's console output; --follow streams it until the run ends."""

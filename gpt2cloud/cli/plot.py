@@ -6,9 +6,12 @@ from typing import Optional
 
 import typer
 
+from gpt2cloud.cli import completion
+
 
 def plot_command(
-    run: str = typer.Argument(..., help="A registry run id (its fetched OUT dir) or an OUT dir with metrics.jsonl."),
+    run: str = typer.Argument(..., help="A registry run id (its fetched OUT dir) or an OUT dir with metrics.jsonl.",
+                             autocompletion=completion.runs),
     out: Optional[str] = typer.Option(None, "--out", help="PNG to write (default: OUT/plot.png)."),
     log_x: bool = typer.Option(False, "--log-x", help="Logarithmic token axis."),
 ):

@@ -6,9 +6,12 @@ from typing import Optional
 
 import typer
 
+from gpt2cloud.cli import completion
+
 
 def report_command(
-    run: str = typer.Argument(..., help="A registry run id (its fetched OUT dir) or an OUT dir with metrics.jsonl."),
+    run: str = typer.Argument(..., help="A registry run id (its fetched OUT dir) or an OUT dir with metrics.jsonl.",
+                             autocompletion=completion.runs),
     out: Optional[str] = typer.Option(None, "--out", help="Markdown file to write (default: OUT/report.md); "
                                                           "the plot goes next to it as .png."),
     no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Do not add the run's measured MFU "

@@ -7,11 +7,13 @@ from typing import Optional
 
 import typer
 
+from gpt2cloud.cli import completion
 from gpt2cloud.cli.output import print_json
 
 
 def train_command(
-    recipe: str = typer.Argument(..., help="Recipe name (gpt2-tiny, gpt2-124m, ...) or path to a recipe YAML."),
+    recipe: str = typer.Argument(..., help="Recipe name (gpt2-tiny, gpt2-124m, ...) or path to a recipe YAML.",
+                                 autocompletion=completion.recipes),
     data: str = typer.Option(..., "--data", help="Directory of llm.c .bin token shards (names with 'val' are validation)."),
     out: str = typer.Option(..., "--out", help="Run directory: config.json, metrics.jsonl, checkpoints/. New, empty, or this run's to resume it (see docs/training.md#resume)."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (one per GPU; gloo ranks on CPU)."),
@@ -22,6 +24,8 @@ def train_command(
     price: Optional[float] = typer.Option(None, "--price", help="USD per GPU-hour, for cost_usd in the metrics."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Stop (with a checkpoint) before the cost passes this many USD; needs --price."),
     checkpoint_minutes: Optional[float] = typer.Option(None, "--checkpoint-minutes", help="Also checkpoint once this many minutes passed since the last checkpoint (default: the recipe's eval.checkpoint_minutes, 10)."),
+    tracker: Optional[list[str]] = typer.Option(None, "--tracker", help="Also send the metrics to tensorboard (OUT/tensorboard), wandb or trackio; repeat for several (default: the recipe's eval.trackers). Needs the package here: pip install 'gpt2cloud\\[wandb]'."),
+    notify: Optional[list[str]] = typer.Option(None, "--notify", help="A webhook URL told of the first step, the finish, a stop and a failure: Slack, Discord, ntfy or any URL that takes a JSON POST; repeat for several. Passed to the trainer in its environment, never printed (docs/cloud.md#notifications)."),
     as_json: bool = typer.Option(False, "--json", help="Send the trainer's output to stderr and end with one JSON object on stdout."),
 ):
     """Train locally under torchrun; Ctrl-C stops every process, rerunning resumes exactly."""
@@ -31,6 +35,7 @@ def train_command(
     try:
         result = train(recipe, data, out, nproc=nproc, steps=steps, schedule_steps=schedule_steps, resume=resume,
                        compile=compile_, price=price, max_cost=max_cost, checkpoint_minutes=checkpoint_minutes,
+                       trackers=tracker, notify=notify,
                        stream=sys.stderr if as_json else sys.stdout)
     except TrainingDiverged as e:  # one line like any error, with its own exit code (not a refusal's 2)
         fail(str(e).replace("[", r"\["), code=e.code)

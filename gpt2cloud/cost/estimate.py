@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from gpt2cloud.cost import phases
 from gpt2cloud.cost.hardware import default_mfu, gpu_spec, known_gpus
+from gpt2cloud.cost.network import GRADIENT_BYTES_PER_PARAM, interconnect_for, step_comm
 from gpt2cloud.cost.optimizers import OPTIMIZERS
 from gpt2cloud.cost.prices import Price, table_price
 from gpt2cloud.cost.recipes import Recipe, fast_recipe_of, faithful_recipe
@@ -26,7 +27,7 @@ GIB = 2**30
 # DDP adds no second copy of the gradients (without it, add another 4 bytes per parameter).
 WEIGHT_BYTES_PER_PARAM = 4
 BF16_WEIGHT_BYTES_PER_PARAM = 2
-GRADIENT_BYTES_PER_PARAM = 4
+# GRADIENT_BYTES_PER_PARAM (4, fp32) comes from gpt2cloud/cost/network.py, whose all-reduce moves those bytes.
 # The optimizer's state: gpt2cloud/cost/optimizers.py (AdamW's two fp32 moments: 8 bytes per parameter).
 # Saved for the backward pass, per token per layer per unit of width, with flash attention (no T x T
 # scores), no dropout: the fp32 residual stream at both LayerNorm inputs (4 + 4), the bf16 LayerNorm
@@ -128,15 +129,39 @@ class Estimate:
     phase_sources: dict = field(default_factory=dict)
     # the optimizer: adamw, or muon (Muon for the hidden matrices, AdamW for the rest)
     optimizer: str = "adamw"
-    optimizer_flops_per_step: float = 0.0  # Newton-Schulz on every rank (all ranks together); not in total_flops
+    # Newton-Schulz: the busiest rank's FLOPs x GPUs (every GPU waits for the busiest); not in total_flops
+    optimizer_flops_per_step: float = 0.0
+    # what the optimizer adds to each step (cost/optimizers.py step_seconds): its FLOPs at the MFU plus a fixed
+    # time per matrix, on the busiest rank (Muon: 1/GPUs of the matrices each)
+    optimizer_seconds_per_step: float = 0.0
+    optimizer_matrices_per_gpu: int = 0
     # a fast recipe: the faithful recipe it shortens, on the same hardware and price (the SIBLING_FIELDS
     # of its estimate), the share of its tokens and the measurement that share rests on
     faithful: dict | None = None
-    token_ratio: float | None = None
+    token_ratio: float | None = None  # the share the recipe's steps train on
     basis: str = ""
     bench_optim_step_ratio: float | None = None
+    # the saving as a range: the token ratios the evidence supports [low, high], the fast run's all-in dollars
+    # at each end (the steps it would take), and a GPU comparison at this size when there is one
+    token_ratio_range: list | None = None
+    range_all_in_cost_usd: list | None = None
+    measured_token_ratio: float | None = None
+    measured_source: str = ""
     # a faithful recipe with a bundled fast one: that one's summary, on the same hardware and price
     fast: dict | None = None
+    # the gradient all-reduce (gpt2cloud/cost/network.py): step_seconds = compute_seconds + comm_exposed_seconds
+    interconnect_gbps: float = 0.0  # between nodes: the node's NICs together, line rate
+    interconnect_source: str = ""
+    interconnect_key: str = ""  # "cloud instance" (what a measured link efficiency belongs to; "" unknown)
+    link_efficiency: float = 0.0  # NCCL's share of line rate
+    link_efficiency_source: str = ""
+    gradient_bytes: float = 0.0  # fp32 gradients, all-reduced once per optimizer step
+    compute_seconds: float = 0.0  # the step at the calibrated MFU (intra-node all-reduce included)
+    intra_node_comm_seconds: float = 0.0  # NVLink all-reduce: inside compute_seconds, not added
+    comm_seconds: float = 0.0  # the all-reduce between nodes per step, before overlap (0 on one node)
+    comm_overlap: float = 0.0  # the share of comm_seconds hidden behind the backward
+    comm_exposed_seconds: float = 0.0  # what the step pays for it
+    scaling_efficiency: float = 1.0  # compute_seconds / step_seconds: tokens/s over nodes x one node's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,15 +189,21 @@ def estimate(
     price_source: str | None = None,
     side_by_side: bool = True,
     checkpoint_minutes: float | None = None,
+    *,
+    interconnect_gbps: float | None = None,
+    image: str = "",
 ) -> Estimate:
     """The estimate of a recipe on given hardware. side_by_side: a fast recipe also gets its faithful
     recipe's estimate on the same hardware and price (est.faithful), and a faithful recipe with a bundled
-    fast one that one's (est.fast)."""
+    fast one that one's (est.fast). interconnect_gbps: the network between nodes (--interconnect-gbps);
+    None: the table's for the price's cloud and instance, as the launch with this --image asks for it
+    (gpt2cloud/cost/network.py)."""
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: need at least 1 node")
     if not isinstance(price, Price):
         positive("--price", price, "2.99")
     positive("--mfu", mfu, "0.45", upper=1)
+    positive("--interconnect-gbps", interconnect_gbps, "3200")
     check_sizes(steps, tokens_per_step, micro_batch, nodes)
 
     cfg = recipe.to_train_config(steps=steps, tokens_per_step=tokens_per_step, micro_batch=micro_batch,
@@ -183,7 +214,7 @@ def estimate(
         cfg, note = choose_micro_batch(cfg, gpus_per_node * nodes, spec.memory_gib, spec.name)
     est = estimate_config(recipe.name, cfg, gpu_type, gpus_per_node, nodes, price=price, mfu=mfu,
                            check_batch=check_batch, local=local, spot=spot, idle_minutes=idle_minutes,
-                           price_source=price_source)
+                           price_source=price_source, interconnect_gbps=interconnect_gbps, image=image)
     est.micro_batch_note = note
     if not side_by_side:
         return est
@@ -191,18 +222,28 @@ def estimate(
     def sibling(other: Recipe, other_steps: int | None) -> dict:
         e = estimate(other, gpu_type, gpus_per_node, nodes, price, mfu, other_steps, tokens_per_step, micro_batch,
                      check_batch, local, spot, idle_minutes, price_source, side_by_side=False,
-                     checkpoint_minutes=checkpoint_minutes)
+                     checkpoint_minutes=checkpoint_minutes, interconnect_gbps=interconnect_gbps, image=image)
         return {k: getattr(e, k) for k in SIBLING_FIELDS}
 
+    def saving(fast: Recipe, mine: dict, faithful_steps: int) -> dict:
+        """The fast recipe's token ratio as a range, with its all-in dollars at each end (the steps it takes)."""
+        ends = [mine["all_in_cost_usd"] if r == fast.token_ratio else
+                sibling(fast, min(MAX_STEPS, max(1, round(r * faithful_steps))))["all_in_cost_usd"]
+                for r in fast.ratio_range]
+        return {"token_ratio": fast.token_ratio, "basis": fast.basis, "token_ratio_range": list(fast.ratio_range),
+                "range_all_in_cost_usd": ends, "measured_token_ratio": fast.measured_token_ratio,
+                "measured_source": fast.measured_source or ""}
+
     if recipe.is_fast:
-        est.token_ratio, est.basis = recipe.token_ratio, recipe.basis
         est.bench_optim_step_ratio = recipe.bench_optim_step_ratio
         # --steps on a fast recipe: the faithful run it shortens is steps / token_ratio long
         est.faithful = sibling(faithful_recipe(recipe),
                                min(MAX_STEPS, round(steps / recipe.token_ratio)) if steps else None)
+        for k, v in saving(recipe, {"all_in_cost_usd": est.all_in_cost_usd}, est.faithful["steps"]).items():
+            setattr(est, k, v)
     elif (fast := fast_recipe_of(recipe)) is not None:
         est.fast = sibling(fast, max(1, round(steps * fast.token_ratio)) if steps else None)
-        est.fast.update(token_ratio=fast.token_ratio, basis=fast.basis)
+        est.fast.update(saving(fast, est.fast, est.steps))
     return est
 
 
@@ -276,10 +317,12 @@ def check_fits(recipe: Recipe, gpu_type: str, gpus: int, micro_batch: int | None
 def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: int, nodes: int = 1,
                     price: Price | float | None = None, mfu: float | None = None, check_batch: bool = True,
                     local: bool = False, spot: bool = False, idle_minutes: float = 10.0,
-                    price_source: str | None = None) -> Estimate:
+                    price_source: str | None = None, interconnect_gbps: float | None = None,
+                    image: str = "") -> Estimate:
     """The estimate of a resolved training config (a recipe with its overrides, or a run's own config).
     price: the launch's resolved Price, or a number (price_source names where it came from, default
-    --price); without one, the table's."""
+    --price); without one, the table's. interconnect_gbps: the network between nodes; None: the table's
+    (for the launch's --image: a cloud machine image gets no fabric)."""
     spec = gpu_spec(gpu_type)
     m, steps, tokens_per_step, micro_batch = cfg.model, cfg.steps, cfg.tokens_per_step, cfg.micro_batch
     gpus = gpus_per_node * nodes
@@ -301,9 +344,17 @@ def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: i
     price, price_source = resolved.per_gpu(gpus_per_node), resolved.source
 
     tokens = steps * tokens_per_step
-    # what the optimizer computes beyond the model's FLOPs, on every rank (Muon: Newton-Schulz)
-    optimizer_flops = OPTIMIZERS[cfg.optimizer].step_flops(m) * gpus
-    step_seconds = (fpt * tokens_per_step + optimizer_flops) / (mfu * spec.peak_bf16_tflops * 1e12 * gpus)
+    # what the optimizer adds beyond the model's FLOPs (Muon: Newton-Schulz, split over the GPUs, and a fixed
+    # time per matrix): the busiest rank's, which every rank waits for
+    opt = OPTIMIZERS[cfg.optimizer]
+    optimizer_flops = opt.step_flops(m, gpus) * gpus
+    optimizer_seconds = opt.step_seconds(m, gpus, mfu * spec.peak_bf16_tflops * 1e12)
+    compute_seconds = fpt * tokens_per_step / (mfu * spec.peak_bf16_tflops * 1e12 * gpus) + optimizer_seconds
+    # the calibrated MFU already pays for the all-reduce inside a node; between nodes, what the backward
+    # does not hide adds to the step
+    net = interconnect_for(resolved, spec.name, interconnect_gbps, image)
+    comm = step_comm(m, spec.name, gpus_per_node, nodes, compute_seconds, grad_accum, net)
+    step_seconds = compute_seconds + comm.exposed_seconds
     tokens_per_second = tokens_per_step / step_seconds
     wall_seconds = tokens / tokens_per_second
     gpu_hours = wall_seconds / 3600 * gpus
@@ -321,6 +372,13 @@ def estimate_config(name: str, cfg: TrainConfig, gpu_type: str, gpus_per_node: i
         fits=mem.total_gib <= spec.memory_gib, max_micro_batch=max_micro_batch(m, spec.memory_gib, cfg.optimizer),
         memory={k: round(v, 3) for k, v in asdict(mem).items()},
         optimizer=cfg.optimizer, optimizer_flops_per_step=float(optimizer_flops),
+        optimizer_seconds_per_step=optimizer_seconds, optimizer_matrices_per_gpu=opt.step_matrices(m, gpus),
+        interconnect_gbps=net.gbps, interconnect_source=net.source, interconnect_key=net.key,
+        link_efficiency=comm.link_efficiency, link_efficiency_source=comm.efficiency_source,
+        gradient_bytes=comm.gradient_bytes, compute_seconds=compute_seconds,
+        intra_node_comm_seconds=comm.intra_node_seconds, comm_seconds=comm.inter_node_seconds,
+        comm_overlap=comm.overlap, comm_exposed_seconds=comm.exposed_seconds,
+        scaling_efficiency=compute_seconds / step_seconds,
     )
     b = phases.bill(est, cfg, local=local, spot=spot, idle_minutes=idle_minutes)
     est.breakdown_hours, est.all_in_hours, est.all_in_cost_usd = b.breakdown_hours, b.all_in_hours, b.all_in_cost_usd
@@ -344,3 +402,12 @@ def compare(recipe: Recipe, counts=(1, 8), price: float | None = None, prices=No
             elif price is not None or table_price(gpu) is not None:
                 rows.append(estimate(recipe, gpu_type=gpu, gpus_per_node=n, check_batch=False, price=price, **kwargs))
     return sorted(rows, key=lambda e: (not e.fits, e.all_in_cost_usd))
+
+
+def compare_nodes(recipe: Recipe, node_counts, **kwargs) -> list[Estimate]:
+    """The same recipe, GPUs and price on each node count, fewest nodes first: where the network's share
+    of each step (scaling_efficiency) makes another node stop paying."""
+    counts = sorted(set(node_counts))
+    if not counts:
+        raise UserError("--compare-nodes: no node counts; use e.g. --compare-nodes 1,2,4,8")
+    return [estimate(recipe, nodes=n, **kwargs) for n in counts]

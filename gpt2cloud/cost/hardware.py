@@ -115,9 +115,10 @@ def _read_points(path: str, stamp: int) -> tuple:
 
 
 def calibration_points() -> list[dict]:
-    """MFU points: the bundled table's, then this user's measured ones."""
+    """MFU points: the bundled table's, then this user's measured ones. Single-node runs only: a multi-node
+    run's step also waits for the network (gpt2cloud/runs/calibrate.py records it as a network point)."""
     measured = [p for p in user_points() if isinstance(p.get("gpu"), str) and isinstance(p.get("params"), int)
-                and isinstance(p.get("mfu"), (int, float))]
+                and isinstance(p.get("mfu"), (int, float)) and p.get("nodes", 1) == 1]
     return list(table("calibration")["points"]) + measured
 
 
@@ -143,3 +144,21 @@ def default_mfu(gpu: str, params: int) -> Calibration:
         round(mfu, 4),
         borrowed + f"interpolated between {lo['source']} ({lo['date']}) and {hi['source']} ({hi['date']})",
     )
+
+
+def parse_gpu_candidates(text: str) -> tuple[tuple[str, int], ...]:
+    """'H100:8,A100-80GB:8' -> (('H100', 8), ('A100-80GB', 8)): SkyPilot's candidate list, the node any one
+    of them. Every candidate has the same count: the batch splits over the ranks the same way on each, so
+    one config.json (micro-batch, gradient accumulation) serves whichever the launch lands on."""
+    parts = [p.strip() for p in text.split(",")]
+    if any(not p for p in parts):
+        raise UserError(f"--gpus '{text}': an empty candidate; expected TYPE:COUNT[,TYPE:COUNT...] such as "
+                        "H100:8,A100-80GB:8")
+    found = tuple(parse_gpus(p) for p in parts)
+    names = [name for name, _ in found]
+    if len(set(names)) != len(names):
+        raise UserError(f"--gpus '{text}': a GPU type is listed twice; list each once, e.g. H100:8,A100-80GB:8")
+    if len({n for _, n in found}) > 1:
+        raise UserError(f"--gpus '{text}': every candidate needs the same GPU count per node (the batch splits "
+                        f"over the ranks alike on each); use e.g. {names[0]}:{found[0][1]},{names[1]}:{found[0][1]}")
+    return found

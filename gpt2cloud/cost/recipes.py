@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from gpt2cloud.cost.optimizers import OPTIMIZERS
 from gpt2cloud.errors import UserError
@@ -119,6 +119,20 @@ class EvalSpec(_Strict):
                                       allow_inf_nan=False)
     keep_checkpoints: PositiveInt = 3
     hellaswag_every: int = Field(default=0, ge=0)
+    # where the metrics also go (model/trackers.py TRACKERS: tensorboard, wandb, trackio); `--tracker` replaces
+    # the list. The names are checked where the recipe becomes a run (train, launch): cost/ cannot import
+    # the trainer's registry
+    trackers: list[str] = Field(default_factory=list)
+
+    @field_validator("trackers")
+    @classmethod
+    def _tracker_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name or any(c.isspace() for c in name):
+                raise ValueError(f"{name!r} is not a tracker name (e.g. tensorboard, wandb, trackio)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{', '.join(names)} names one twice")
+        return names
 
 
 class Recipe(_Strict):
@@ -131,6 +145,14 @@ class Recipe(_Strict):
     faster_than: Optional[str] = None
     token_ratio: Optional[float] = Field(default=None, gt=0, lt=1)
     basis: Optional[str] = None
+    # what the evidence supports, [low, high]: the share of the faithful tokens the new optimizer may need, from
+    # the most favourable reading of the evidence to the least; token_ratio (the steps) lies inside it. The
+    # estimate shows the saving as this range. Default: [token_ratio, token_ratio].
+    token_ratio_range: Optional[tuple[float, float]] = None
+    # a GPU comparison at this recipe's own size and batch (the fast run's val loss curve against the faithful
+    # run's): the ratio it measured and where (a run, a report); both or neither
+    measured_token_ratio: Optional[float] = Field(default=None, gt=0)
+    measured_source: Optional[str] = None
     # the same ratio measured by this project's CPU benchmark (benchmarks/bench_optim.py: Muon's steps to
     # reach AdamW's final val loss / AdamW's steps, mean over seeds); informative, steps follow token_ratio
     bench_optim_step_ratio: Optional[float] = Field(default=None, gt=0)
@@ -155,8 +177,20 @@ class Recipe(_Strict):
         if len(missing) < 3 and missing:
             raise ValueError(f"a fast recipe gives faster_than, token_ratio and basis together; missing "
                              f"{', '.join(missing)}")
-        if self.bench_optim_step_ratio is not None and self.faster_than is None:
-            raise ValueError("bench_optim_step_ratio belongs to a fast recipe (one with faster_than)")
+        extras = [k for k in ("token_ratio_range", "measured_token_ratio", "measured_source", "bench_optim_step_ratio")
+                  if getattr(self, k) not in (None, "")]
+        if extras and self.faster_than is None:
+            raise ValueError(f"{', '.join(extras)} belong(s) to a fast recipe (one with faster_than)")
+        if (self.measured_token_ratio is None) != (self.measured_source in (None, "")):
+            raise ValueError("measured_token_ratio and measured_source go together: the ratio a GPU comparison "
+                             "measured and where it is recorded")
+        if self.token_ratio_range is not None and self.token_ratio is not None:
+            low, high = self.token_ratio_range
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"token_ratio_range [{low:g}, {high:g}]: low <= high, both in (0, 1]")
+            if not low <= self.token_ratio <= high:
+                raise ValueError(f"token_ratio {self.token_ratio:g} lies outside token_ratio_range [{low:g}, {high:g}]: "
+                                 "the steps must be one of the ratios the evidence supports")
         if self.faster_than == self.name:
             raise ValueError(f"faster_than: a recipe cannot shorten itself ({self.name})")
         return self
@@ -164,6 +198,21 @@ class Recipe(_Strict):
     @property
     def is_fast(self) -> bool:
         return self.faster_than is not None
+
+    @property
+    def ratio_range(self) -> tuple[float, float] | None:
+        """A fast recipe's [low, high] token ratio (its token_ratio alone when it gives no range)."""
+        if not self.is_fast:
+            return None
+        return tuple(self.token_ratio_range) if self.token_ratio_range else (self.token_ratio, self.token_ratio)
+
+    def trackers_for(self, flag: Optional[list[str]]) -> tuple[list[str], str]:
+        """The run's trackers and how to name where they came from in an error: `--tracker` (repeatable;
+        given, it replaces the recipe's list), else the recipe's eval.trackers. The caller checks the names
+        against the trainer's registry (model/trackers.py refusal)."""
+        if flag:
+            return list(dict.fromkeys(flag)), "--tracker"
+        return list(self.eval.trackers), f"recipe {self.name}: eval.trackers:"
 
     def to_train_config(self, **overrides) -> TrainConfig:
         m, t, o, e = self.model, self.train, self.optimizer, self.eval
@@ -181,7 +230,7 @@ class Recipe(_Strict):
             val_every=e.val_every, val_steps=e.val_steps, sample_every=e.sample_every,
             sample_prompt=e.sample_prompt, sample_tokens=e.sample_tokens,
             checkpoint_every=e.checkpoint_every, checkpoint_minutes=e.checkpoint_minutes,
-            keep_checkpoints=e.keep_checkpoints, hellaswag_every=e.hellaswag_every,
+            keep_checkpoints=e.keep_checkpoints, hellaswag_every=e.hellaswag_every, trackers=list(e.trackers),
             loss_spike_factor=t.loss_spike_factor, loss_spike_steps=t.loss_spike_steps,
         )
         # replace() rejects a misspelt key; None means "keep the recipe's value"

@@ -19,8 +19,10 @@ import zipfile
 from pathlib import Path
 
 import gpt2cloud
+from gpt2cloud.names import NODE_EXTRAS_ENV  # noqa: F401  (build.NODE_EXTRAS_ENV: the launch names it)
 from gpt2cloud.store import STORES, atomic_write
 from gpt2cloud.store.layout import CONFIG
+from model.trackers import TRACKERS
 
 NAME = "gpt2cloud"
 SKIP_DIRS = {"__pycache__"}
@@ -30,6 +32,13 @@ SKIP_SUFFIXES = (".pyc", ".pyo", ".tmp")
 # The trainer's own, then each store's client library (boto3 for s3://, huggingface_hub for --data hf://).
 NODE_REQUIREMENTS = ("numpy", "tiktoken", "safetensors") + tuple(
     dict.fromkeys(r for scheme in STORES.values() for r in scheme.node_requirements))
+# Only when a run asks for them: its trackers' packages (model/trackers.py TRACKERS), named in the plain env
+# NODE_EXTRAS_ENV of the task (space-separated), which the node's setup installs beside NODE_REQUIREMENTS.
+
+
+def tracker_requirements(names) -> tuple:
+    """The pip requirements of these trackers, each once, in order (none for a tracker that needs none)."""
+    return tuple(dict.fromkeys(TRACKERS[n].requirement for n in names if TRACKERS[n].requirement))
 
 
 def files_of(package: str, arc_prefix: str) -> list[tuple[str, bytes]]:

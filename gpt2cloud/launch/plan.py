@@ -20,20 +20,19 @@ from typing import Optional
 from gpt2cloud import home
 from gpt2cloud.cost import prices
 from gpt2cloud.cost.estimate import Estimate, check_fits, check_sizes, estimate
-from gpt2cloud.cost.hardware import gpu_from_device_name, gpu_spec, parse_gpus
+from gpt2cloud.cost.hardware import gpu_from_device_name, gpu_spec, parse_gpu_candidates
 from gpt2cloud.cost.optimizers import checkpoint_bytes
 from gpt2cloud.cost.prices import Price
 from gpt2cloud.cost.recipes import MAX_CHECKPOINT_MINUTES, load_recipe
 from gpt2cloud.errors import MAX_STEPS, UserError, positive
 from gpt2cloud.launch import build, scripts, task
 from gpt2cloud.runs import registry
-from gpt2cloud.names import ANY, CLUSTER, LOCAL, MANAGED_JOB
+from gpt2cloud.names import ANY, CLUSTER, CPU, LOCAL, MANAGED_JOB
 from gpt2cloud.runs.registry import RunSpec
 from gpt2cloud.store.transfer import parse_manifest
-from model import datadir
+from model import datadir, notify, notify_cli, trackers
 from model.config import TrainConfig
 
-CPU = "CPU"  # the hardware table's entry for CPU ranks (local runs only)
 DEFAULT_GPUS = "H100:8"  # a cloud launch without --gpus: the lecture's node
 STALL_MIN_MINUTES = 20
 CREDENTIAL_MARGIN = 1.5  # the estimate is of the training loop; the node also sets up, evaluates, retries
@@ -107,6 +106,22 @@ def local_gpus() -> str:
     return f"{CPU}:{os.cpu_count() or 1}"
 
 
+def check_local_gpus(gpus: str, count: int, nodes: int) -> None:
+    """A GPU type on --infra local: each node gets GPUs of its own (gpt2cloud/backends/local.py node_gpu_env
+    slices this machine's), so nodes x count must fit in them. Without CUDA the ranks run on CPU: no GPU to
+    share."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    have = torch.cuda.device_count()
+    if nodes * count > have:
+        kind = gpus.split(":")[0]
+        fits = f"--gpus {kind}:{have // nodes}" if have // nodes else f"--nodes {have} --gpus {kind}:1"
+        raise UserError(f"--gpus {gpus} --nodes {nodes}: {nodes * count} GPUs, but this machine has {have}; each "
+                        f"local node takes {count} of its own: use {fits}, or CPU ranks (--gpus CPU:N)")
+
+
 def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] = None, spot: bool = False,
          data: str = "", bucket: str = "", name: Optional[str] = None, steps: Optional[int] = None,
          max_cost: Optional[float] = None, idle_minutes: int = 10, price: Optional[float] = None,
@@ -114,16 +129,18 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
          micro_batch: Optional[int] = None, tokens_per_step: Optional[int] = None,
          schedule_steps: Optional[int] = None, image: Optional[str] = None,
          checkpoint_minutes: Optional[float] = None, retry_until_up: bool = False,
-         retry_minutes: Optional[float] = None) -> Plan:
+         retry_minutes: Optional[float] = None, interconnect_gbps: Optional[float] = None,
+         trackers: Optional[list[str]] = None, notify: Optional[list[str]] = None) -> Plan:
     """Check every option, resolve where the run goes and its one price, estimate exactly this launch and
-    build its Job. Writes nothing (`launch --dry-run`)."""
+    build its Job. Writes nothing (`launch --dry-run`). `trackers` (--tracker) replaces the recipe's."""
     infra = normalize_infra(infra)
     retry = retry_window(retry_until_up, retry_minutes, infra)
     r = load_recipe(recipe)
     if gpus is None:
         gpus = local_gpus() if infra == LOCAL else DEFAULT_GPUS
-    gpu_type, count = parse_gpus(gpus)
-    _check_options(gpus, gpu_type, nodes, infra, spot, max_cost, max_hours, schedule_steps, idle_minutes,
+    cands = parse_gpu_candidates(gpus)
+    count = cands[0][1]
+    _check_options(gpus, cands, nodes, infra, spot, max_cost, max_hours, schedule_steps, idle_minutes,
                    push_every)
     # what a preemption may lose (model/stop.py CheckpointTimer); 0 or nan would switch the timer off
     if checkpoint_minutes != 0:  # 0 turns the timer off, as in a recipe
@@ -131,28 +148,34 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
     image = check_image(image, infra)
     data = task.check_url("--data", data, infra, hub=True)
     bucket = task.check_url("--bucket", bucket, infra)
+    notify_secret = node_notify(notify)
 
     check_sizes(steps, tokens_per_step, micro_batch, nodes)
-    if infra != LOCAL:  # CPU ranks on this machine are not held to a GPU's memory
-        check_fits(r, gpu_type, count * nodes, micro_batch, tokens_per_step)
-    clouds = _clouds(infra, gpu_type, count, spot, offline)
-    # The one price of this launch: --price, else the catalog's (any_of: the most expensive candidate's),
-    # else the table's. The estimate, the spec, the trainer's cap and `status` all use it.
-    found = prices_here(infra, clouds, gpu_type, count, spot, price)
-    est = estimate(r, price=found, gpu_type=gpu_type, gpus_per_node=count, nodes=nodes, steps=steps,
-                   micro_batch=micro_batch, tokens_per_step=tokens_per_step, local=infra == LOCAL, spot=spot,
-                   idle_minutes=idle_minutes, checkpoint_minutes=checkpoint_minutes)
+    # Each GPU candidate: where it can go, its one price (--price, else the catalog's: any_of, the most
+    # expensive cloud's; else the table's) and its estimate. The launch is estimated at its dearest.
+    priced = price_candidates(r, cands, infra, spot, offline, price, nodes=nodes, steps=steps,
+                              micro_batch=micro_batch, tokens_per_step=tokens_per_step, idle_minutes=idle_minutes,
+                              checkpoint_minutes=checkpoint_minutes, interconnect_gbps=interconnect_gbps,
+                              image=image)
+    top = max(priced, key=lambda c: c.est.all_in_cost_usd)
+    est, found, gpu_type = top.est, top.price, top.gpu
+    clouds = list(dict.fromkeys(c for p in priced for c in p.clouds))
+    several = len(priced) > 1
 
     if max_cost and infra != LOCAL:
         check_budget(max_cost, est)
     plain, secrets = task.node_storage([data, bucket], infra)
+    tracked, tracker_plain, tracker_secrets, tracker_warnings = node_trackers(r, trackers, infra)
+    plain, secrets = {**plain, **tracker_plain}, {**secrets, **tracker_secrets, **notify_secret}
     wheel = build.wheel_bytes()  # this exact build of the trainer, made in memory: start.py writes it
     run_id = registry.check_run_id(name) if name else registry.new_run_id(r.name)
     spec = RunSpec(
         run_id=run_id, kind=LOCAL if infra == LOCAL else MANAGED_JOB if spot else CLUSTER, infra=infra,
         run_url=f"{bucket}/{run_id}", bucket=bucket, data_url=data, recipe=r.name, gpu_type=gpu_type,
-        gpus_per_node=count, nodes=nodes, spot=spot, price_per_gpu_hour=est.price_per_gpu_hour,
-        cloud_prices=dict(found.candidates), total_steps=est.steps, estimate=est, max_cost_usd=max_cost or 0.0,
+        gpus_per_node=count, nodes=nodes, spot=spot,
+        # GPU candidates: the cap counts the dearest rate until the node knows its GPU (gpu_config)
+        price_per_gpu_hour=max(p.est.price_per_gpu_hour for p in priced),
+        cloud_prices={} if several else dict(found.candidates), total_steps=est.steps, estimate=est, max_cost_usd=max_cost or 0.0,
         max_hours=max_hours or 0.0, idle_minutes=idle_minutes, image=image, retry_minutes=retry,
         build_sha256=hashlib.sha256(wheel[1]).hexdigest(),
     )
@@ -161,24 +184,27 @@ def plan(recipe: str, gpus: Optional[str], nodes: int = 1, infra: Optional[str] 
         device="auto" if spec.local else "cuda", stall_minutes=stall_minutes(est),
         checkpoint_minutes=checkpoint_minutes,
         # MFU in the metrics needs the real peak: a local run of `--gpus H100:2` on CPU ranks has none
-        peak_flops_per_gpu=0.0 if spec.local and gpu_type != CPU else est.peak_tflops_per_gpu * 1e12,
+        # (GPU candidates: the node sets it from the GPU it has)
+        peak_flops_per_gpu=0.0 if several or (spec.local and gpu_type != CPU) else est.peak_tflops_per_gpu * 1e12,
+        gpu_candidates=gpu_config(priced) if several else {},
         launched_at=round(time.time(), 3),  # a node's billing starts no earlier (model/config.py node_up)
-        **money(spec),
+        trackers=tracked, **money(spec),
     )
     job = task.Job(
         spec=spec,
         resources=task.Resources(infra=infra, idle_minutes=idle_minutes, clouds=tuple(clouds),
-                                 accelerators=f"{gpu_type}:{count}", spot=spot, image=image,
+                                 accelerators=",".join(f"{p.gpu}:{count}" for p in priced), spot=spot, image=image,
                                  disk_gb=node_disk_gb(train_cfg)),
         envs=node_envs(spec, push_every, train_cfg.keep_checkpoints, plain),
         secrets=secrets, setup=scripts.render(scripts.SETUP_SCRIPT), run=scripts.render(scripts.RUN_SCRIPT),
         wheel=wheel, workdir=str(home.build_dir(run_id)), config_json=train_cfg.to_json(), estimate=est,
-        price=found, warnings=check_credentials(secrets, est, spec.local),
+        price=found, warnings=(candidates_note(gpus, priced, spec) + check_credentials(secrets, est, spec.local)
+                               + tracker_warnings),
     )
     return Plan(job=job, train_cfg=train_cfg)
 
 
-def _check_options(gpus, gpu_type, nodes, infra, spot, max_cost, max_hours, schedule_steps, idle_minutes,
+def _check_options(gpus, cands, nodes, infra, spot, max_cost, max_hours, schedule_steps, idle_minutes,
                    push_every) -> None:
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: need at least 1 node")
@@ -189,14 +215,71 @@ def _check_options(gpus, gpu_type, nodes, infra, spot, max_cost, max_hours, sche
         positive("--schedule-steps", schedule_steps, "19073", upper=MAX_STEPS)
     positive("--idle-minutes", idle_minutes, "10")
     positive("--push-every", push_every, "60")
-    if gpu_type == CPU and infra != LOCAL:
+    if len(cands) > 1 and (infra == LOCAL or CPU in dict(cands)):
+        raise UserError(f"--gpus {gpus}: a candidate list is for a cloud launch (SkyPilot picks one of them); "
+                        "--infra local and CPU ranks take one TYPE:COUNT")
+    if cands[0][0] == CPU and infra != LOCAL:
         raise UserError(f"--gpus {gpus}: CPU ranks are for --infra local; on a cloud pick a GPU type "
                         "(`gpt2cloud estimate RECIPE --compare` ranks them)")
     if infra == LOCAL:
-        if nodes != 1:
-            raise UserError("--infra local runs one node; drop --nodes (or launch on a cloud)")
+        # --nodes N runs N nodes on this machine, each through the node's own scripts and on its own GPUs
+        # (gpt2cloud/backends/local.py)
         if spot:
             raise UserError("--infra local has no spot instances; drop --spot")
+        if cands[0][0] != CPU:
+            check_local_gpus(gpus, cands[0][1], nodes)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One GPU candidate of a launch (`--gpus H100:8,A100-80GB:8`): where it can go, its price, its estimate."""
+
+    gpu: str
+    clouds: list
+    price: Price
+    est: Estimate
+
+
+def price_candidates(r, cands, infra: str, spot: bool, offline: bool, given: Optional[float], *, nodes: int,
+                     micro_batch: Optional[int], tokens_per_step: Optional[int], **kw) -> list[Candidate]:
+    """Check, price and estimate each GPU candidate. Several share one config.json, so they train with the
+    micro-batch that fits on all of them (the smallest each would choose)."""
+    out = []
+    for gpu, count in cands:
+        if infra != LOCAL:  # CPU ranks on this machine are not held to a GPU's memory
+            check_fits(r, gpu, count * nodes, micro_batch, tokens_per_step)
+        where = _clouds(infra, gpu, count, spot, offline)
+        found = prices_here(infra, where, gpu, count, spot, given)
+        out.append(Candidate(gpu, where, found, None))
+    if micro_batch is None and len(out) > 1:
+        micro_batch = min(_estimate(r, c, cands[0][1], infra, spot, nodes, None, tokens_per_step, kw).micro_batch
+                          for c in out)
+    return [dataclasses.replace(c, est=_estimate(r, c, cands[0][1], infra, spot, nodes, micro_batch,
+                                                 tokens_per_step, kw)) for c in out]
+
+
+def _estimate(r, c: Candidate, count: int, infra: str, spot: bool, nodes: int, micro_batch, tokens_per_step,
+              kw: dict) -> Estimate:
+    return estimate(r, price=c.price, gpu_type=c.gpu, gpus_per_node=count, nodes=nodes, micro_batch=micro_batch,
+                    tokens_per_step=tokens_per_step, local=infra == LOCAL, spot=spot, **kw)
+
+
+def gpu_config(priced: list[Candidate]) -> dict:
+    """config.json's gpu_candidates: what the node needs once it knows its GPU (model/config.py resolve_gpu)."""
+    return {c.gpu: {"peak_flops_per_gpu": c.est.peak_tflops_per_gpu * 1e12,
+                    "price_per_gpu_hour": c.est.price_per_gpu_hour, "cloud_prices": dict(c.price.candidates)}
+            for c in priced}
+
+
+def candidates_note(gpus: str, priced: list[Candidate], spec: RunSpec) -> tuple:
+    """The line a launch over GPU candidates prints: which one it is estimated at, and the cap's rate."""
+    if len(priced) < 2:
+        return ()
+    each = "; ".join(f"{c.gpu}:{spec.gpus_per_node} ${c.est.all_in_cost_usd:,.2f} in {c.est.all_in_hours:.1f} h "
+                     f"at ${c.est.price_per_gpu_hour:.2f}/GPU-hour" for c in priced)
+    return (f"--gpus {gpus}: SkyPilot picks one of them; estimated at the dearest whole run, {spec.gpu_type} ({each}); "
+            f"until the node finds which GPU it has, --max-cost counts ${spec.price_per_gpu_hour:.2f}/GPU-hour, "
+            "the dearest rate",)
 
 
 def _clouds(infra: str, gpu_type: str, count: int, spot: bool, offline: bool) -> list[str]:
@@ -283,6 +366,68 @@ def retry_window(retry_until_up: bool, retry_minutes: Optional[float], infra: st
     return float(retry_minutes or RETRY_MINUTES)
 
 
+# WANDB_MODE values under which wandb needs no API key (the run stays in OUT/wandb on the node)
+WANDB_OFFLINE = ("offline", "dryrun", "disabled")
+
+
+def node_trackers(r, flag: Optional[list[str]], infra: str, env: Optional[dict] = None) -> tuple:
+    """The run's trackers (--tracker, else the recipe's eval.trackers) and what the node needs for them:
+    (names, plain envs, secrets, warnings). The node installs their packages (build.NODE_EXTRAS_ENV); --infra
+    local runs this machine's Python, which must have them. Each tracker's settings set here go along, its
+    credentials as secrets only. UserError in one line for a name the trainer does not know, a package
+    missing here on --infra local, or wandb on a cloud without WANDB_API_KEY (and not offline)."""
+    env = os.environ if env is None else env
+    names, where = r.trackers_for(flag)
+    problem = trackers.refusal(names, where, here=infra == LOCAL)
+    if problem:
+        raise UserError(problem)
+    plain, secrets = {}, {}
+    for name in names:
+        kind = trackers.TRACKERS[name]
+        plain.update((k, env[k]) for k in kind.plain_envs if env.get(k))
+        secrets.update((k, env[k]) for k in kind.secret_envs if env.get(k))
+    offline = env.get("WANDB_MODE", "").lower() in WANDB_OFFLINE
+    if "wandb" in names and infra != LOCAL and "WANDB_API_KEY" not in secrets and not offline:
+        raise UserError(f"{where} wandb: WANDB_API_KEY is not set here, and the node needs it to log to W&B; "
+                        "export WANDB_API_KEY (https://wandb.ai/authorize; it travels as a SkyPilot secret), or "
+                        "WANDB_MODE=offline to keep the W&B run on the node")
+    extras = build.tracker_requirements(names)
+    if extras:
+        plain[build.NODE_EXTRAS_ENV] = " ".join(extras)
+    return names, plain, secrets, _tracker_warnings(names, infra, plain, secrets, offline)
+
+
+def _tracker_warnings(names: list, infra: str, plain: dict, secrets: dict, offline: bool) -> tuple:
+    """What a cloud run's trackers keep only on the node, which goes away with it."""
+    if infra == LOCAL:
+        return ()
+    out = []  # (tensorboard's event files go to the bucket with the metrics: `gpt2cloud fetch` brings them)
+    if "wandb" in names and offline:
+        out.append("--tracker wandb with WANDB_MODE=offline: the W&B run stays on the node (OUT/wandb)")
+    if "trackio" in names and not (plain.get("TRACKIO_SPACE_ID") or secrets.get("TRACKIO_SERVER_URL")):
+        out.append("--tracker trackio: no TRACKIO_SPACE_ID or TRACKIO_SERVER_URL here, so the node logs to its own "
+                   "disk, which goes away with it; set one to follow the run")
+    return tuple(out)
+
+
+def check_notify(urls, flag: str = "--notify") -> list[str]:
+    """--notify's URLs, each checked with the node's own rule (model/notify.py check_urls) and each once:
+    UserError in one line naming `flag` (the URL redacted: a webhook URL is a credential) for one that is
+    not a webhook URL. `launch`, `train` and `config set notify` all check with it."""
+    try:
+        return notify.check_urls(urls)
+    except notify.BadURL as e:
+        raise UserError(f"{flag} {e}") from None
+
+
+def node_notify(urls: Optional[list[str]]) -> dict:
+    """--notify's URLs as the node's secret (model/notify.py NOTIFY_ENV, one a line): a webhook URL is a
+    credential, so it never becomes a plain env, a file or a line of output. UserError in one line (the URL
+    redacted) for one that is not a webhook URL."""
+    checked = check_notify(urls)
+    return {notify.NOTIFY_ENV: "\n".join(checked)} if checked else {}
+
+
 def node_envs(spec: RunSpec, push_every: int, keep_checkpoints: int, plain: dict) -> tuple:
     """The plain settings the node scripts read (never a secret, never a money setting)."""
     e = {
@@ -300,6 +445,7 @@ def node_envs(spec: RunSpec, push_every: int, keep_checkpoints: int, plain: dict
     }
     if spec.spot:  # a managed job's node goes the moment its job ends: keep trying to save the last checkpoint
         e["GPT2CLOUD_FINAL_PUSH_MINUTES"] = str(SPOT_FINAL_PUSH_MINUTES)
+        e[notify_cli.MANAGED_JOB_ENV] = "1"  # its notifications say which exits SkyPilot relaunches
     e.update((k, str(v)) for k, v in sorted(plain.items()))
     return tuple(e.items())
 

@@ -9,9 +9,12 @@ model.config` for what it needs of them.
 
 from __future__ import annotations
 
+import math
+
 from gpt2cloud.launch.build import NODE_REQUIREMENTS
 from gpt2cloud.store.layout import CONFIG, LOGS, NODE_HOME, TIMELINE
 from model import deadman  # the bounds of the phases outside the trainer, their exit codes, a full disk
+from model import notify_cli  # --notify: the job's end told by its EXIT trap (notify_end)
 from model.config import DIVERGED_MARKER, EXIT_DIVERGED, EXIT_NO_GPU  # a diverged run; setup's GPU check
 from model.datadir import STATUS as DATA_STATUS  # the data download's status file
 from model.sync import EXIT_BUCKET, EXIT_DATA, EXIT_FINAL_PUSH  # the exit codes of the node's sync steps
@@ -59,6 +62,7 @@ bounded() {  # bounded SECONDS CMD...: CMD, given up on after SECONDS (its tree 
   wait "$pid"
 }
 deadman() {  # deadman PHASE SECONDS CODE: a phase past its bound: one line and a timeline event (the caller ends)
+  REASON="$1 did not finish within $2 s (a hang)"  # what the job's end notification says (notify_end)
   echo "gpt2cloud: DEADMAN: $1 did not finish within $2 s (a hang: nothing would ever end it, and the node would" \
     "bill on); the job ends here (exit $3), so that autostop removes the node" >&3
   mkdir -p "$NODE_HOME/out"
@@ -70,6 +74,37 @@ workdir_build() {  # the sha256 of the wheel in the workdir: the build of the tr
 }
 node_deps() {  # what the venv must hold: the task's torch pin and the node requirements
   echo "${GPT2CLOUD_TORCH_SPEC:-torch} @NODE_DEPS@"
+}
+notify() {  # notify EVENT TEXT [ARGS...]: tell --notify's URLs (model/notify_cli.py) within @NOTIFY_BOUND@ s; never the
+  # job's status. Run from this task's wheel (a zip Python imports from): setup may not have installed it yet.
+  # The URLs stay in the environment (a secret): never on a command line, never in a log.
+  local py="${PY:-${GPT2CLOUD_PYTHON:-python3}}" wheel=""
+  if [ -z "${GPT2CLOUD_NOTIFY:-}" ]; then return 0; fi
+  for wheel in "$PWD"/gpt2cloud-*.whl; do break; done
+  if [ ! -f "$wheel" ]; then wheel="$NODE_HOME/site"; fi
+  if [ ! -x "$py" ]; then py="$(command -v python3)" || return 0; fi
+  PYTHONPATH="$wheel" timeout -k 2 @NOTIFY_BOUND@ "$py" -m model.notify_cli "$1" --text "$2" "${@:3}" || true
+}
+notify_end() {  # notify_end CODE: how the job ended, told once as it exits (the scripts' EXIT trap): a failure and
+  # what was saved, a stall, a deadman, a signal (a preemption's shutdown, `down`, a cancel). The trainer tells
+  # its own ends (finish, stops, divergence), so 0 and EXIT_DIVERGED tell nothing here. Node 0 tells every
+  # end; another node only a failure of its own (a peer's cancel reaches it as a signal).
+  local code="$1" event rank="${RANK:-${SKYPILOT_SETUP_NODE_RANK:-0}}" node=()
+  case "$code" in
+    0|@EXIT_DIVERGED@) event="" ;;
+    @EXIT_STALLED@) event=stall ;;
+    @EXIT_SETUP_HUNG@|@EXIT_PULL_HUNG@|@EXIT_DATA_HUNG@|@EXIT_STARTUP_HUNG@|@EXIT_RENDEZVOUS_HUNG@) event=deadman ;;
+    129|130|143) event=preemption ;;  # SIGHUP, SIGINT, SIGTERM
+    *) event=failed ;;
+  esac
+  # the trainer was told to stop by a signal (a shutdown signals every process: the log's tee may be gone, and
+  # the write that finds it gone ends this script with a status of 0 here)
+  if [ -n "${SIGNALLED:-}" ]; then event=preemption REASON="${REASON:-a signal stopped the trainer}"; fi
+  if [ -z "$event" ]; then return 0; fi
+  if [ "$rank" != 0 ] && [ "$event" = preemption ]; then return 0; fi
+  if [ "${SKYPILOT_NUM_NODES:-1}" -gt 1 ]; then node=(--node "$rank of $SKYPILOT_NUM_NODES"); fi
+  notify "$event" "${REASON:-}" --code "$code" --out "$NODE_HOME/out" --in-bucket "${IN_BUCKET:-yes}" \
+    "${node[@]}"
 }
 """
 
@@ -83,6 +118,7 @@ SETUP_SCRIPT = r"""set -euo pipefail
 NODE_HOME="${GPT2CLOUD_NODE_HOME:-@NODE_HOME_DEFAULT@}"
 mkdir -p "$NODE_HOME"
 @NODE_FUNCTIONS@
+trap 'notify_end $?' EXIT  # a setup that fails (no GPU, a part that hung) is the job's end: --notify hears of it
 : > "$NODE_HOME/setup_times"
 part() {  # part NAME START: a line "NAME START END" that the run script turns into timeline events
   echo "$1 $2 $(date +%s.%N)" >> "$NODE_HOME/setup_times"
@@ -143,6 +179,14 @@ else
   echo "$DEPS" > "$NODE_HOME/deps"
   part deps "$T"
 fi
+# The run's trackers' packages (gpt2cloud/launch/build.py NODE_EXTRAS_ENV), only when it asks for them, on the
+# fast path too (a relaunch may ask for another tracker): pip skips what is there. Kept out of DEPS, which
+# would rebuild the venv (torch included) whenever the trackers change. --infra local: its Python has them.
+if [ -z "${GPT2CLOUD_PYTHON:-}" ] && [ -n "${GPT2CLOUD_NODE_EXTRAS:-}" ]; then
+  read -r -a EXTRAS <<< "$GPT2CLOUD_NODE_EXTRAS"
+  run_part deps @BOUND_DEPS@ "$PY" -m pip install -q "${EXTRAS[@]}"
+fi
+echo "${GPT2CLOUD_NODE_EXTRAS:-}" > "$NODE_HOME/extras"
 if [ "${GPT2CLOUD_DEVICE:-auto}" = cuda ]; then
   T="$(date +%s.%N)"
   # Fail in seconds, not after an hour of billing on CPU: torch must see every GPU this node was given.
@@ -175,7 +219,8 @@ NODE_HOME="${GPT2CLOUD_NODE_HOME:-@NODE_HOME_DEFAULT@}"
 # so the node may hold another build of the trainer (or other dependencies) than this task ships. Then
 # setup runs again here, taking its fast paths (the same dependencies: only the wheel, in seconds).
 if [ ! -f "$NODE_HOME/python" ] || [ "$(cat "$NODE_HOME/build" 2>/dev/null)" != "$(workdir_build)" ] || {
-     [ -z "${GPT2CLOUD_PYTHON:-}" ] && [ "$(cat "$NODE_HOME/deps" 2>/dev/null)" != "$(node_deps)" ]; }; then
+     [ -z "${GPT2CLOUD_PYTHON:-}" ] && [ "$(cat "$NODE_HOME/deps" 2>/dev/null)" != "$(node_deps)" ]; } || {
+     [ "$(cat "$NODE_HOME/extras" 2>/dev/null)" != "${GPT2CLOUD_NODE_EXTRAS:-}" ]; }; then
   echo "gpt2cloud: this node holds build $(cut -c1-16 "$NODE_HOME/build" 2>/dev/null || echo none), not this task's" \
     "($(workdir_build | cut -c1-16)): setting it up again"
   IFS= read -r -d '' SETUP_AGAIN <<'GPT2CLOUD_SETUP_SCRIPT' || true
@@ -186,6 +231,11 @@ fi
 PY="$(cat "$NODE_HOME/python")"
 export PYTHONPATH="$NODE_HOME/site${PYTHONPATH:+:$PYTHONPATH}"
 RANK="${SKYPILOT_NODE_RANK:-0}"
+# However the job ends from here, --notify hears of it once (notify_end); setup run again above told its own.
+# IN_BUCKET: whether what the node holds is in the bucket: all of it came from there until the pusher starts; then
+# unknown until the final push says.
+REASON="" IN_BUCKET=yes SIGNALLED=""
+trap 'notify_end $?' EXIT
 OUT="$NODE_HOME/out"
 DATA="$NODE_HOME/data"
 mkdir -p "$OUT/@LOGS@"
@@ -217,6 +267,7 @@ disk_full() {  # whether the trainer ran out of disk: its marker, or under 64 MB
   return 1
 }
 say_disk_full() {  # the job's one line about it
+  REASON="the node's disk is full (in: $(cat "$OUT/@DISK_FULL@" 2>/dev/null || echo "$OUT or $DATA"))"
   echo "gpt2cloud: the node's disk is full (in: $(cat "$OUT/@DISK_FULL@" 2>/dev/null || echo "$OUT or $DATA")): the" \
     "task's disk_size is too small for this run; exit @EXIT_DISK_FULL@"
 }
@@ -232,9 +283,14 @@ if [ -z "${GPT2CLOUD_NODE_UP:-}" ]; then
 fi
 export GPT2CLOUD_NODE_UP
 # The price this node bills at (config.json; an any_of launch: the cloud it landed on), for `status`.
-PRICE="$("$PY" -m model.config price-here @CONFIG@ 2>/dev/null || echo null)"
-printf '{"event": "node_up", "time": %s, "rank": %s, "price_per_gpu_hour": %s}\n' "$GPT2CLOUD_NODE_UP" "$RANK" \
-  "$PRICE" >> "$OUT/@TIMELINE@"
+# (a launch over GPU candidates: the one it has, as nvidia-smi names it)
+GPU_NAME="$(timeout 10 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 || true)"
+PRICE="$("$PY" -m model.config price-here @CONFIG@ --device-name "$GPU_NAME" 2>/dev/null || echo null)"
+# "job" and "attempt": which managed job and which of its attempts came up (gpt2cloud/runs/attempts.py counts
+# them: node_up times alone can coincide, e.g. floored at the launch in a container)
+ATTEMPT="$(od -An -N6 -tx1 /dev/urandom 2>/dev/null | tr -d ' \n')"
+printf '{"event": "node_up", "time": %s, "rank": %s, "price_per_gpu_hour": %s, "job": "%s", "attempt": "%s"}\n' \
+  "$GPT2CLOUD_NODE_UP" "$RANK" "$PRICE" "${SKYPILOT_MANAGED_JOB_ID:-}" "${ATTEMPT:-}" >> "$OUT/@TIMELINE@"
 # the setup's span, with its parts' seconds (venv, torch, deps, gpu_check, wheel: what to speed up next)
 if read -r _ SETUP_START SETUP_END < <(grep '^setup ' "$NODE_HOME/setup_times" 2>/dev/null); then
   PARTS="$(awk '$1 != "setup" {printf "%s\"%s\": %.3f", (n++ ? ", " : ""), $1, $3 - $2}' "$NODE_HOME/setup_times")"
@@ -251,7 +307,8 @@ rm -f "$DATA/@DATA_STATUS@"
 "$PY" -m model.sync data "$GPT2CLOUD_DATA_URL" "$DATA" --timeline "$OUT/@TIMELINE@" --config @CONFIG@ \
   ${GPT2CLOUD_DATA_MAX_MB_PER_S:+--max-mb-per-s "$GPT2CLOUD_DATA_MAX_MB_PER_S"} &
 DOWNLOADER=$!
-trap 'kill -TERM "$DOWNLOADER" 2>/dev/null' EXIT  # however the script ends, the download ends with it
+# however the script ends, the download ends with it (and --notify hears how)
+trap 'CODE=$?; kill -TERM "$DOWNLOADER" 2>/dev/null; notify_end "$CODE"' EXIT
 DATA_LIMIT="$(bound data @DATA_BOUND@)"
 DATA_BYTES="$("$PY" -m model.sync wait "$DATA" --pid "$DOWNLOADER" --timeout "$DATA_LIMIT")"
 WAITED=$?
@@ -268,36 +325,63 @@ note data "\"start\": $DATA_START, \"bytes\": $DATA_BYTES"
   --keep "$GPT2CLOUD_KEEP_CHECKPOINTS" --retry-seconds "${GPT2CLOUD_PUSH_RETRY_SECONDS:-5}" \
   --final-minutes "${GPT2CLOUD_FINAL_PUSH_MINUTES:-0}" &
 PUSHER=$!
+IN_BUCKET=unknown
 MASTER_ADDR="$(echo "$SKYPILOT_NODE_IPS" | head -n1)"
 LIMIT=()  # --max-hours (config.json): a hard stop for a trainer that would not stop itself
 MAX_SECONDS="$("$PY" -m model.config hard-limit @CONFIG@ 2>/dev/null || echo 0)"
 if [ "$MAX_SECONDS" != 0 ]; then LIMIT=(timeout --kill-after=60 "$MAX_SECONDS"); fi
+meet_the_nodes() {  # several nodes: their rendezvous before torchrun's (model/deadman.py): node 0 listens on the
+  # master port, the others report to it. A node that never comes is named by every node that is there, within
+  # RENDEZVOUS_BOUND (exit EXIT_RENDEZVOUS_HUNG) and within the start-up's bound (which it is part of).
+  local limit own
+  limit="$(bound rendezvous @RENDEZVOUS_BOUND@)"
+  bounded $((STARTUP_END - SECONDS)) "$PY" -m model.deadman rendezvous --rank "$RANK" \
+    --nodes "$SKYPILOT_NUM_NODES" --addr "$MASTER_ADDR" \
+    --port "${GPT2CLOUD_MASTER_PORT:-@MASTER_PORT@}" --timeout "$limit" \
+    --run "$GPT2CLOUD_RUN_ID" --timeline "$OUT/@TIMELINE@"
+  RC=$?
+  if [ -n "$HUNG" ]; then
+    deadman "the trainer's start-up" "$STARTUP_LIMIT" @EXIT_STARTUP_HUNG@
+    RC=@EXIT_STARTUP_HUNG@
+  fi
+  own=$((SECONDS + $(bound startup @STARTUP_BOUND@)))  # the trainer's own start-up still gets its whole bound
+  if [ "$own" -gt "$STARTUP_END" ]; then STARTUP_END=$own; STARTUP_LIMIT=$((own - STARTUP_START)); fi
+}
+run_trainer() {  # torchrun over every node; its start-up bounded until its watchdog starts and says so (OUT/started)
+  # torchrun's own rendezvous (a store on the master port) would give up after 600 s with an error that names
+  # no node: it waits longer than what is left of the start-up's bound, so the deadman's line says what hung.
+  "${LIMIT[@]}" "$PY" -m torch.distributed.run --nnodes="$SKYPILOT_NUM_NODES" \
+    --nproc_per_node="$SKYPILOT_NUM_GPUS_PER_NODE" --node_rank="$RANK" --master_addr="$MASTER_ADDR" \
+    --master_port="${GPT2CLOUD_MASTER_PORT:-@MASTER_PORT@}" --rdzv-conf "timeout=$((STARTUP_END - SECONDS + 60))" \
+    -m model.train --config @CONFIG@ --data "$DATA" --out "$OUT" --resume auto &
+  TRAINER=$!
+  trap 'SIGNALLED=1; kill -TERM "$TRAINER" 2>/dev/null' TERM INT  # (told as a signal, not a failure)
+  while [ ! -f "$OUT/@STARTED@" ] && kill -0 "$TRAINER" 2>/dev/null && [ "$SECONDS" -lt "$STARTUP_END" ]; do
+    sleep 1
+  done
+  if [ ! -f "$OUT/@STARTED@" ] && kill -0 "$TRAINER" 2>/dev/null; then
+    kill_tree "$TRAINER"  # not waited for: a process stuck in CUDA init may never go
+    deadman "the trainer's start-up" "$STARTUP_LIMIT" @EXIT_STARTUP_HUNG@
+    RC=@EXIT_STARTUP_HUNG@
+  else
+    wait "$TRAINER"; RC=$?
+    if kill -0 "$TRAINER" 2>/dev/null; then wait "$TRAINER"; RC=$?; fi
+  fi
+  echo "gpt2cloud: trainer exited with code $RC"
+}
 note train_start
-"${LIMIT[@]}" "$PY" -m torch.distributed.run --nnodes="$SKYPILOT_NUM_NODES" --nproc_per_node="$SKYPILOT_NUM_GPUS_PER_NODE" \
-  --node_rank="$RANK" --master_addr="$MASTER_ADDR" --master_port="${GPT2CLOUD_MASTER_PORT:-@MASTER_PORT@}" \
-  -m model.train --config @CONFIG@ --data "$DATA" --out "$OUT" --resume auto &
-TRAINER=$!
-trap 'kill -TERM "$TRAINER" 2>/dev/null' TERM INT
-# Its start-up (CUDA init, the model, the rendezvous) is bounded from here until its watchdog starts and
-# says so (OUT/started). torchrun's rendezvous waits for every node, and a peer starts its trainer only
-# after its own pull and data wait: with several nodes those bounds are added.
+# The trainer's start-up (CUDA init, the model, the rendezvous) is bounded from here. With several nodes it
+# begins with their rendezvous, where a peer arrives only after its own pull and data wait: those bounds are
+# added.
 STARTUP_LIMIT="$(bound startup @STARTUP_BOUND@)"
 if [ "${SKYPILOT_NUM_NODES:-1}" -gt 1 ]; then
   STARTUP_LIMIT=$((STARTUP_LIMIT + $(bound pull @PULL_BOUND@) + $(bound data @DATA_BOUND@)))
 fi
+STARTUP_START=$SECONDS
 STARTUP_END=$((SECONDS + STARTUP_LIMIT))
-while [ ! -f "$OUT/@STARTED@" ] && kill -0 "$TRAINER" 2>/dev/null && [ "$SECONDS" -lt "$STARTUP_END" ]; do
-  sleep 1
-done
-if [ ! -f "$OUT/@STARTED@" ] && kill -0 "$TRAINER" 2>/dev/null; then
-  kill_tree "$TRAINER"  # not waited for: a process stuck in CUDA init may never go
-  deadman "the trainer's start-up" "$STARTUP_LIMIT" @EXIT_STARTUP_HUNG@
-  RC=@EXIT_STARTUP_HUNG@
-else
-  wait "$TRAINER"; RC=$?
-  if kill -0 "$TRAINER" 2>/dev/null; then wait "$TRAINER"; RC=$?; fi
-fi
-echo "gpt2cloud: trainer exited with code $RC"
+RC=0
+if [ "${SKYPILOT_NUM_NODES:-1}" -gt 1 ]; then meet_the_nodes; fi
+if [ "$RC" = 0 ]; then run_trainer; fi
 note train_end "\"code\": $RC"
 # The trainer is done with the data: a download still going stops here. Its failure is the job's only
 # when the trainer failed too (its loader then said which shard never came).
@@ -306,10 +390,11 @@ if [ "$RC" -ne 0 ] && grep -q '"state": "failed"' "$DATA/@DATA_STATUS@" 2>/dev/n
   RC="$(sed -n 's/.*"exit_code": \([0-9][0-9]*\).*/\1/p' "$DATA/@DATA_STATUS@")"  # a full disk has its own
   RC="${RC:-@EXIT_DATA@}"
   if [ "$RC" = @EXIT_DISK_FULL@ ]; then say_disk_full
-  else echo "gpt2cloud: the data download failed (see $DATA/@DATA_STATUS@); exit $RC"; fi
+  else REASON="the data download failed (see $DATA/@DATA_STATUS@)"; echo "gpt2cloud: $REASON; exit $RC"; fi
 fi
 if [ -f "$OUT/@STALLED@" ]; then
-  echo "gpt2cloud: the trainer stalled ($(cat "$OUT/@STALLED@") was the last thing it finished); exit @EXIT_STALLED@"
+  REASON="the trainer stalled ($(head -c 200 "$OUT/@STALLED@") was the last thing it finished)"
+  echo "gpt2cloud: $REASON; exit @EXIT_STALLED@"
   RC=@EXIT_STALLED@
 fi
 # A diverged run (under torchrun its own exit code is lost): its code, which a managed job never retries.
@@ -328,7 +413,9 @@ kill -TERM "$PUSHER" 2>/dev/null
 # Not cut short: the final push carries the last checkpoint (GBs); each request has a read timeout and
 # the push FINAL_TRIES attempts with backoff (model/sync.py), so this wait ends on its own.
 wait "$PUSHER"; PUSHED=$?
+IN_BUCKET=yes
 if [ "$PUSHED" -ne 0 ]; then
+  IN_BUCKET=no
   echo "gpt2cloud: FINAL PUSH FAILED: the newest checkpoint is only on this node, in $OUT. Copy it before autostop"
   echo "gpt2cloud: removes the node: rsync -a $GPT2CLOUD_RUN_ID:$OUT/ runs/$GPT2CLOUD_RUN_ID/"
   if [ "$RC" -eq 0 ]; then RC=@EXIT_FINAL_PUSH@; fi
@@ -347,7 +434,8 @@ def render(script: str) -> str:
               "STALLED": STALLED, "LOGS": LOGS, "CONFIG": CONFIG, "TIMELINE": TIMELINE,
               "DATA_STATUS": DATA_STATUS,
               "TORCH_CUDA_BUILDS": " ".join(TORCH_CUDA_BUILDS), "TORCH_INDEX": TORCH_INDEX,
-              "NODE_DEPS": " ".join(NODE_REQUIREMENTS), **deadman_values()}
+              "NODE_DEPS": " ".join(NODE_REQUIREMENTS), "NOTIFY_BOUND": math.ceil(notify_cli.CLI_WAIT_S) + 3,
+              **deadman_values()}
     script = script.replace("@NODE_FUNCTIONS@", NODE_FUNCTIONS.rstrip("\n"))
     for name, value in values.items():
         script = script.replace(f"@{name}@", str(value))
@@ -358,10 +446,11 @@ def deadman_values() -> dict:
     """The deadman's constants (model/deadman.py) by their placeholder names."""
     values = {f"BOUND_{part.upper()}": seconds for part, seconds in deadman.SETUP_BOUNDS.items()}
     values.update(BOUND_ENV=deadman.BOUND_ENV, PULL_BOUND=deadman.PULL_BOUND, DATA_BOUND=deadman.DATA_BOUND,
-                  STARTUP_BOUND=deadman.STARTUP_BOUND, STARTED=STARTED, DISK_FULL=deadman.DISK_FULL,
+                  STARTUP_BOUND=deadman.STARTUP_BOUND, RENDEZVOUS_BOUND=deadman.RENDEZVOUS_BOUND,
+                  STARTED=STARTED, DISK_FULL=deadman.DISK_FULL,
                   EXIT_SETUP_HUNG=deadman.EXIT_SETUP_HUNG, EXIT_PULL_HUNG=deadman.EXIT_PULL_HUNG,
                   EXIT_DATA_HUNG=deadman.EXIT_DATA_HUNG, EXIT_STARTUP_HUNG=deadman.EXIT_STARTUP_HUNG,
-                  EXIT_DISK_FULL=deadman.EXIT_DISK_FULL)
+                  EXIT_DISK_FULL=deadman.EXIT_DISK_FULL, EXIT_RENDEZVOUS_HUNG=deadman.EXIT_RENDEZVOUS_HUNG)
     return values
 
 

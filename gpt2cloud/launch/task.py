@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from gpt2cloud.cost.network import NETWORK_TIER_CLOUDS, asks_for_network_tier  # noqa: F401  (task.NETWORK_TIER_CLOUDS)
 from gpt2cloud.cost.prices import Price
 from gpt2cloud.errors import UserError
 from gpt2cloud.launch import build
@@ -39,6 +40,8 @@ from gpt2cloud.runs.registry import RunSpec
 from gpt2cloud.store import STORES, StorageError
 from gpt2cloud.store.hub import parse_hub_url
 from model import deadman
+from model.notify import NOTIFY_ENV
+from model.trackers import TRACKERS
 from model.watchdog import EXIT_STALLED
 
 # A managed job is relaunched after a preemption, after a stall (a hung rank or data read: a transient
@@ -48,9 +51,12 @@ from model.watchdog import EXIT_STALLED
 JOB_RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0,
                 "recover_on_exit_codes": [EXIT_STALLED, *deadman.RECOVERABLE]}
 
-# Storage credentials travel as SkyPilot secrets, never as envs, never printed; each store names its own
-# (gpt2cloud/store/__init__.py STORES).
-SECRET_NAMES = tuple(name for scheme in STORES.values() for name in scheme.secret_envs)
+# Storage and tracker credentials travel as SkyPilot secrets, never as envs, never printed; each store and
+# each tracker names its own (gpt2cloud/store/__init__.py STORES, model/trackers.py TRACKERS: WANDB_API_KEY);
+# so do --notify's webhook URLs (model/notify.py NOTIFY_ENV: a Slack webhook URL is a credential).
+SECRET_NAMES = tuple(dict.fromkeys([*(name for scheme in STORES.values() for name in scheme.secret_envs),
+                                    *(name for kind in TRACKERS.values() for name in kind.secret_envs),
+                                    NOTIFY_ENV]))
 
 
 DEFAULT_DISK_GB = 256  # SkyPilot's default disk: a task asks for more only when what it holds needs it
@@ -63,12 +69,13 @@ class Resources:
     infra: str  # cloud[/region], ANY (any_of over `clouds`) or LOCAL (this machine)
     idle_minutes: int  # autostop with down this long after the last job: nothing bills after the run
     clouds: tuple = ()  # with infra ANY: the enabled clouds that can serve the job (any_of)
-    accelerators: str = ""  # "H100:8"; "" for a CPU VM
+    accelerators: str = ""  # "H100:8" (candidates: "H100:8,A100-80GB:8"); "" for a CPU VM
     cpus: str = ""  # "32+"
     memory: str = ""  # "64+" (GB)
     disk_gb: int = 0  # 0: SkyPilot's default
     spot: bool = False  # a managed job: its controller relaunches a preempted node (JOB_RECOVERY)
     image: str = ""  # docker:IMAGE (CUDA torch inside) or the cloud's image id; "": the cloud's default
+    nodes: int = 1  # the task's num_nodes (build_config sets it from the spec): several ask for the best network
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,7 @@ class Planned:
 def resources(res: Resources) -> dict:
     out: dict = {}
     if res.accelerators:
-        out["accelerators"] = res.accelerators
+        out["accelerators"] = accelerators(res)
     out.update((k, v) for k, v in (("cpus", res.cpus), ("memory", res.memory), ("disk_size", res.disk_gb)) if v)
     # Nothing keeps billing after the run: idle_minutes after the last job (an SSH session does not
     # count), the cluster is torn down. A managed job's controller does the same to its clusters; on a
@@ -148,7 +155,44 @@ def resources(res: Resources) -> dict:
         out["infra"] = res.infra
     elif res.clouds:
         out["any_of"] = [{"infra": c} for c in res.clouds]
+    ask_for_the_network(res, out)
     return out
+
+
+# Several nodes: SkyPilot's `network_tier: best`, the fast interconnect between them, where it is known to be
+# safe for this task (SkyPilot 0.14.1). On AWS it enables the EFA interfaces of the instance types that have
+# them (p4d, p5; sky/clouds/aws.py), on the same instance type and image: the gradient all-reduce between nodes
+# can use them rather than TCP sockets. Not asked for elsewhere:
+# - Lambda, RunPod, Azure, Kubernetes (unless its cluster has a fabric), ... refuse it (their
+#   CUSTOM_NETWORK_TIER is unsupported: the launch would fail, or the any_of candidate drop out);
+# - GCP and Nebius swap the node's image for a docker image (GPUDirect-TCPX, nccl-tests) this setup never ran in;
+# - SkyPilot refuses it beside a cloud machine image (`--image` not docker:).
+# No NCCL variable is set: SkyPilot sets those a fabric needs where it sets one up (sky/provision/gcp/
+# constants.py, sky/provision/kubernetes/utils.py), and NCCL picks its interface itself. NCCL_SOCKET_IFNAME in
+# particular names an interface (eth0, ens5, enp...) that differs per image: a wrong one and NCCL cannot
+# connect. The nodes' rendezvous needs only the master port (model/deadman.py).
+# NETWORK_TIER_CLOUDS (gpt2cloud/cost/network.py) is the interconnect table's list of those clouds: the
+# estimate counts a fabric only where this asks for it (asks_for_network_tier, the one rule for both).
+
+
+def ask_for_the_network(res: Resources, out: dict) -> None:
+    """network_tier: best for a task of several nodes, on the clouds in NETWORK_TIER_CLOUDS (any_of: on those
+    candidates), not beside a cloud machine image."""
+    for where in [out, *out.get("any_of", [])]:
+        if "infra" in where and asks_for_network_tier(where["infra"], res.nodes, res.image):
+            where["network_tier"] = "best"
+
+
+def accelerators(res: Resources):
+    """SkyPilot's accelerators: "H100:8"; GPU candidates ("H100:8,A100-80GB:8") as a list, which SkyPilot
+    tries in the user's order, or with any_of over clouds as a set (SkyPilot takes no ordered list beside
+    any_of), of which its optimizer picks the cheapest."""
+    names = res.accelerators.split(",")
+    if len(names) == 1:
+        return names[0]
+    if res.infra == ANY and res.clouds:
+        return {name: int(n) for name, _, n in (a.partition(":") for a in names)}
+    return names
 
 
 def build_config(job: Job) -> dict:
@@ -160,7 +204,7 @@ def build_config(job: Job) -> dict:
         "name": job.spec.run_id,
         "workdir": job.workdir,
         "num_nodes": job.spec.nodes,
-        "resources": resources(job.resources),
+        "resources": resources(dataclasses.replace(job.resources, nodes=job.spec.nodes)),
         "envs": {k: str(v) for k, v in job.envs},
         "setup": job.setup,
         "run": job.run,

@@ -14,12 +14,12 @@ from typing import Optional
 from gpt2cloud.errors import UserError
 from gpt2cloud.runs import registry
 from gpt2cloud.store import StorageError, atomic_write, open_store
-from gpt2cloud.store.layout import CHECKPOINTS, LOGS, METRICS, RUN_JSON, TIMELINE, remote_checkpoints
+from gpt2cloud.store.layout import CHECKPOINTS, LOGS, METRICS, RUN_JSON, TENSORBOARD, TIMELINE, remote_checkpoints
 from gpt2cloud.store.transfer import download_dir
 
 FETCH_MARKER = "gpt2cloud_fetch.json"  # {"run": run id, "url": the run's bucket URL}
 # what fetch writes into --dest, and what a plot or report of the run adds there
-FETCHED = {FETCH_MARKER, CHECKPOINTS, METRICS, TIMELINE, RUN_JSON, LOGS, "plot.png", "report.md"}
+FETCHED = {FETCH_MARKER, CHECKPOINTS, METRICS, TIMELINE, RUN_JSON, LOGS, TENSORBOARD, "plot.png", "report.md"}
 
 
 def _resolve(run_or_url: str) -> tuple[str, str]:
@@ -127,6 +127,8 @@ def fetch(run_or_url: str, dest: Optional[Path] = None, step: Optional[int] = No
         store.get_file(TIMELINE, dest / TIMELINE)
     if store.exists(RUN_JSON):  # the run's GPUs and price, for plot and report on a DIR fetched elsewhere
         store.get_file(RUN_JSON, dest / RUN_JSON)
+    for obj in store.list(f"{TENSORBOARD}/"):  # --tracker tensorboard: `tensorboard --logdir DEST/tensorboard`
+        store.get_file(obj.key, dest / obj.key)
     if logs:
         for obj in store.list(f"{LOGS}/"):
             store.get_file(obj.key, dest / obj.key)

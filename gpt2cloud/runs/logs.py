@@ -95,16 +95,6 @@ MAX_WAIT_MINUTES = 24 * 60.0  # --wait-minutes: bounded, like every wait
 # Beyond the estimate's figures: the job's exit reaching SkyPilot's job table, torchrun's teardown, a check
 # that comes late because an evaluation runs first
 GRACE_SLACK_S = 120.0
-DEFAULT_PUSH_EVERY_S = 60.0  # launch --push-every's default, for a run whose task file is gone
-
-
-def push_every(record) -> float:
-    """The run's push interval (launch --push-every), from its task as launched."""
-    envs, _spot = registry._task_envs(record.run_id)
-    try:
-        return float(envs.get("GPT2CLOUD_PUSH_EVERY") or DEFAULT_PUSH_EVERY_S)
-    except (TypeError, ValueError):
-        return DEFAULT_PUSH_EVERY_S
 
 
 def default_wait_minutes(record) -> float:
@@ -123,7 +113,7 @@ def default_wait_minutes(record) -> float:
         ckpt_bytes = (est.memory.get("weights_gib", 0.0) + est.memory.get("optimizer_gib", 0.0)) * GIB
         write_s = ckpt_bytes / (defaults(record.spec.local)["checkpoint_gb_per_s"][0] * 1e9)
         middle = 2 * est.step_seconds + write_s + (est.breakdown_hours or {}).get("finish", 0.0) * 3600
-    return math.ceil((push_every(record) + middle + GRACE_SLACK_S) / 60 * 10) / 10  # to a tenth of a minute
+    return math.ceil((registry.push_every(record.run_id) + middle + GRACE_SLACK_S) / 60 * 10) / 10  # to a tenth of a minute
 
 
 def stop_gracefully(record, wait_minutes: Optional[float], say: Callable[[str], None]) -> dict:

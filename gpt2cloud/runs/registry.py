@@ -7,8 +7,6 @@ handle: SkyPilot cluster, managed job or local process), its launches and the st
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import re
@@ -185,16 +183,8 @@ def _locked(run_id: str):
     lock = home.runs_dir() / f".{check_run_id(run_id)}.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise UserError(f"{lock}: another gpt2cloud process holds the record of run '{run_id}' "
-                                    f"for over {LOCK_WAIT_S:g} s; retry when it is done") from None
-                time.sleep(0.05)
+        home.lock_exclusive(fd, LOCK_WAIT_S, f"{lock}: another gpt2cloud process holds the record of run "
+                                             f"'{run_id}' for over {LOCK_WAIT_S:g} s; retry when it is done")
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -324,6 +314,19 @@ def _task_envs(run_id: str) -> tuple[dict, bool]:
         except (OSError, ValueError, AttributeError, yaml.YAMLError):
             continue
     return {}, False
+
+
+DEFAULT_PUSH_EVERY_S = 60.0  # launch --push-every's default, for a run whose task file is not here
+
+
+def push_every(run_id: str) -> float:
+    """The run's push interval in seconds (launch --push-every), from its task as launched; the default when
+    the task file is gone or names none (`down --graceful`'s wait, a spot run's unseen attempts)."""
+    envs, _spot = _task_envs(run_id)
+    try:
+        return float(envs.get("GPT2CLOUD_PUSH_EVERY") or DEFAULT_PUSH_EVERY_S)
+    except (TypeError, ValueError):
+        return DEFAULT_PUSH_EVERY_S
 
 
 def _bucket_spec(run_url: str) -> Optional[RunSpec]:

@@ -72,7 +72,8 @@ class RunData:
         """The GPU type, known from the spec; None for a plain DIR or a local CPU run."""
         on_gpu = self.metrics.start.get("device", "cuda") != "cpu"
         if self.spec and not self.spec.local and self.spec.gpu_type and on_gpu:
-            return self.spec.gpu_type
+            # a launch over GPU candidates: the one the node found it has (model/config.py resolve_gpu)
+            return (self.metrics.start.get("config") or {}).get("gpu") or self.spec.gpu_type
         return None
 
     @property
@@ -80,7 +81,7 @@ class RunData:
         if self.gpu_type:
             s = self.spec
             nodes = f"{s.nodes} nodes x " if s.nodes > 1 else ""
-            return f"{nodes}{s.gpus_per_node} x {s.gpu_type}{' (spot)' if s.spot else ''}"
+            return f"{nodes}{s.gpus_per_node} x {self.gpu_type}{' (spot)' if s.spot else ''}"
         device = self.metrics.start.get("device", "unknown device")
         peak = float(self.config.get("peak_flops_per_gpu") or 0)
         if device == "cuda":
@@ -89,9 +90,7 @@ class RunData:
 
     @property
     def price_per_gpu_hour(self) -> float:
-        if self.spec and self.spec.price_per_gpu_hour:
-            return float(self.spec.price_per_gpu_hour)
-        return float(self.config.get("price_per_gpu_hour") or 0.0)
+        return price_of(self.spec, self.metrics)
 
     @property
     def peak_flops_per_gpu(self) -> Optional[float]:
@@ -141,6 +140,21 @@ class RunData:
             if r["step"] == step:
                 return int(r.get("tokens_seen", 0))
         return step * int(self.config.get("tokens_per_step") or 0)
+
+
+def price_of(spec: Optional[RunSpec], metrics: RunMetrics) -> float:
+    """USD per GPU-hour of the run's nodes, as status, report and the model card count its dollars: the node's
+    own (its node_up event: its cloud's price of the GPU it found), else the trainer's start config's where it
+    names the `gpu` it found (a launch over GPU candidates, model/config.py resolve_gpu), else the spec's (the
+    launch's: the dearest candidate's), else the config's (a plain DIR); 0 when none is known."""
+    if metrics.node_price:
+        return float(metrics.node_price)
+    cfg = metrics.config
+    if cfg.get("gpu") and cfg.get("price_per_gpu_hour"):
+        return float(cfg["price_per_gpu_hour"])
+    if spec is not None and spec.price_per_gpu_hour:
+        return float(spec.price_per_gpu_hour)
+    return float(cfg.get("price_per_gpu_hour") or 0.0)
 
 
 def read_metrics(out_dir: str | Path, spec: Optional[RunSpec] = None, record: Optional[RunRecord] = None) -> RunData:

@@ -77,16 +77,28 @@ def join_key(prefix: str, key: str) -> str:
     return f"{prefix}/{key}" if prefix else key
 
 
-def atomic_write(path: str | os.PathLike, *chunks, fsync: bool = True) -> None:
+def atomic_write(path: str | os.PathLike, *chunks, fsync: bool = True, mode: int | None = None) -> None:
     """Write chunks (str or bytes-like) to path whole or not at all: a temporary sibling, flushed and
     fsynced, then renamed.
 
     A reader (or a rerun after kill -9) sees the old content or the new, never a torn file; the
-    temporary name carries TMP_MARK, so listings skip it and remove_stale_tmp() finds it."""
+    temporary name carries TMP_MARK, so listings skip it and remove_stale_tmp() finds it. `mode` (e.g.
+    0o600 for a file that holds credentials): the file's permissions, whatever the umask, from its
+    creation on (the temporary file is created with them, never readable by others even for a moment)."""
     path = Path(path)
     tmp = tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        if mode is None:
+            f = open(tmp, "wb")
+        else:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            try:
+                os.fchmod(fd, mode)  # exactly `mode`: the umask may have taken bits off what os.open made
+            except BaseException:
+                os.close(fd)
+                raise
+            f = os.fdopen(fd, "wb")
+        with f:
             for chunk in chunks:
                 f.write(chunk.encode() if isinstance(chunk, str) else chunk)
             f.flush()

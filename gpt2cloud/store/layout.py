@@ -9,6 +9,8 @@ A run's OUT directory (on the node, fetched to this machine) and its bucket pref
     checkpoints/step_NNNNNN/      one checkpoint; complete only once its manifest.json exists
     logs/node-R.log               each node's console output
     stop_request.json             in the bucket only, while `down --graceful` waits: who asked the node to stop
+    unseen_attempts.json          a spot run's attempts that never reached the bucket, written by `status` from
+                                  SkyPilot's managed-job records (gpt2cloud/runs/attempts.py); the pull fetches it
 
 A set of files (prepared shards, one checkpoint) is complete once its MANIFEST exists: it is written last.
 """
@@ -30,10 +32,12 @@ METRICS = "metrics.jsonl"
 TIMELINE = "timeline.jsonl"  # the node's phases (node up, setup, data, training, push, exit), one JSON a line
 PUSH_STATUS = "push_status.json"  # how the node's pushes are going (model/pushstate.py)
 STOP_REQUEST = "stop_request.json"  # `gpt2cloud down --graceful` asks the node to stop (model/stoprequest.py)
+UNSEEN_ATTEMPTS = "unseen_attempts.json"  # node time the bucket never saw, from SkyPilot (gpt2cloud/runs/attempts.py)
 RUN_JSON = "run.json"
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
+TENSORBOARD = "tensorboard"  # TensorBoard's event files (model/trackers.py), pushed by rank 0, fetched with the metrics
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 

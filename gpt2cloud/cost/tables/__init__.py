@@ -1,1 +1,1 @@
-"""Bundled hardware tables (YAML): GPUs, prices, MFU calibration."""
+"""Bundled tables (YAML): GPUs, prices, MFU calibration, the bill's phases, interconnects between nodes."""
