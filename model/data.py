@@ -3,7 +3,7 @@
 Which shards: names containing `val` are validation; if no name does, the first shard (shard 0,
 as llm.c numbers them) is. The rest, sorted by name, are training shards, read in order and
 wrapped around to the first after the last. A directory with a manifest.json takes its shards from
-it, and a shard a download is still bringing is waited for (model/datadir.py, model/sync.py `data`).
+it, and a shard a download is still bringing is waited for (model/datadir.py, model/streamdata.py).
 
 How a step is read: one optimizer step consumes `tokens_per_step` consecutive tokens of the
 current shard, cut into micro-batches of B*T tokens. Micro-batch k of the step goes to

@@ -1,4 +1,4 @@
-"""A data directory that a download is still filling: what the downloader (model/sync.py `data`) and
+"""A data directory that a download is still filling: what the downloader (model/streamdata.py) and
 the token loader (model/data.py) agree on.
 
 - DIR/manifest.json is written FIRST (the set's manifest as stored): every shard of the set, with its

@@ -1,6 +1,6 @@
 """The node's deadman: every phase outside the trainer's own watchdog (model/watchdog.py) has a bounded
 time, and a full disk ends the job. What the node's scripts (gpt2cloud/launch/scripts.py renders these
-constants into them), model/sync.py and `status` (gpt2cloud/runs/status.py) agree on.
+constants into them), model/sync.py, model/streamdata.py and `status` (gpt2cloud/runs/status.py) agree on.
 
 Why: SkyPilot counts a cluster idle only when no job is in a non-terminal state, so a job that hangs in
 SETTING_UP or RUNNING (a wedged driver under `nvidia-smi`, a pip download that stalls, a bucket that

@@ -33,9 +33,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import queue
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,6 +43,7 @@ from typing import Callable, Optional
 from urllib.parse import SplitResult, urlsplit
 
 from gpt2cloud.store.layout import TIMELINE
+from model.inbox import Inbox
 from model.metrics import parse_metrics
 
 NOTIFY_ENV = "GPT2CLOUD_NOTIFY"  # the URLs, one a line: a secret, never a plain env or a file
@@ -213,27 +212,17 @@ def post(url: str, event: dict, timeout: float = TIMEOUT_S) -> str:
     return error.replace(url, redact(url))
 
 
-class _Close:
-    """A channel queue's last item."""
-
-
-class Channel:
+class Channel(Inbox):
     """One URL: a daemon thread sends its events in order, behind a bounded queue the caller never waits on.
     Its first failure is logged (the URL redacted); later ones are not."""
 
     def __init__(self, url: str):
         self.url = url
         self.failed = False
-        self.queue: queue.Queue = queue.Queue(QUEUE_EVENTS)
-        # a daemon: a POST that hangs must never keep the trainer, or the node, alive
-        self.thread = threading.Thread(target=self._run, name="gpt2cloud-notify", daemon=True)
-        self.thread.start()
+        super().__init__("gpt2cloud-notify", QUEUE_EVENTS)  # a POST that hangs never holds the trainer
 
-    def _run(self) -> None:
-        while True:
-            event = self.queue.get()
-            if event is _Close:
-                return
+    def run(self) -> None:
+        for event in self.items():
             try:
                 error = post(self.url, event)
             except Exception as e:  # noqa: BLE001 - whatever goes wrong here, the run goes on
@@ -246,19 +235,9 @@ class Channel:
             self.failed = True
             log(f"{redact(self.url)}: {why}; later failures of this URL are not logged, and the run goes on")
 
-    def put(self, item) -> bool:
-        try:
-            self.queue.put_nowait(item)
-            return True
-        except queue.Full:
-            if item is not _Close:
-                self._failed(f"{QUEUE_EVENTS} notifications behind (it hangs?): {item['event']} dropped")
-            return False
-
-    def join(self, deadline: float) -> bool:
-        """After put(_Close): let what is queued go until `deadline` (time.monotonic()); True when all of it went."""
-        self.thread.join(max(0.0, deadline - time.monotonic()))
-        return not self.thread.is_alive()
+    def send(self, event: dict) -> None:
+        if not self.put(event):
+            self._failed(f"{QUEUE_EVENTS} notifications behind (it hangs?): {event['event']} dropped")
 
 
 class Notifier:
@@ -273,13 +252,13 @@ class Notifier:
         if self.channels:
             record = make_event(self.run, event, text, **fields)
             for channel in self.channels:
-                channel.put(record)
+                channel.send(record)
 
     def close(self, wait: float = CLOSE_WAIT_S) -> None:
         """Wait at most `wait` seconds, for all URLs together, for what is still queued; then leave it."""
         deadline = time.monotonic() + wait
         for channel in self.channels:  # every URL's last item first: they finish side by side, not in turn
-            channel.put(_Close)
+            channel.finish()
         late = [c for c in self.channels if not c.join(deadline)]
         if late:
             log(f"{len(late)} URL(s) still sending after {wait:g} s; left behind")

@@ -60,3 +60,20 @@ def failing_seconds(status: Optional[dict], now: Optional[float] = None) -> floa
     if not status or not status.get("failing_since"):
         return 0.0
     return max(0.0, (time.time() if now is None else now) - float(status["failing_since"]))
+
+
+def unsaved_seconds(out: str | Path, started: float, now: float) -> float:
+    """How long a node's work has not been reaching the bucket, counted from `started` (the trainer's start)
+    at the earliest: pushes failing, and also a pusher that has written nothing since then (it never started,
+    or died: its first push comes within seconds) or has gone quiet for longer than its interval (it hangs).
+    A status written before `started` may be an earlier job's on the same node: it does not count."""
+    status = read(out)
+    since_start = max(0.0, now - started)
+    try:
+        written = float(status.get("time") or 0.0) if status else 0.0
+        if written < started:
+            return since_start
+        quiet = now - written - float(status.get("every") or 0.0)
+        return min(max(failing_seconds(status, now), quiet, 0.0), since_start)
+    except (TypeError, ValueError, AttributeError):  # a status of another shape: as if none was written
+        return since_start

@@ -26,16 +26,15 @@ import dataclasses
 import html
 import importlib.util
 import os
-import queue
 import secrets
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from gpt2cloud.store.layout import TENSORBOARD
+from model.inbox import Inbox
 from model.metrics import MetricsLog
 
 PROJECT = "gpt2cloud"  # the wandb (unless WANDB_PROJECT says otherwise) and Trackio project
@@ -223,11 +222,7 @@ def refusal(names, where: str, here: bool = False) -> Optional[str]:
 # ---- metrics.jsonl and the trackers, written together ----
 
 
-class _Close:
-    """The queue's last item: close the sink."""
-
-
-class Feed:
+class Feed(Inbox):
     """One tracker on a thread of its own, fed through a bounded queue. Making its sink (an import, a login,
     a server's answer), writing and closing all happen on that thread: the trainer only enqueues. A failure
     there is noted once and ends the feed; `failed` tells the trainer to drop it. However the feed ends (the
@@ -235,22 +230,18 @@ class Feed:
     says whether that close returned: the trainer waits a bounded time for it (Metrics.close)."""
 
     def __init__(self, name: str, make: Callable[[], object]):
-        self.name = name
+        self.name, self.make = name, make
         self.failed = False
         self.dropped = False  # set by the trainer: the thread closes the sink after the write it is in
         self.closed = False  # the sink's close() returned (or no sink was made: nothing to close)
-        self.queue: queue.Queue = queue.Queue(QUEUE_RECORDS)
-        # a daemon: a client hung past the close's wait must not keep the process (and the node) alive
-        self.thread = threading.Thread(target=self._run, args=(make,), name=f"tracker-{name}", daemon=True)
-        self.thread.start()
+        super().__init__(f"tracker-{name}", QUEUE_RECORDS)
 
-    def _run(self, make: Callable[[], object]) -> None:
+    def run(self) -> None:
         sink = None
         try:
-            sink = make()
-            while True:
-                record = self.queue.get()
-                if record is _Close or self.dropped:
+            sink = self.make()
+            for record in self.items():
+                if self.dropped:
                     break
                 sink.write(record)
         except Exception as e:  # noqa: BLE001 - any failure of a tracker's client: drop it, keep training
@@ -267,27 +258,18 @@ class Feed:
                 self.failed = True
                 note(self.name, f"failed to close ({type(e).__name__}: {e})")
 
-    def put(self, record: dict) -> bool:
-        """Hand a record over (never waits); False when the tracker is this far behind: it hangs."""
-        try:
-            self.queue.put_nowait(record)
-            return True
-        except queue.Full:
-            return False
-
     def drop(self) -> None:
         """Stop feeding it: its thread closes the sink once the write it is in (if any) returns."""
         self.dropped = True
-        self.put(_Close)  # wakes a thread waiting for a record; a full queue's thread sees `dropped` instead
+        self.finish()  # wakes a thread waiting for a record; a full queue's thread sees `dropped` instead
 
     def close(self, deadline: float) -> bool:
         """Let the queued records go, close the sink; wait until `deadline` (time.monotonic()). True when the
         sink's close() returned in time (or the feed had none to close)."""
         if not self.dropped and not self.failed:
-            if not self.put(_Close):  # full: it hangs; close after the write it is in
+            if not self.finish():  # full: it hangs; close after the write it is in
                 self.dropped = True
-        self.thread.join(max(0.0, deadline - time.monotonic()))
-        if self.thread.is_alive():
+        if not self.join(deadline):
             note(self.name, f"did not finish within {CLOSE_SECONDS:g} s; its last records may be missing")
             return False
         return self.closed

@@ -7,13 +7,14 @@ Set up DDP, data, model and optimizer; resume from the newest complete checkpoin
 step: check the budget, forward/backward over the micro-steps, clip, step, log; now and then
 validate, score HellaSwag, sample and checkpoint. A plain `python -m model.train ...` runs as a single rank.
 
-run() is that sequence of named steps; each is a function below, in the order it runs. What they share
-is one explicit Trainer (processes, data, model, clock, progress). When to stop early (cost cap, time
+run() is that sequence of named steps; each is a function below, in the order it runs, but for the
+start-up (model/startup.py), the resume (model/resume.py) and the run's clock (model/clock.py). What
+they share is one explicit Trainer (processes, data, model, clock, progress). When to stop early (cost cap, time
 cap, pushes failing on a node), when to checkpoint between checkpoint_every steps (checkpoint_minutes),
 and when the run diverged is model/stop.py's StopPolicy: plain numbers, tested without training. A
 diverged run stops without a checkpoint of its bad weights, leaves OUT/diverged and exits EXIT_DIVERGED.
 However a run ends, its trackers and notifications get a bounded close (close_down), and a tracker still
-closing after it never holds the process's exit (end_now): the node would bill on.
+closing after it never holds the process's exit (model/ending.py): the node would bill on.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -33,19 +32,21 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt2cloud.store.layout import CHECKPOINTS, METRICS, TIMELINE
+from gpt2cloud.store.layout import METRICS
 from model import checkpoint as ckpt
 from model import pushstate, stoprequest
-from model.config import DIVERGED_MARKER, ERROR_FILE_ENV, EXIT_DIVERGED, EXIT_REFUSED, BatchError, TrainConfig
+from model.clock import Clock
+from model.config import DIVERGED_MARKER, EXIT_DIVERGED, BatchError, TrainConfig
+from model.ending import Ending, end_now, exit_code, refuse
 from model.eval import evaluate, hellaswag_eval
-from model.metrics import (console_line, cost_usd, mfu, node_seconds_before, parse_metrics, truncate_after,
-                           unseen_attempt_seconds)
+from model.metrics import console_line, mfu, truncate_after
 from model.notify import RunNotices
+from model.resume import resume
 from model.sample import generate_text
 from model.startup import Data, Procs, TrainError, load_config, load_data, start_processes
 from model.shards import ShardError
 from model.step import Setup, get_lr, pick_dtype, schedule_length, setup_training, train_step  # noqa: F401 (re-exported)
-from model.stop import (CHECK_SECONDS, DECISION_SIZE, Decision, Diverged, StopPolicy, Usage,  # noqa: F401
+from model.stop import (CHECK_SECONDS, DECISION_SIZE, Decision, Diverged, StopPolicy,  # noqa: F401
                         steps_that_fit)  # CHECK_SECONDS and steps_that_fit: re-exported
 from model.tokenizer import VOCAB_SIZE
 from model.trackers import RUN_ID_KEY, Metrics, TrackerRun
@@ -75,11 +76,7 @@ def run(args, t_start: float) -> None:
         raise RunDiverged(diverged)
 
 
-# ---- the end: bounded closes, and an exit nothing can hold ----
-
-
-class _Ending:
-    hung = False  # rank 0: a tracker's close still hangs (or failed); main() ends the process itself
+# ---- the end: bounded closes (an exit nothing can hold: model/ending.py) ----
 
 
 def close_down(t: Trainer) -> None:
@@ -94,77 +91,11 @@ def close_down(t: Trainer) -> None:
     finally:
         t.notices.close()
         if t.p.master and not closed:
-            _Ending.hung = True
+            Ending.hung = True
 
 
-def end_now(code: int) -> None:
-    """The process ends here with `code`, whatever thread or atexit hook would hold it (a tracker's client)."""
-    print(f"note: a tracker is still closing; the trainer exits ({code}) without waiting for it",
-          file=sys.stderr, flush=True)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
-def _exit_code(code) -> int:
-    """The status sys.exit(code) exits with."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr, flush=True)
-    return 1
-
-
-# ---- set up: the model and optimizer (model/step.py), OUT, the clock, the watchdog ----
+# ---- set up: the model and optimizer (model/step.py), OUT, the clock (model/clock.py), the watchdog ----
 # (config, processes and data: model/startup.py)
-
-
-@dataclasses.dataclass
-class Clock:
-    """Seconds and GPU-seconds of the run so far, over all its restarts. On a node, cost and time limits
-    count node time since it came up (and earlier attempts'), not only this loop."""
-
-    t_start: float  # when this process started
-    world: int
-    node_up: float | None  # GPT2CLOUD_NODE_UP: when the node came up (None: not on a node)
-    node_before: float = 0.0  # earlier attempts' node time (the bucket's timeline and metrics, and unseen attempts)
-    elapsed_before: float = 0.0  # the resumed runs' seconds (their checkpoint's)
-    gpu_seconds_before: float = 0.0  # the resumed runs' GPU-seconds, each at its own world size
-
-    @classmethod
-    def start(cls, out: Path, t_start: float, world: int) -> "Clock":
-        """What the bucket's timeline and metrics say, read before anything truncates them; plus the attempts
-        that never pushed anything there, which `status` counted from SkyPilot's records (pulled with them)."""
-        node_up = float(os.environ["GPT2CLOUD_NODE_UP"]) if os.environ.get("GPT2CLOUD_NODE_UP") else None
-        node_before = 0.0
-        if node_up is not None:
-            pulled = [r for name in (TIMELINE, METRICS) if (out / name).is_file()
-                      for r in parse_metrics((out / name).read_text(encoding="utf-8"))]
-            node_before = node_seconds_before(pulled, node_up) + unseen_attempt_seconds(out)
-        return cls(t_start, world, node_up, node_before)
-
-    def elapsed(self) -> float:
-        if self.node_up is not None:
-            return self.node_before + time.time() - self.node_up
-        return self.elapsed_before + time.time() - self.t_start
-
-    def gpu_seconds(self) -> float:
-        """Each earlier run's at its own world size (from the checkpoint), this one's at ours. On a node:
-        its node time (all attempts) x the GPUs it has."""
-        if self.node_up is not None:
-            return self.elapsed() * self.world
-        return self.gpu_seconds_before + (time.time() - self.t_start) * self.world
-
-    def cost(self, price_per_gpu_hour: float) -> float:
-        return cost_usd(self.gpu_seconds(), 1, price_per_gpu_hour)
-
-    def usage(self, since_checkpoint: float = 0.0, push_failing: float = 0.0, stop_requested: bool = False) -> Usage:
-        return Usage(elapsed=self.elapsed(), gpu_seconds=self.gpu_seconds(), since_checkpoint=since_checkpoint,
-                     push_failing=push_failing, stop_requested=stop_requested)
 
 
 @dataclasses.dataclass
@@ -228,70 +159,6 @@ def set_up(cfg: TrainConfig, args, p: Procs, t_start: float) -> Trainer:
     # a node (GPT2CLOUD_NODE_UP) runs a pusher beside the trainer: its failures are a stop rule there
     policy = StopPolicy.from_config(cfg, p.world, pushed=clock.node_up is not None)
     return Trainer(cfg, p, grad_accum, data, s, out, clock, watchdog, policy, defer, checkpoint_at=time.time())
-
-
-# ---- resume: weights, optimizer, schedule position, data position, RNG ----
-
-
-def find_checkpoint(t: Trainer, resume_mode: str) -> Path | None:
-    """The newest complete checkpoint in OUT: rank 0 chooses; every rank must see that same one (shared or
-    synced OUT on every node)."""
-    latest = ckpt.latest_checkpoint(t.out)
-    if t.p.ddp:
-        chosen = [latest.name if latest is not None else None]
-        dist.broadcast_object_list(chosen, src=0)
-        latest = t.out / CHECKPOINTS / chosen[0] if chosen[0] else None
-        if latest is not None and not (latest / ckpt.MANIFEST).exists():
-            raise TrainError(f"rank {t.p.rank} cannot see {latest}: --out must be on a filesystem every node "
-                             "shares, or be copied to every node before resuming")
-    if latest is not None and resume_mode == "never":
-        raise TrainError(f"{t.out} already holds checkpoints (newest {latest.name}); use --resume auto to "
-                         "continue that run, or a new --out to start another")
-    return latest
-
-
-def check_resumable(t: Trainer, latest: Path) -> None:
-    """Intact (the sha256 of every file once per node: its LOCAL_RANK 0 reads them all; the other ranks read
-    the manifest only, and no rank goes on if the check failed anywhere) and this run's continuation."""
-    error = None
-    try:
-        saved = ckpt.verify_checkpoint(latest) if t.p.local_rank == 0 else ckpt.read_manifest(latest)
-    except ckpt.CheckpointError as e:
-        error = str(e)
-    if t.p.ddp:
-        failed = torch.tensor(int(error is not None), device=t.p.device)
-        dist.all_reduce(failed)
-        if failed.item() and error is None:
-            error = f"{latest}: a file failed its sha256 check on another node"
-    if error is not None:
-        raise TrainError(ckpt.damaged_refusal(latest, error))
-    resumed_state = json.loads((latest / "trainer_state.json").read_text())
-    refusal = ckpt.resume_refusal(latest, saved["config"], t.cfg, resumed_state.get("data_identity"),
-                                  t.data.identity)
-    if refusal:  # another recipe, model or data: not this run's continuation
-        raise TrainError(refusal)
-
-
-def resume(t: Trainer, resume_mode: str) -> None:
-    latest = find_checkpoint(t, resume_mode)
-    if latest is None:
-        return
-    check_resumable(t, latest)
-    p = t.p
-    state = ckpt.load_training_state(latest, t.s.raw_model, t.s.optimizer, t.s.scaler, p.rank, p.device)
-    t.data.train.set_state(state["data"])
-    t.latest, t.step, t.saved_step = latest, state["step"], state["step"]
-    t.clock.elapsed_before = state["elapsed_seconds"]
-    t.clock.gpu_seconds_before = state.get("gpu_seconds", state["elapsed_seconds"] * state["world_size"])
-    t.tokens_seen, t.loss = state["tokens_seen"], state["loss"]
-    t.tracker_run_id = state.get(RUN_ID_KEY)  # None: a checkpoint from before trackers kept one
-    t.policy.resumed(state.get("slowest_iteration_seconds", 0.0), state.get("loss"))  # every rank: the same file
-    if state["world_size"] != p.world:
-        p.log(f"note: {latest.name} was written by {state['world_size']} ranks, this run has {p.world}: same data "
-              f"position and tokens per step, gradient accumulation now {t.grad_accum}")
-    if not state["rng_restored"]:  # a rank the checkpoint did not have: a fresh, distinct stream
-        torch.manual_seed(t.cfg.seed + 1000 * p.rank + t.step)
-    p.log(f"resuming from {latest} (step {t.step})")
 
 
 def wrap(t: Trainer) -> torch.nn.Module:
@@ -441,23 +308,10 @@ def check_stop(t: Trainer) -> bool:
 
 
 def push_failing(t: Trainer) -> float:
-    """How long this node's work has not been reaching the bucket (0: not a node, or the last push worked),
-    counted from this trainer's start at the earliest: pushes failing, and also a pusher that has written
-    nothing since the trainer started (it never started, or died: its first push comes within seconds) or
-    has gone quiet for longer than its interval (it hangs). A status written before the trainer started
-    may be an earlier job's on the same node: it does not count as this one's."""
+    """How long this node's work has not been reaching the bucket (0: not a node; model/pushstate.py)."""
     if t.clock.node_up is None:
         return 0.0
-    status, now = pushstate.read(t.out), time.time()
-    since_start = max(0.0, now - t.clock.t_start)
-    try:
-        written = float(status.get("time") or 0.0) if status else 0.0
-        if written < t.clock.t_start:
-            return since_start
-        quiet = now - written - float(status.get("every") or 0.0)
-        return min(max(pushstate.failing_seconds(status, now), quiet, 0.0), since_start)
-    except (TypeError, ValueError, AttributeError):  # a status of another shape: as if none was written
-        return since_start
+    return pushstate.unsaved_seconds(t.out, t.clock.t_start, time.time())
 
 
 def stop_here(t: Trainer, reason: str) -> None:
@@ -650,23 +504,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-REFUSED = EXIT_REFUSED  # the exit code of a refusal: one `error:` line, the user's to fix
-
-
-def refuse(message: str, code: int = REFUSED) -> None:
-    """Print the one line (rank 0: every rank hits the same problem), note it where the CLI looks, exit
-    `code` (2: a refusal; EXIT_DIVERGED: the run diverged)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        if os.environ.get(ERROR_FILE_ENV):
-            Path(os.environ[ERROR_FILE_ENV]).write_text(message + "\n", encoding="utf-8")
-    sys.exit(code)
-
-
 def main(argv=None) -> None:
     t_start = time.time()
     args = parse_args(argv)
-    _Ending.hung = False
+    Ending.hung = False
     try:
         try:
             run(args, t_start)
@@ -675,15 +516,15 @@ def main(argv=None) -> None:
         except RunDiverged as e:
             refuse(str(e), EXIT_DIVERGED)
     except SystemExit as e:
-        if _Ending.hung:
-            end_now(_exit_code(e.code))
+        if Ending.hung:
+            end_now(exit_code(e.code))
         raise
     except BaseException:
-        if _Ending.hung:
+        if Ending.hung:
             traceback.print_exc()
             end_now(1)
         raise
-    if _Ending.hung:
+    if Ending.hung:
         end_now(0)
 
 

@@ -58,10 +58,12 @@ def test_set_get_show_unset_round_trip():
     shown = yaml.safe_load(cli("config", "show", "--json").stdout)  # JSON is YAML
     assert shown["path"] == str(settings.path()) and shown["exists"]
     assert shown["settings"]["max-cost"] == {"value": 300.0, "source": "config"}
-    assert shown["settings"]["notify"] == {"value": ["https://ntfy.sh/a-topic", "https://hooks.slack.com/services/T/B/x"], "source": "config"}
+    # webhook URLs are credentials: show gives their scheme and host (get, asked for the key, the whole URLs)
+    assert shown["settings"]["notify"] == {"value": ["https://ntfy.sh/...", "https://hooks.slack.com/..."], "source": "config"}
     assert shown["settings"]["idle-minutes"] == {"value": 10, "source": "default"}
     table = cli("config", "show").stdout
     assert "s3://my-bucket/runs" in table and "config file" in table and "built-in" in table
+    assert "https://ntfy.sh/..., https://hooks.slack.com/..." in table and "a-topic" not in table and "T/B/x" not in table
 
     r = cli("config", "unset", "max-cost")
     assert r.exit_code == 0 and "removed" in r.stdout

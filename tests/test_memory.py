@@ -18,8 +18,9 @@ from gpt2cloud.cost.estimate import estimate, memory_per_gpu
 from gpt2cloud.cost.recipes import load_recipe
 
 
-@pytest.mark.parametrize("recipe,micro_batch", [("gpt2-124m", 2), ("gpt2-350m", 2), ("gpt2-774m", 1),
-                                                ("gpt2-1558m", 1)])
+# the two ends of the range the estimate is used for (its terms are per layer, per width and per token: the
+# sizes between follow; `benchmarks/bench_memory.py --recipe gpt2-350m --estimate` checks any one by hand)
+@pytest.mark.parametrize("recipe,micro_batch", [("gpt2-124m", 2), ("gpt2-1558m", 1)])
 def test_estimate_agrees_with_the_trace(recipe, micro_batch):
     cfg = load_recipe(recipe).to_train_config(micro_batch=micro_batch)
     traced = bench_memory.trace_step(cfg, accum=2, steps=2)

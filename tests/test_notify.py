@@ -177,10 +177,11 @@ def test_a_local_train_tells_its_first_step_and_finish_and_bad_urls_do_not_hold_
     assert events["first_step"]["step"] == 1 and events["finish"]["step"] == 4
     assert events["finish"]["loss"] == result["final_loss"] and f"{result['final_loss']:.4f}" in events["finish"]["text"]
     assert events["finish"]["checkpoint_step"] == 4
-    # the trainer waited at most CLOSE_WAIT_S for the URL that never answers, not its two 5 s tries; Python's
-    # and torchrun's own exits take 1-4 s more on a loaded 2-core machine
+    # the trainer waited at most CLOSE_WAIT_S for the URL that never answers (its note below says so), not for
+    # its two 5 s tries; Python's and torchrun's own exits take 1-4 s more on a loaded 2-core machine, up to
+    # 6.8 s beside two other test workers
     finish_at = next(g["at"] for g in server.got if b'"finish"' in g["body"])
-    assert ended - finish_at < notify.CLOSE_WAIT_S + 6.0 < 2 * notify.TIMEOUT_S, ended - finish_at
+    assert ended - finish_at < 2 * notify.TIMEOUT_S, ended - finish_at
     # the refused URL's failure logged once; the silent one left behind at the end (its POST's timeout is longer)
     assert p.stderr.count("ConnectionRefusedError") == 1, p.stderr[-3000:]
     assert "1 URL(s) still sending after 2 s; left behind" in p.stderr

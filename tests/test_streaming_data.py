@@ -1,4 +1,4 @@
-"""Training that starts before its data has all arrived (model/sync.py `data`, model/datadir.py, model/data.py).
+"""Training that starts before its data has all arrived (model/streamdata.py, model/datadir.py, model/data.py).
 
 - the loader waits for a shard that lands late, then reads exactly the batches of a complete directory;
   so does a resume onto a shard not downloaded yet;

@@ -162,13 +162,14 @@ def test_checkpoint_hashes_while_writing(tmp_path):
 def test_gpu_check_dry_runs_end_to_end(tmp_path):
     """benchmarks/gpu_check.sh --dry: every part on CPU with tiny models (~15 s of CPU on 2 cores), each row printed
     and in the results file as it finishes, then the table; its AdamW rows are CPU stand-ins, never calibration."""
+    import os
     import subprocess
 
     from trainer_helpers import REPO
 
     results = tmp_path / "out" / "results.jsonl"
     p = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry", "--results", str(results)], cwd=REPO,
-                       capture_output=True, text=True, timeout=240)
+                       capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     table = p.stdout.split("gpt2cloud GPU check: ", 1)[1]
     for row in ("device", "124M AdamW (gpt2-124m", "124M Muon (gpt2-124m-fast", "1558M AdamW (gpt2-1558m",
@@ -181,3 +182,4 @@ def test_gpu_check_dry_runs_end_to_end(tmp_path):
     conv = subprocess.run([sys.executable, "benchmarks/gpu_results_to_calibration.py", str(results)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert conv.returncode == 1 and not conv.stdout and "a dry run on the CPU" in conv.stderr
+    assert len(list(tmp_path.glob("gpu_check.*/*.log"))) == 1  # the work directory (its logs) is kept

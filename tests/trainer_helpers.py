@@ -89,8 +89,8 @@ def losses(out: Path) -> dict[int, float]:
 
 
 class FakeClock:
-    """Stands in for the `time` module of model.train (monkeypatch `model.train.time`): time() moves
-    only when advance() is called, by step_seconds; every other attribute is the real time module's."""
+    """Stands in for the `time` module of model.train and model.clock (train_on_clock patches both): time()
+    moves only when advance() is called, by step_seconds; every other attribute is the real time module's."""
 
     def __init__(self, step_seconds: float, start: float = 1.7e9):
         self.now, self.step_seconds = start, step_seconds
@@ -109,6 +109,7 @@ def train_on_clock(config, data, out, clock: FakeClock, monkeypatch, after_step=
     """model.train.main in this process on `clock`: each optimizer step takes clock.step_seconds, then
     after_step(), if given, runs (a fake pusher, say). node_up: the node's start (a trainer on a node),
     else none (the trainer's own clock counts)."""
+    from model import clock as run_clock
     from model import train
 
     # the real step, not one this test already patched in (a test that trains on its clock twice)
@@ -126,6 +127,7 @@ def train_on_clock(config, data, out, clock: FakeClock, monkeypatch, after_step=
     else:
         monkeypatch.setenv("GPT2CLOUD_NODE_UP", str(node_up))
     monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(run_clock, "time", clock)  # the run's clock: cost and time caps, elapsed_seconds
     timed_step.real_step = real_step
     monkeypatch.setattr(train, "train_step", timed_step)
     train.main(["--config", str(config), "--data", str(data), "--out", str(out)])

@@ -26,16 +26,23 @@ def set_command(
 
     name, value = settings.set_value(key, values)
     where = escape(str(settings.path()))
-    if name == "notify":  # webhook URLs are credentials: the terminal (and its scrollback) sees scheme and host
-        from model.notify import redact
+    Console(highlight=False).print(f"{name} = {escape(settings.describe(name, shown(name, value)))}  ({where})",
+                                  soft_wrap=True)
 
-        value = [redact(u) for u in value]
-    Console(highlight=False).print(f"{name} = {escape(settings.describe(name, value))}  ({where})", soft_wrap=True)
+
+def shown(name: str, value):
+    """A value as set and show print it: webhook URLs are credentials, so the terminal (its scrollback, a shared
+    screen) sees their scheme and host only; `config get notify` prints them whole."""
+    if name != "notify" or not value:
+        return value
+    from model.notify import redact
+
+    return [redact(u) for u in value]
 
 
 def get_command(key: str = typer.Argument(..., help=KEY_HELP, autocompletion=config_keys)):
     """Print the value `launch` uses without a flag: the config file's, else the built-in default (a list one
-    item a line). Exit 1 if it has none."""
+    item a line; notify's webhook URLs whole, which set and show redact). Exit 1 if it has none."""
     from gpt2cloud import settings
 
     k = settings.key(key)
@@ -49,14 +56,15 @@ def get_command(key: str = typer.Argument(..., help=KEY_HELP, autocompletion=con
 
 
 def show_command(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
-    """Show every default `launch` uses and where it comes from (the config file or built-in)."""
+    """Show every default `launch` uses and where it comes from (the config file or built-in); webhook URLs
+    show their scheme and host only (`config get notify` prints them whole)."""
     from gpt2cloud import settings
 
     found = settings.read()
     p = settings.path()
     if as_json:
         print_json({"path": str(p), "exists": p.is_file(),
-                    "settings": {name: {"value": found.get(name, k.builtin),
+                    "settings": {name: {"value": shown(name, found.get(name, k.builtin)),
                                         "source": settings.CONFIG if name in found else settings.DEFAULT}
                                  for name, k in settings.KEYS.items()}})
         return
@@ -67,7 +75,7 @@ def show_command(as_json: bool = typer.Option(False, "--json", help="Print one J
     t.add_column()
     t.add_column(style="dim")
     for name in settings.KEYS:
-        t.add_row(name, escape(settings.describe(name, found.get(name))),
+        t.add_row(name, escape(settings.describe(name, shown(name, found.get(name)))),
                   "config file" if name in found else "built-in")
     console.print(t)
 

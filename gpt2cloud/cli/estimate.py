@@ -112,8 +112,10 @@ def fast_rows(e) -> list[tuple[str, str]]:
         rows.append(("rests on", e.basis))
         rows.append(("measured here", measured(e.to_dict())))
         rows.append(("CPU benchmark", f"Muon reached AdamW's final val loss in {e.bench_optim_step_ratio:g}x the "
-                                      "steps (benchmarks/bench_optim.py: a small GPT-2 on Shakespeare, a few hundred "
-                                      "steps; for reference, the steps follow the evidence above)"
+                                      "steps of a 100-step run, a ratio that rises as runs grow "
+                                      "(benchmarks/bench_optim.py: a small GPT-2 on Shakespeare at CPU scale; "
+                                      "docs/training.md#the-cpu-benchmark); for reference, the steps follow the "
+                                      "evidence above"
                      if e.bench_optim_step_ratio is not None else "[dim]no bench_optim_step_ratio in this recipe[/]"))
     if e.fast:
         mine = {"recipe": e.recipe, "all_in_hours": e.all_in_hours, "all_in_cost_usd": e.all_in_cost_usd}

@@ -298,7 +298,7 @@ if read -r _ SETUP_START SETUP_END < <(grep '^setup ' "$NODE_HOME/setup_times" 2
     >> "$OUT/@TIMELINE@"
 fi
 note pull "\"start\": $PULL_START"
-# The shards stream in the background, in the order the trainer reads them (model/sync.py data); the
+# The shards stream in the background, in the order the trainer reads them (model/streamdata.py); the
 # trainer starts once the validation shards and the first training shard are in, and its loader waits
 # for a shard still on its way. "data" is that wait (the critical path); data_complete comes when all are in.
 DATA_START="$(date +%s.%N)"

@@ -1,6 +1,6 @@
 """A spot run's attempts that never reached the bucket, counted from SkyPilot's managed-job records.
 
-The node's cost clock (model/train.py Clock) knows an earlier attempt only from what that attempt pushed:
+The node's cost clock (model/clock.py) knows an earlier attempt only from what that attempt pushed:
 its node_up event and its last line in the bucket's timeline and metrics. An attempt preempted during
 setup, the checkpoint pull or the data wait left nothing there, because the pusher starts only after
 those (gpt2cloud/launch/scripts.py, the run script). SkyPilot's jobs controller counts every attempt of
