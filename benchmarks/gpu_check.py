@@ -85,7 +85,9 @@ def step_part(part: str, dry: bool) -> dict:
     import torch
 
     from gpt2cloud.cost.hardware import gpu_spec
+    from benchmarks.bench_train import RandomBatches
     from gpt2cloud.cost.recipes import load_recipe
+    from model.metrics import mfu
     from model.step import setup_training, train_step
 
     recipe, micro_batch, accum, steps, warmup = PARTS[part]
@@ -96,17 +98,6 @@ def step_part(part: str, dry: bool) -> dict:
     cfg = dataclasses.replace(cfg, tokens_per_step=cfg.micro_batch * cfg.model.block_size * accum)
     s = setup_training(cfg, device)
     B, T = cfg.micro_batch, cfg.model.block_size
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=g) for _ in range(2)]
-
-    class Batches:  # stands in for TokenLoader: random real-vocabulary tokens, made once
-        i = 0
-
-        def next_batch(self):
-            buf = batches[self.i % len(batches)]
-            self.i += 1
-            return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
-
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     opt_times, mark = [], {}
 
@@ -120,7 +111,7 @@ def step_part(part: str, dry: bool) -> dict:
 
     s.optimizer.register_step_pre_hook(before)
     s.optimizer.register_step_post_hook(after)
-    data = Batches()
+    data = RandomBatches(B, T, cfg.model.vocab_size, n=2)
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -144,7 +135,7 @@ def step_part(part: str, dry: bool) -> dict:
            "device": device_name, "gpu": gpu, "compile": cfg.compile, "micro_batch": B, "accum": accum,
            "tokens_per_step": tokens, "params": cfg.model.param_count(), "steps_timed": steps,
            "warmup_seconds": round(warmup_s, 2), "step_ms": dt * 1e3, "tokens_per_second": tokens / dt,
-           "mfu": tokens / dt * fpt / peak if peak else None,
+           "mfu": mfu(tokens / dt, fpt, peak or 0, 1),
            "optimizer_ms": statistics.median(opt_times) * 1e3 if opt_times else None,
            "estimate": estimate_for(recipe, cfg, gpu)}
     if device == "cuda":

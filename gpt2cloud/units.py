@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 
@@ -37,3 +38,8 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
     return f"{n:.3g}"
+
+
+def when(t: float) -> str:
+    """A moment (time.time()) in local time, to the minute."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))

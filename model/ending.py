@@ -41,10 +41,7 @@ def exit_code(code) -> int:
     return 1
 
 
-REFUSED = EXIT_REFUSED  # the exit code of a refusal: one `error:` line, the user's to fix
-
-
-def refuse(message: str, code: int = REFUSED) -> None:
+def refuse(message: str, code: int = EXIT_REFUSED) -> None:
     """Print the one line (rank 0: every rank hits the same problem), note it where the CLI looks, exit
     `code` (2: a refusal; EXIT_DIVERGED: the run diverged)."""
     if os.environ.get("RANK", "0") == "0":

@@ -38,10 +38,9 @@ def load_config(args) -> TrainConfig:
     cfg.schedule_steps = schedule_length(cfg)
     if args.steps:
         cfg.steps = args.steps
-    unknown = trackers.check_names(cfg.trackers)
-    if unknown:
-        raise TrainError(f"config {args.config}: unknown tracker {', '.join(map(repr, unknown))} (known: "
-                         f"{', '.join(trackers.TRACKERS) or 'none yet'})")
+    problem = trackers.refusal(cfg.trackers, f"config {args.config}: tracker")  # every rank, before any group
+    if problem:
+        raise TrainError(problem)
     # a launch over GPU candidates: the figures of the GPU this node has; an any_of launch: the price of
     # the cloud it landed on (else the config's own)
     if cfg.gpu_candidates and torch.cuda.is_available():

@@ -123,7 +123,24 @@ class TensorBoard:
         self.writer.close()
 
 
-class WandB:
+class RunLog:
+    """A client whose run logs a dict of values at a step and finishes (wandb, Trackio): each says how it
+    logs and how it shows a sample's text."""
+
+    def write(self, record: dict) -> None:
+        step, values, sample = chart_points(record)
+        if step is None:
+            return
+        if sample is not None:
+            values[SAMPLE] = self.sample_value(sample)
+        if values:
+            self.log(step, values)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class WandB(RunLog):
     """A Weights & Biases run (online with WANDB_API_KEY or `wandb login`; WANDB_MODE=offline keeps it in
     OUT/wandb for `wandb sync`). The tracker run id is the wandb run id, resumed with resume="allow"."""
 
@@ -137,20 +154,14 @@ class WandB:
                               settings=wandb.Settings(console="off"))  # the node's log already has the console
         self.run.define_metric("*", step_metric=STEP)
 
-    def write(self, record: dict) -> None:
-        step, values, sample = chart_points(record)
-        if step is None:
-            return
-        if sample is not None:
-            values[SAMPLE] = self.wandb.Html(f"<pre>{html.escape(sample)}</pre>")
-        if values:
-            self.run.log({STEP: step, **values})
+    def sample_value(self, sample: str):
+        return self.wandb.Html(f"<pre>{html.escape(sample)}</pre>")
 
-    def close(self) -> None:
-        self.run.finish()
+    def log(self, step: int, values: dict) -> None:
+        self.run.log({STEP: step, **values})
 
 
-class Trackio:
+class Trackio(RunLog):
     """A Trackio run: local (TRACKIO_DIR, `trackio show`), or a Hugging Face Space (TRACKIO_SPACE_ID) or a
     self-hosted server (TRACKIO_SERVER_URL). Resumed by its name, which holds the tracker run id."""
 
@@ -161,17 +172,11 @@ class Trackio:
         self.run = trackio.init(project=PROJECT, name=f"{run.name}-{run.id[:8]}", resume="allow",
                                 config=dataclasses.asdict(cfg), embed=False)
 
-    def write(self, record: dict) -> None:
-        step, values, sample = chart_points(record)
-        if step is None:
-            return
-        if sample is not None:
-            values[SAMPLE] = self.trackio.Markdown(f"```\n{sample}\n```")
-        if values:
-            self.run.log(values, step=step)
+    def sample_value(self, sample: str):
+        return self.trackio.Markdown(f"```\n{sample}\n```")
 
-    def close(self) -> None:
-        self.run.finish()
+    def log(self, step: int, values: dict) -> None:
+        self.run.log(values, step=step)
 
 
 # ---- the registry ----
@@ -198,11 +203,6 @@ TRACKERS: dict[str, Tracker] = {
     "trackio": Tracker(Trackio, requirement="trackio", module="trackio", plain_envs=("TRACKIO_SPACE_ID",),
                        secret_envs=("HF_TOKEN", "TRACKIO_SERVER_URL", "TRACKIO_WRITE_TOKEN")),
 }
-
-
-def check_names(names) -> list[str]:
-    """The tracker names no entry of TRACKERS has (checked on every rank, before any process group)."""
-    return [n for n in names if n not in TRACKERS]
 
 
 def refusal(names, where: str, here: bool = False) -> Optional[str]:
@@ -287,7 +287,7 @@ class Metrics:
         self.run = run or TrackerRun.of(out, None, None)
         self.trackers: dict[str, Feed] = {}  # the trackers still fed
         self.feeds: list[Feed] = []  # every one started, dropped or failed included: each is closed at the end
-        for name in (cfg.trackers if enabled else ()):  # names checked on every rank by check_names()
+        for name in (cfg.trackers if enabled else ()):  # names checked on every rank by refusal()
             make = TRACKERS[name].make
             self.trackers[name] = Feed(name, lambda make=make: make(cfg, out, self.run))
             self.feeds.append(self.trackers[name])

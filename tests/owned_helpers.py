@@ -41,6 +41,16 @@ def error_line(output: str) -> str:
     return lines[0]
 
 
+def one_line_error(result, *fragments) -> str:
+    """A CliRunner result that failed with exit 2, no traceback and one `error:` line holding each fragment."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    line = error_line(result.output)
+    for f in fragments:
+        assert f in line, result.output
+    return line
+
+
 def assert_refused(result, needle: str, before: dict, after: dict, exit_code: int = 2) -> str:
     """Exit 2, one `error:` line containing `needle`, no traceback, the user's files unchanged."""
     output = result.output if hasattr(result, "output") else (result.stdout or "") + (result.stderr or "")

@@ -10,6 +10,7 @@ import tomllib
 import pytest
 import yaml
 from typer.testing import CliRunner
+from owned_helpers import one_line_error
 
 from gpt2cloud import settings
 from gpt2cloud.cli import completion
@@ -21,16 +22,6 @@ LOCAL_RUN = ["launch", "gpt2-tiny", "--infra", "local", "--data", "file:///nowhe
 
 def cli(*args, env=None):
     return CliRunner().invoke(app, list(args), env=env)
-
-
-def one_line_error(r, *fragments) -> str:
-    """The command failed with exit 2 and exactly one line saying why."""
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert r.exit_code == 2, r.output
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    for f in fragments:
-        assert f in lines[0], r.output
-    return lines[0]
 
 
 def write_config(text: str):

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 import huggingface_hub.constants
 import pytest
 import yaml
+from owned_helpers import one_line_error
 from run_helpers import metrics_lines
 from test_export import save_run
 from test_hub import TOKEN, FakeHub
@@ -259,12 +260,8 @@ def _export(src, dest, *extra):
 
 
 def _one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and result.output.rstrip().endswith(errors[0]), result.output
     assert TOKEN not in result.output
-    return errors[0]
+    return one_line_error(result)
 
 
 def _front_matter(card: str) -> dict:

@@ -128,7 +128,7 @@ class LocalBackend:
         nodes (like new cloud VMs): everything they know comes back from the bucket."""
         run_id, nodes = record.run_id, max(1, int(record.spec.nodes or 1))
         d = home.local_node_dir(run_id)
-        live = [ident for ident in map(read_pid, node_dirs(d)) if ident and processes.alive(*ident)]
+        live = live_drivers(node_dirs(d))
         if live:
             raise UserError(f"run '{run_id}' is still running locally (PID {live[0][0]}); stop it with "
                             f"`gpt2cloud down {run_id}` or pick another --name")
@@ -165,7 +165,7 @@ class LocalBackend:
         """Kill every node's whole process tree (torchrun's workers sit in sessions of their own), all at
         once: each node gets the same graceful seconds to save and push."""
         dirs = node_dirs(record.node_dir)
-        live = [ident for ident in map(read_pid, dirs) if ident and processes.alive(*ident)]
+        live = live_drivers(dirs)
         if not live:
             return "it was not running"
         with ThreadPoolExecutor(max_workers=len(live)) as pool:
@@ -283,6 +283,11 @@ def node_dirs(run_dir: Path) -> list[Path]:
     while node_dir(run_dir, len(dirs)).is_dir():
         dirs.append(node_dir(run_dir, len(dirs)))
     return dirs
+
+
+def live_drivers(dirs: list[Path]) -> list[tuple[int, Optional[float]]]:
+    """The (PID, start time) of each node driver among `dirs` that is still running."""
+    return [ident for ident in map(read_pid, dirs) if ident and processes.alive(*ident)]
 
 
 def read_pid(d: Path) -> Optional[tuple[int, Optional[float]]]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from gpt2cloud.checkpoints.export import CARD_FILE, CARD_FILES, EXPORT_FILES, exported_files, is_our_card
 from gpt2cloud.errors import UserError
-from gpt2cloud.store.hub import DEFAULT_ENDPOINT, NAME
+from gpt2cloud.store.hub import DEFAULT_ENDPOINT, NAME, endpoint_override
 
 CONNECT_S = 10.0  # to open a connection to the Hub
 IO_S = 120.0  # between two reads or writes of one request (the Hub may take a while to answer a commit)
@@ -38,7 +38,7 @@ SPELLING = "--push-to-hub ORG/NAME (e.g. my-user/gpt2-124m)"
 
 
 def endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or DEFAULT_ENDPOINT
+    return endpoint_override() or DEFAULT_ENDPOINT
 
 
 def preflight(repo_id: str, private: bool = False) -> str:

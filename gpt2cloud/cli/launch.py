@@ -44,8 +44,9 @@ def _print_plan(p, console: Console) -> None:
                       f"(estimate: {usd(p.est.cost_usd)})")
     if p.train_cfg.trackers:
         console.print(f"[bold]trackers[/]       {', '.join(p.train_cfg.trackers)} (and metrics.jsonl)")
-    if _notify_hosts(p):
-        console.print(f"[bold]notify[/]         {', '.join(_notify_hosts(p))} (first step, end, stops, failures)")
+    hosts = _notify_hosts(p)
+    if hosts:
+        console.print(f"[bold]notify[/]         {', '.join(hosts)} (first step, end, stops, failures)")
     if p.secrets:
         console.print(f"[bold]secrets[/]        {', '.join(sorted(p.secrets))} (passed as SkyPilot secrets, "
                       "never written or printed)")

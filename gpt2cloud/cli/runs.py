@@ -12,7 +12,7 @@ from rich.table import Table
 
 from gpt2cloud.cli.output import print_json
 from gpt2cloud.errors import UserError
-from gpt2cloud.units import usd
+from gpt2cloud.units import usd, when
 
 SINCE_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([hdw])$")
 SINCE_UNITS = {"h": 3600, "d": 86400, "w": 7 * 86400}
@@ -44,7 +44,7 @@ def runs_command(
         return
     console = Console(width=max(Console().width, 120))
     if not records:
-        where = f" launched since {_when(after)}" if after is not None else ""
+        where = f" launched since {when(after)}" if after is not None else ""
         console.print(f"no runs{where} in {home.runs_dir()}; start one with `gpt2cloud launch`")
         return
     console.print(runs_table(records, now, spend, total, home.runs_dir()))
@@ -86,7 +86,7 @@ def spend_total(records, spend: dict, after: Optional[float]) -> dict:
 def runs_table(records, now: dict, spend: dict, total: dict, runs_dir) -> Table:
     from gpt2cloud.runs.status import BUCKET_ON_DISK
 
-    since = f", launched since {_when(total['since'])}" if total["since"] is not None else ""
+    since = f", launched since {when(total['since'])}" if total["since"] is not None else ""
     t = Table(title=f"runs ({runs_dir}{since})")
     for col in ("run", "where", "GPUs", "recipe", "started", "$/GPU-h", "est. $", "so far", "cap", "last action",
                 "bucket"):
@@ -97,7 +97,7 @@ def runs_table(records, now: dict, spend: dict, total: dict, runs_dir) -> Table:
         so_far, source = spend[r.run_id]
         # a figure from a copy of the metrics here is as old as the copy: marked, and explained below the table
         so_far_cell = "?" if so_far is None else usd(so_far) + ("" if source == BUCKET_ON_DISK else "*")
-        t.add_row(s.run_id, where, f"{s.nodes}x{s.gpu_type}:{s.gpus_per_node}", s.recipe, _when(r.started_at),
+        t.add_row(s.run_id, where, f"{s.nodes}x{s.gpu_type}:{s.gpus_per_node}", s.recipe, when(r.started_at),
                   f"{s.price_per_gpu_hour:.2f}", usd(s.estimate.cost_usd if s.estimate else None), so_far_cell,
                   usd(s.max_cost_usd) if s.max_cost_usd else "-",
                   (r.history[-1]["event"] if r.history else r.state) +
@@ -118,10 +118,6 @@ def spend_note(total: dict) -> str:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         note += f"; not in the total (their dollars are only in their bucket: `gpt2cloud status RUN`): {shown}"
     return note
-
-
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
 def _launching_now(records) -> dict:

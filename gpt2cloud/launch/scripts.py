@@ -221,8 +221,9 @@ NODE_HOME="${GPT2CLOUD_NODE_HOME:-@NODE_HOME_DEFAULT@}"
 if [ ! -f "$NODE_HOME/python" ] || [ "$(cat "$NODE_HOME/build" 2>/dev/null)" != "$(workdir_build)" ] || {
      [ -z "${GPT2CLOUD_PYTHON:-}" ] && [ "$(cat "$NODE_HOME/deps" 2>/dev/null)" != "$(node_deps)" ]; } || {
      [ "$(cat "$NODE_HOME/extras" 2>/dev/null)" != "${GPT2CLOUD_NODE_EXTRAS:-}" ]; }; then
-  echo "gpt2cloud: this node holds build $(cut -c1-16 "$NODE_HOME/build" 2>/dev/null || echo none), not this task's" \
-    "($(workdir_build | cut -c1-16)): setting it up again"
+  echo "gpt2cloud: this node holds build $(cut -c1-16 "$NODE_HOME/build" 2>/dev/null || echo none)" \
+    "(tracker packages: $(cat "$NODE_HOME/extras" 2>/dev/null || echo none)), not this task's" \
+    "($(workdir_build | cut -c1-16); tracker packages: ${GPT2CLOUD_NODE_EXTRAS:-none}): setting it up again"
   IFS= read -r -d '' SETUP_AGAIN <<'GPT2CLOUD_SETUP_SCRIPT' || true
 @SETUP_SCRIPT@
 GPT2CLOUD_SETUP_SCRIPT

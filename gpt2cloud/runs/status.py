@@ -22,6 +22,7 @@ from gpt2cloud.runs.registry import RunRecord
 from gpt2cloud.runs.rundata import price_of, run_dir_candidates
 from gpt2cloud.store import StorageError, open_store
 from gpt2cloud.store.layout import METRICS, NODE_HOME, TIMELINE, remote_checkpoints
+from gpt2cloud.units import when
 from model import deadman, pushstate
 from model.config import EXIT_DIVERGED, EXIT_NO_GPU
 from model.datadir import STATUS as DATA_STATUS
@@ -163,7 +164,7 @@ def known_spend(record: RunRecord) -> tuple[Optional[float], str]:
     for out in run_dir_candidates(record):
         if (out / METRICS).is_file():
             metrics = RunMetrics.read(out / METRICS, out / TIMELINE)
-            copied = time.strftime("%Y-%m-%d %H:%M", time.localtime((out / METRICS).stat().st_mtime))
+            copied = when((out / METRICS).stat().st_mtime)
             return _spend(record, metrics, unseen_attempt_seconds(out)), f"{out} as of {copied}"
     return None, problem
 

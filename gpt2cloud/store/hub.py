@@ -119,8 +119,7 @@ class HubStore(Store):
     def __init__(self, url: str):
         self.loc = parse_hub_url(url)
         self.url = self.loc.url()
-        # read now, not at huggingface_hub's import (it freezes its constants then)
-        self.endpoint = (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or None
+        self.endpoint = endpoint_override()
         self._lock = threading.Lock()
         self._commit: str | None = None
         self._files: dict[str, _HubFile] | None = None
@@ -348,6 +347,12 @@ def _is_shard(key: str) -> bool:
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def endpoint_override() -> str | None:
+    """HF_ENDPOINT (a mirror, or the tests' local Hub), or None: read at each use, not at huggingface_hub's
+    import (it freezes its constants then)."""
+    return (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or None
 
 
 def _first_line(e: BaseException) -> str:
